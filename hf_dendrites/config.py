@@ -1,0 +1,176 @@
+"""`DendriteConfig`: what the user chooses about dendrites (which layers, how many, what they compute)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+from .constants import ACTIVATIONS, CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME, LEARNING_RULES
+
+
+@dataclass
+class DendriteConfig:
+    """Configuration of artificial dendrites added to a model.
+
+    Example:
+        >>> from hf_dendrites import DendriteConfig
+        >>> cfg = DendriteConfig(target_modules="all-linear", dendrites_per_cycle=1, activation="tanh")
+        >>> DendriteConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Which layers get dendrites. A list matches a module name exactly or as a dotted suffix "
+                "(e.g. ['query', 'value'] or ['attention.output.dense']); a string is a regular expression that "
+                "must match the full module name; 'all-linear' targets every nn.Linear / transformers Conv1D "
+                "except the output embedding (LM head) and task heads; None uses the per-architecture defaults "
+                "(attention projections and MLP layers) for the model types listed in "
+                "hf_dendrites.constants.DEFAULT_TARGET_MODULES."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules never targeted, with the same matching rules as `target_modules`."},
+    )
+    dendrites_per_cycle: int = field(
+        default=1,
+        metadata={"help": "How many dendrites every target layer gets at each growth (`add_dendrites()` default)."},
+    )
+    activation: str = field(
+        default="tanh",
+        metadata={"help": f"Dendrite nonlinearity phi, one of {', '.join(ACTIVATIONS)}."},
+    )
+    cascade: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "If True, dendrite k also receives the activations of dendrites j < k through per-neuron "
+                "weights c_kj (started at zero), as in Cascade-Correlation."
+            )
+        },
+    )
+    init_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Scale of the random initialisation of the dendrites' input weights: they are drawn uniformly "
+                "with standard deviation init_scale / sqrt(fan_in), so a dendrite's pre-activation has about "
+                "init_scale**2 times the mean square of the layer input. Dendrite biases and the "
+                "dendrite-to-neuron weights start at zero."
+            )
+        },
+    )
+    rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "None: every dendrite has a full weight of the layer's shape. An int r: each dendrite's weight "
+                "is the product B_k A_k of rank r, much cheaper on wide layers."
+            )
+        },
+    )
+    learning_rule: str = field(
+        default="gd",
+        metadata={
+            "help": (
+                "How new dendrites learn: 'gd' trains them by ordinary backpropagation. 'correlation' "
+                "(Cascade-Correlation) is reserved and not implemented yet."
+            )
+        },
+    )
+    seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Seed of the random initialisation of new dendrites. With a seed, growth is reproducible and "
+                "identical on every process; None uses torch's global random generator."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, (str, list)):
+                raise TypeError(f"`{name}` must be None, a string (regex or 'all-linear') or a list of names, got {value!r}.")
+            if isinstance(value, list):
+                if not value or not all(isinstance(v, str) and v for v in value):
+                    raise ValueError(f"`{name}` must be a non-empty list of module names, got {value!r}.")
+        if self.exclude_modules == "all-linear":
+            raise ValueError("`exclude_modules='all-linear'` would exclude every layer; list the modules to exclude.")
+        if not isinstance(self.dendrites_per_cycle, int) or isinstance(self.dendrites_per_cycle, bool) or self.dendrites_per_cycle < 1:
+            raise ValueError(f"`dendrites_per_cycle` must be an integer >= 1, got {self.dendrites_per_cycle!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"`activation` must be one of {list(ACTIVATIONS)}, got {self.activation!r}.")
+        if not isinstance(self.init_scale, (int, float)) or isinstance(self.init_scale, bool) or not self.init_scale > 0:
+            raise ValueError(f"`init_scale` must be a positive number, got {self.init_scale!r}.")
+        self.init_scale = float(self.init_scale)
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise ValueError(f"`rank` must be None (full-shape dendrites) or an integer >= 1, got {self.rank!r}.")
+        if self.learning_rule not in LEARNING_RULES:
+            raise ValueError(f"`learning_rule` must be one of {list(LEARNING_RULES)}, got {self.learning_rule!r}.")
+        if self.learning_rule == "correlation":
+            raise NotImplementedError(
+                "learning_rule='correlation' (Cascade-Correlation) is not implemented yet; use learning_rule='gd'."
+            )
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"`seed` must be None or an integer, got {self.seed!r}.")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-compatible dict (field name -> value)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DendriteConfig":
+        """Build a config from `to_dict()` output; unknown keys are an error (they mean a newer library)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown DendriteConfig fields {unknown}: this config was probably written by a newer hf_dendrites; "
+                "upgrade with `pip install -U hf_dendrites`."
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
+        """Write the config alone as `dendrite_config.json` in `save_directory`; returns the file path.
+
+        The file has the same layout as the one a dendritic model checkpoint holds, without layer counts.
+        """
+        from .utils import atomic_write_text, library_version
+
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, DENDRITE_CONFIG_NAME)
+        payload = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "library_version": library_version(),
+            "dendrite_config": self.to_dict(),
+        }
+        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike]) -> "DendriteConfig":
+        """Read the config from a folder (or a `dendrite_config.json` file) written by `save_pretrained`."""
+        from .utils import read_dendrite_config_file
+
+        if os.path.isdir(path):
+            path = os.path.join(path, DENDRITE_CONFIG_NAME)
+        payload = read_dendrite_config_file(path)
+        try:
+            return cls.from_dict(payload["dendrite_config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: invalid dendrite config: {err}") from err

@@ -1,0 +1,49 @@
+"""Names and tables shared by the whole library (file names, default targets)."""
+
+# Files written next to the standard transformers files by `DendriticModel.save_pretrained`.
+DENDRITE_CONFIG_NAME = "dendrite_config.json"
+DENDRITE_WEIGHTS_NAME = "dendrite_model.safetensors"
+
+# Version of the on-disk layout of `dendrite_config.json` / `dendrite_model.safetensors`.
+# Bump it when a checkpoint written by a newer library could not be read correctly by an older one.
+CHECKPOINT_FORMAT_VERSION = 1
+
+# Per-architecture default targets (attention projections and MLP layers), keyed by `config.model_type`.
+# Entries follow the list semantics of `DendriteConfig.target_modules`: exact name or dotted suffix.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    # transformers 5 names ViT layers q_proj/k_proj/v_proj/o_proj/fc1/fc2 (4.x: query/key/value/dense).
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2", "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+    "gpt_neox": ["query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+
+# Module names (any component of the dotted path) that hold task heads. "all-linear" never targets them:
+# they are freshly initialised by `AutoModelFor*` classes and are not part of the pretrained network.
+HEAD_MODULE_NAMES = frozenset(
+    {
+        "lm_head",
+        "classifier",
+        "score",
+        "qa_outputs",
+        "cls",
+        "pre_classifier",
+        "vocab_projector",
+        "vocab_transform",
+        "head",
+        "heads",
+        "seq_relationship",
+    }
+)
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "gelu", "silu")
+LEARNING_RULES = ("gd", "correlation")

@@ -1,0 +1,389 @@
+"""Dendritic layer kinds.
+
+A dendritic layer is the original layer L (same class, same parameter objects, same parameter names) plus K
+dendrites. Dendrite k is a layer of L's kind and shape fed L's input; its activation is added to L's output
+through one per-neuron weight w_k (ALGORITHM.md section 1):
+
+    z_k = D_k(x) [+ sum_{j<k} c_kj * a_j]      a_k = phi(z_k)      y = L(x) + sum_k w_k * a_k
+
+All K dendrites of a layer live in one stacked weight, so they cost one matmul / one convolution.
+
+Parameters added to the layer (all absent while K == 0, so a converted model keeps the plain state dict):
+
+- ``dendrite_weight``: the stacked dendrite weights, in the layer kind's own layout: ``[K*N, in]`` for
+  ``nn.Linear``, ``[in, K*N]`` for transformers' ``Conv1D``, ``[K*N, C_in, *kernel]`` for convolutions.
+  With ``rank=r`` it is replaced by ``dendrite_lora_A`` (the same layout with ``K*r`` outputs) and
+  ``dendrite_lora_B`` (``[K, N, r]``): dendrite k's weight is ``B_k @ A_k``.
+- ``dendrite_bias``: ``[K*N]``, starts at zero.
+- ``dendrite_out``: ``[K, N]``, the dendrite-to-neuron weights w_k; start at zero (identity at insertion).
+- ``dendrite_cascade``: ``[K*(K-1)/2, N]`` (only with ``cascade=True``), the weights c_kj for j < k, stored
+  row ``k*(k-1)/2 + j``; start at zero. Growth only appends rows, so existing values keep their places.
+
+The layer classes subclass the layer they wrap (``DendriticLinear`` is an ``nn.Linear``), so code that checks
+``isinstance(module, nn.Linear)`` or reads ``module.weight`` keeps working.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+DENDRITE_PARAM_NAMES = ("dendrite_weight", "dendrite_lora_A", "dendrite_lora_B", "dendrite_bias", "dendrite_out", "dendrite_cascade")
+# Input-side parameters (what a dendrite computes from x) versus the dendrite-to-neuron / cascade weights.
+DENDRITE_INPUT_PARAM_NAMES = ("dendrite_weight", "dendrite_lora_A", "dendrite_lora_B", "dendrite_bias")
+
+_ACTIVATIONS = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+# Attributes that the dendritic layer adds to the wrapped layer's __dict__ (removed again by `unload`).
+_LAYER_ATTRS = ("num_dendrites", "dendrite_activation", "dendrite_cascade_enabled", "dendrite_rank", "dendrite_init_scale")
+
+
+class DendriticLayerMixin:
+    """Logic shared by every dendritic layer kind. Subclasses set `base_class` and the three kind hooks."""
+
+    base_class: type[nn.Module]
+    # Axis of the output that indexes neurons: -1 for Linear / Conv1D, 1 (channels) for convolutions.
+    neuron_dim: int = -1
+    # Axis of the dendrite index once the neuron axis is split into (K, N); spatial axes after the neurons.
+    dendrite_axis: int = -2
+    spatial_dims: int = 0
+
+    # ------------------------------------------------------------------ kind hooks
+    def _apply_kind(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Compute this layer kind's operation with another weight (e.g. the stacked dendrite weight)."""
+        raise NotImplementedError
+
+    def _weight_shape(self, n_out: int) -> tuple[int, ...]:
+        """Shape of a weight of this layer kind with `n_out` output neurons."""
+        raise NotImplementedError
+
+    @property
+    def num_neurons(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def fan_in(self) -> int:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base_layer(
+        cls,
+        base: nn.Module,
+        activation: str = "tanh",
+        cascade: bool = False,
+        rank: Optional[int] = None,
+        init_scale: float = 1.0,
+    ):
+        """Wrap `base` without copying its parameters: the new layer holds the same Parameter objects.
+
+        `base` itself is left untouched; replace it in its parent with the returned layer.
+        """
+        if type(base) is not cls.base_class:
+            raise TypeError(f"{cls.__name__} wraps {cls.base_class.__name__}, got {type(base).__name__}.")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for key, value in base.__dict__.items():
+            # An instance-level `forward` (e.g. an accelerate hook) would bypass the dendrites; hooks are
+            # re-attached by the caller.
+            if key in ("forward", "_old_forward", "_hf_hook"):
+                continue
+            layer.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
+        layer.num_dendrites = 0
+        layer.dendrite_activation = activation
+        layer.dendrite_cascade_enabled = bool(cascade)
+        layer.dendrite_rank = rank
+        layer.dendrite_init_scale = float(init_scale)
+        for name in DENDRITE_PARAM_NAMES:
+            layer.register_parameter(name, None)
+        return layer
+
+    def to_base_layer(self) -> nn.Module:
+        """The plain layer (same class and Parameter objects as before conversion), without dendrites."""
+        base = self.base_class.__new__(self.base_class)
+        nn.Module.__init__(base)
+        for key, value in self.__dict__.items():
+            if key in _LAYER_ATTRS or key in ("forward", "_old_forward", "_hf_hook"):
+                continue
+            base.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
+        for name in DENDRITE_PARAM_NAMES:
+            base._parameters.pop(name, None)
+        return base
+
+    # ------------------------------------------------------------------ growth
+    def _reference(self) -> torch.Tensor:
+        return self.weight
+
+    def _new_param(self, old: Optional[torch.Tensor], new: torch.Tensor, dim: int) -> nn.Parameter:
+        data = new if old is None else torch.cat([old.detach(), new], dim=dim)
+        requires_grad = True if old is None else old.requires_grad
+        return nn.Parameter(data, requires_grad=requires_grad)
+
+    def _random(self, shape: tuple[int, ...], std: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+        ref = self._reference()
+        if ref.device.type == "meta":
+            return torch.empty(shape, dtype=ref.dtype, device="meta")
+        bound = std * math.sqrt(3.0)
+        # Drawn in float32 on the CPU so that a seeded growth gives the same values on every device and rank.
+        values = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        return values.to(dtype=ref.dtype, device=ref.device)
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        ref = self._reference()
+        return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+
+    @torch.no_grad()
+    def add_dendrites(self, n: int = 1, generator: Optional[torch.Generator] = None) -> None:
+        """Append `n` dendrites. Their output weights start at zero, so the layer's output is unchanged."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}.")
+        k_old, N = self.num_dendrites, self.num_neurons
+        std = self.dendrite_init_scale / math.sqrt(self.fan_in)
+        cat_dim = 1 if isinstance(self, DendriticConv1D) else 0
+        if self.dendrite_rank is None:
+            new_w = self._random(self._weight_shape(n * N), std, generator)
+            self.dendrite_weight = self._new_param(self.dendrite_weight, new_w, cat_dim)
+        else:
+            r = self.dendrite_rank
+            new_a = self._random(self._weight_shape(n * r), std, generator)
+            new_b = self._random((n, N, r), 1.0 / math.sqrt(r), generator)
+            self.dendrite_lora_A = self._new_param(self.dendrite_lora_A, new_a, cat_dim)
+            self.dendrite_lora_B = self._new_param(self.dendrite_lora_B, new_b, 0)
+        self.dendrite_bias = self._new_param(self.dendrite_bias, self._zeros((n * N,)), 0)
+        self.dendrite_out = self._new_param(self.dendrite_out, self._zeros((n, N)), 0)
+        if self.dendrite_cascade_enabled:
+            k_new = k_old + n
+            rows = k_new * (k_new - 1) // 2 - k_old * (k_old - 1) // 2
+            if rows:
+                self.dendrite_cascade = self._new_param(self.dendrite_cascade, self._zeros((rows, N)), 0)
+        self.num_dendrites = k_old + n
+
+    @torch.no_grad()
+    def truncate_dendrites(self, k: int) -> None:
+        """Keep only the first `k` dendrites (used to discard a cycle that did not help)."""
+        if not 0 <= k <= self.num_dendrites:
+            raise ValueError(f"Cannot keep {k} dendrites of a layer that has {self.num_dendrites}.")
+        if k == self.num_dendrites:
+            return
+        N = self.num_neurons
+        if k == 0:
+            for name in DENDRITE_PARAM_NAMES:
+                setattr(self, name, None)
+            self.num_dendrites = 0
+            return
+
+        def cut(name: str, size: int, dim: int) -> None:
+            old = getattr(self, name)
+            if old is not None:
+                setattr(self, name, nn.Parameter(old.detach().narrow(dim, 0, size).clone(), requires_grad=old.requires_grad))
+
+        conv1d_layout = isinstance(self, DendriticConv1D)
+        if self.dendrite_rank is None:
+            cut("dendrite_weight", k * N, 1 if conv1d_layout else 0)
+        else:
+            cut("dendrite_lora_A", k * self.dendrite_rank, 1 if conv1d_layout else 0)
+            cut("dendrite_lora_B", k, 0)
+        cut("dendrite_bias", k * N, 0)
+        cut("dendrite_out", k, 0)
+        if self.dendrite_cascade_enabled:
+            rows = k * (k - 1) // 2
+            if rows:
+                cut("dendrite_cascade", rows, 0)
+            else:
+                self.dendrite_cascade = None
+        self.num_dendrites = k
+
+    def expected_dendrite_shapes(self, k: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the dendrite parameters of this layer with `k` dendrites (for checking checkpoints)."""
+        if k == 0:
+            return {}
+        N = self.num_neurons
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.dendrite_rank is None:
+            shapes["dendrite_weight"] = tuple(self._weight_shape(k * N))
+        else:
+            shapes["dendrite_lora_A"] = tuple(self._weight_shape(k * self.dendrite_rank))
+            shapes["dendrite_lora_B"] = (k, N, self.dendrite_rank)
+        shapes["dendrite_bias"] = (k * N,)
+        shapes["dendrite_out"] = (k, N)
+        if self.dendrite_cascade_enabled and k > 1:
+            shapes["dendrite_cascade"] = (k * (k - 1) // 2, N)
+        return shapes
+
+    def dendrite_parameters(self) -> list[nn.Parameter]:
+        return [p for name in DENDRITE_PARAM_NAMES if (p := getattr(self, name)) is not None]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        names = set(DENDRITE_PARAM_NAMES)
+        return [p for name, p in self._parameters.items() if p is not None and name not in names]
+
+    # ------------------------------------------------------------------ forward
+    def _split_neurons(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """[..., k*N] -> [..., k, N] (Linear) or [B, k*N, ...] -> [B, k, N, ...] (conv)."""
+        dim = self.neuron_dim % z.dim()
+        return z.unflatten(dim, (k, z.shape[dim] // k))
+
+    def _per_neuron(self, v: torch.Tensor) -> torch.Tensor:
+        """Give a [..., N] parameter trailing singleton axes so it broadcasts on the neuron axis of an output."""
+        return v.reshape(v.shape + (1,) * self.spatial_dims)
+
+    def dendrite_preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """z_k = D_k(x) for all dendrites, split on the dendrite axis ([..., K, N] or [B, K, N, ...])."""
+        K = self.num_dendrites
+        if self.dendrite_rank is None:
+            return self._split_neurons(self._apply_kind(x, self.dendrite_weight, self.dendrite_bias), K)
+        h = self._split_neurons(self._apply_kind(x, self.dendrite_lora_A, None), K)  # [..., K, r] / [B, K, r, ...]
+        pattern = "...kr,knr->...kn" if self.spatial_dims == 0 else "bkr...,knr->bkn..."
+        z = torch.einsum(pattern, h, self.dendrite_lora_B)
+        return z + self._per_neuron(self.dendrite_bias.view(K, -1))
+
+    def dendrite_activations(self, z: torch.Tensor) -> torch.Tensor:
+        """a_k = phi(z_k + sum_{j<k} c_kj a_j) for split pre-activations z."""
+        phi = _ACTIVATIONS[self.dendrite_activation]
+        if not self.dendrite_cascade_enabled or self.num_dendrites == 1:
+            return phi(z)
+        cascade = self._per_neuron(self.dendrite_cascade)  # [rows, N, 1...]
+        acts: list[torch.Tensor] = []
+        for k, z_k in enumerate(z.unbind(self.dendrite_axis)):
+            first = k * (k - 1) // 2
+            for j in range(k):
+                z_k = z_k + cascade[first + j] * acts[j]
+            acts.append(phi(z_k))
+        return torch.stack(acts, self.dendrite_axis)
+
+    def dendrite_output(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k * a_k: what the dendrites add to the layer's output."""
+        a = self.dendrite_activations(self.dendrite_preactivations(x))
+        return (a * self._per_neuron(self.dendrite_out)).sum(self.dendrite_axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_class.forward(self, x)
+        if self.num_dendrites == 0:
+            return y
+        return y + self.dendrite_output(x)
+
+    def extra_repr(self) -> str:
+        base = self.base_class.extra_repr(self)
+        rank = "" if self.dendrite_rank is None else f", rank={self.dendrite_rank}"
+        cascade = ", cascade=True" if self.dendrite_cascade_enabled else ""
+        return f"{base}, dendrites={self.num_dendrites}, activation={self.dendrite_activation}{rank}{cascade}"
+
+
+class DendriticLinear(DendriticLayerMixin, nn.Linear):
+    """`nn.Linear` with dendrites. Neurons are the last dimension."""
+
+    base_class = nn.Linear
+
+    def _apply_kind(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _weight_shape(self, n_out):
+        return (n_out, self.in_features)
+
+    @property
+    def num_neurons(self):
+        return self.out_features
+
+    @property
+    def fan_in(self):
+        return self.in_features
+
+
+class DendriticConv1D(DendriticLayerMixin, Conv1D):
+    """transformers' GPT-2 style `Conv1D` (a Linear whose weight is stored (in, out)) with dendrites."""
+
+    base_class = Conv1D
+
+    def _apply_kind(self, x, weight, bias):
+        flat = x.reshape(-1, x.size(-1))
+        out = torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+        return out.view(*x.shape[:-1], weight.shape[1])
+
+    def _weight_shape(self, n_out):
+        return (self.nx, n_out)
+
+    @property
+    def num_neurons(self):
+        return self.nf
+
+    @property
+    def fan_in(self):
+        return self.nx
+
+    def __repr__(self) -> str:  # Conv1D overrides __repr__, which would hide the dendrite count
+        return f"DendriticConv1D(nf={self.nf}, nx={self.nx}, dendrites={self.num_dendrites}, activation={self.dendrite_activation})"
+
+
+class _DendriticConvNd(DendriticLayerMixin):
+    neuron_dim = 1
+    dendrite_axis = 1
+
+    def _apply_kind(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
+
+    def _weight_shape(self, n_out):
+        return (n_out, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def num_neurons(self):
+        return self.out_channels
+
+    @property
+    def fan_in(self):
+        return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+
+class DendriticConv1d(_DendriticConvNd, nn.Conv1d):
+    """`nn.Conv1d` with dendrites. Neurons are the output channels (dim 1)."""
+
+    base_class = nn.Conv1d
+    spatial_dims = 1
+
+
+class DendriticConv2d(_DendriticConvNd, nn.Conv2d):
+    """`nn.Conv2d` with dendrites. Neurons are the output channels (dim 1)."""
+
+    base_class = nn.Conv2d
+    spatial_dims = 2
+
+
+DENDRITIC_LAYER_CLASSES: dict[type[nn.Module], type[DendriticLayerMixin]] = {
+    nn.Linear: DendriticLinear,
+    Conv1D: DendriticConv1D,
+    nn.Conv1d: DendriticConv1d,
+    nn.Conv2d: DendriticConv2d,
+}
+
+
+def dendritic_class_for(module: nn.Module) -> Optional[type[DendriticLayerMixin]]:
+    """The dendritic class that wraps `module`, or None when its kind is not supported.
+
+    Only the exact supported classes qualify: a subclass (e.g. a quantized Linear, or the out-projection of
+    `nn.MultiheadAttention`, whose weight is used without calling `forward`) could bypass the dendrites.
+    """
+    return DENDRITIC_LAYER_CLASSES.get(type(module))
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot become dendritic (None when it can)."""
+    if isinstance(module, DendriticLayerMixin):
+        return "it is already a dendritic layer"
+    cls = dendritic_class_for(module)
+    if cls is None:
+        kinds = ", ".join(c.__module__.split(".")[0] + "." + c.__name__ for c in DENDRITIC_LAYER_CLASSES)
+        return f"its type {type(module).__module__}.{type(module).__name__} is not a supported layer kind ({kinds})"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+        return f"grouped convolutions (groups={module.groups}) are not supported"
+    return None
