@@ -47,7 +47,14 @@ _ACTIVATIONS = {
 }
 
 # Attributes that the dendritic layer adds to the wrapped layer's __dict__ (removed again by `unload`).
-_LAYER_ATTRS = ("num_dendrites", "dendrite_activation", "dendrite_cascade_enabled", "dendrite_rank", "dendrite_init_scale")
+_LAYER_ATTRS = (
+    "num_dendrites",
+    "dendrite_activation",
+    "dendrite_cascade_enabled",
+    "dendrite_rank",
+    "dendrite_init_scale",
+    "dendrite_detach_input",
+)
 
 
 class DendriticLayerMixin:
@@ -106,6 +113,9 @@ class DendriticLayerMixin:
         layer.dendrite_cascade_enabled = bool(cascade)
         layer.dendrite_rank = rank
         layer.dendrite_init_scale = float(init_scale)
+        # Perforated backward (correlation rule): dendrites read a detached input, so no error flows through
+        # them into earlier layers.
+        layer.dendrite_detach_input = False
         for name in DENDRITE_PARAM_NAMES:
             layer.register_parameter(name, None)
         return layer
@@ -272,7 +282,7 @@ class DendriticLayerMixin:
         y = self.base_class.forward(self, x)
         if self.num_dendrites == 0:
             return y
-        return y + self.dendrite_output(x)
+        return y + self.dendrite_output(x.detach() if self.dendrite_detach_input else x)
 
     def extra_repr(self) -> str:
         base = self.base_class.extra_repr(self)
