@@ -5,9 +5,16 @@ __version__ = "0.1.0"
 from .config import DendriteConfig
 from .layers import DendriticConv1d, DendriticConv1D, DendriticConv2d, DendriticLayerMixin, DendriticLinear
 from .model import DendriteSummary, DendriticModel, LayerSummary, get_dendritic_model, resolve_target_modules
+from .saving import CheckpointError, load_dendritic_state
+from .schedule import Action, Decision, DendriteSchedule, ScheduleSettings
+from .trainer import DendriticTrainer, DendriticTrainingArguments
 
 __all__ = [
+    "Action",
+    "CheckpointError",
+    "Decision",
     "DendriteConfig",
+    "DendriteSchedule",
     "DendriteSummary",
     "DendriticConv1D",
     "DendriticConv1d",
@@ -15,7 +22,11 @@ __all__ = [
     "DendriticLayerMixin",
     "DendriticLinear",
     "DendriticModel",
-    "LayerSummary",
+    "DendriticTrainer",
+    "DendriticTrainingArguments",
     "get_dendritic_model",
+    "LayerSummary",
+    "load_dendritic_state",
     "resolve_target_modules",
+    "ScheduleSettings",
 ]

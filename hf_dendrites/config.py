@@ -79,8 +79,29 @@ class DendriteConfig:
         default="gd",
         metadata={
             "help": (
-                "How new dendrites learn: 'gd' trains them by ordinary backpropagation. 'correlation' "
-                "(Cascade-Correlation) is reserved and not implemented yet."
+                "How new dendrites learn. 'gd': by ordinary backpropagation, jointly with the network or in a "
+                "dendrites-only phase. 'correlation' (Cascade-Correlation): with the neurons frozen, a pool of "
+                "candidate dendrites per layer is trained to maximise the covariance of its activation with the "
+                "layer's output error; the best are installed with frozen input weights and a perforated backward "
+                "pass (no error flows through them). Needs full-shape dendrites (rank=None)."
+            )
+        },
+    )
+    candidate_pool_size: int = field(
+        default=4,
+        metadata={
+            "help": (
+                "correlation rule: candidate dendrites trained per layer and growth; the dendrites_per_cycle best "
+                "are installed (must be >= dendrites_per_cycle)."
+            )
+        },
+    )
+    correlation_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "correlation rule: maximise the Pearson correlation between candidate activation and neuron error "
+                "instead of the covariance (Fahlman & Lebiere's S)."
             )
         },
     )
@@ -118,10 +139,20 @@ class DendriteConfig:
             raise ValueError(f"`rank` must be None (full-shape dendrites) or an integer >= 1, got {self.rank!r}.")
         if self.learning_rule not in LEARNING_RULES:
             raise ValueError(f"`learning_rule` must be one of {list(LEARNING_RULES)}, got {self.learning_rule!r}.")
+        if not isinstance(self.candidate_pool_size, int) or isinstance(self.candidate_pool_size, bool) or self.candidate_pool_size < 1:
+            raise ValueError(f"`candidate_pool_size` must be an integer >= 1, got {self.candidate_pool_size!r}.")
         if self.learning_rule == "correlation":
-            raise NotImplementedError(
-                "learning_rule='correlation' (Cascade-Correlation) is not implemented yet; use learning_rule='gd'."
-            )
+            if self.rank is not None:
+                raise ValueError(
+                    "learning_rule='correlation' needs full-shape dendrites: set rank=None, or use learning_rule='gd' "
+                    "with low-rank dendrites."
+                )
+            if self.candidate_pool_size < self.dendrites_per_cycle:
+                raise ValueError(
+                    f"candidate_pool_size={self.candidate_pool_size} is smaller than dendrites_per_cycle="
+                    f"{self.dendrites_per_cycle}: the correlation rule installs the best dendrites_per_cycle candidates "
+                    "of each pool; raise candidate_pool_size."
+                )
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"`seed` must be None or an integer, got {self.seed!r}.")
 

@@ -4,6 +4,13 @@
 DENDRITE_CONFIG_NAME = "dendrite_config.json"
 DENDRITE_WEIGHTS_NAME = "dendrite_model.safetensors"
 
+# Written by `DendriticTrainer`: into every Trainer checkpoint (schedule state; the weights the schedule may restore)
+# and, at the end of training, into `output_dir` (one CSV row per evaluation; the plot of the score over training).
+DENDRITE_SCHEDULE_NAME = "dendrite_schedule.json"
+DENDRITE_SCHEDULE_WEIGHTS_NAME = "dendrite_schedule_weights.safetensors"
+DENDRITE_EVAL_CSV_NAME = "dendrite_evaluations.csv"
+DENDRITE_CURVE_NAME = "dendrite_training_curve.png"
+
 # Version of the on-disk layout of `dendrite_config.json` / `dendrite_model.safetensors`.
 # Bump it when a checkpoint written by a newer library could not be read correctly by an older one.
 CHECKPOINT_FORMAT_VERSION = 1

@@ -21,6 +21,19 @@ Parameters added to the layer (all absent while K == 0, so a converted model kee
 
 The layer classes subclass the layer they wrap (``DendriticLinear`` is an ``nn.Linear``), so code that checks
 ``isinstance(module, nn.Linear)`` or reads ``module.weight`` keeps working.
+
+Speed. ``DendriticLinear`` and ``DendriticConv1D`` run forward and backward through a hand-written autograd
+function (`hf_dendrites.kernels`) that makes as few passes over the dendrites' [tokens, K, N] output as eager
+PyTorch allows; convolutions, ``torch.compile`` (where inductor fuses the elementwise work) and layers with
+``dendrite_fast_path = False`` use the reference formulation `dendrite_output`. Both compute the same function;
+the fast backward reuses the saved activations' memory, so it runs once per forward pass (``retain_graph=True``
+needs ``dendrite_fast_path = False``).
+
+Inference fusion. ``layer.fuse()`` keeps a concatenated copy of the base and dendrite input weights (``[W; D]``,
+or ``[W; A]`` for low-rank dendrites) so that, under ``torch.no_grad()``, base and dendrites run as one matmul /
+convolution. The copy is not a parameter or buffer, so names and ``state_dict`` are unchanged and saving works
+while fused; it is rebuilt whenever a parameter changed (optimizer step, ``load_state_dict``, ``.to()``).
+A fused layer refuses to compute gradients (train after ``unfuse()``); growth and truncation unfuse it.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .kernels import MatmulSpec, activate_, add_weighted_, dendritic_matmul
 
 DENDRITE_PARAM_NAMES = ("dendrite_weight", "dendrite_lora_A", "dendrite_lora_B", "dendrite_bias", "dendrite_out", "dendrite_cascade")
 # Input-side parameters (what a dendrite computes from x) versus the dendrite-to-neuron / cascade weights.
@@ -54,6 +69,9 @@ _LAYER_ATTRS = (
     "dendrite_rank",
     "dendrite_init_scale",
     "dendrite_detach_input",
+    "dendrite_fast_path",
+    "_dendrite_fused",
+    "_dendrite_device",
 )
 
 
@@ -66,6 +84,16 @@ class DendriticLayerMixin:
     # Axis of the dendrite index once the neuron axis is split into (K, N); spatial axes after the neurons.
     dendrite_axis: int = -2
     spatial_dims: int = 0
+    # Which kind of single-matmul fast kernel the layer kind has: None (no kernel: the convolutions), False
+    # (weights stored (out, in): nn.Linear) or True (stored (in, out): transformers Conv1D).
+    _matmul_transposed: Optional[bool] = None
+    # Per-layer switch: False forces the reference autograd formulation (e.g. to hook into z or a).
+    dendrite_fast_path: bool = True
+    # Inference fusion cache (see `fuse`): None while unfused.
+    _dendrite_fused: Optional[dict] = None
+    # Where new dendrite parameters live when not on the base weight's device: set for layers whose base weights
+    # an accelerate hook offloads (they sit on "meta" between forward passes), see model._move_accelerate_hook.
+    _dendrite_device: Optional[torch.device] = None
 
     # ------------------------------------------------------------------ kind hooks
     def _apply_kind(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -143,22 +171,24 @@ class DendriticLayerMixin:
 
     def _random(self, shape: tuple[int, ...], std: float, generator: Optional[torch.Generator]) -> torch.Tensor:
         ref = self._reference()
-        if ref.device.type == "meta":
+        device = self._dendrite_device or ref.device
+        if device.type == "meta":
             return torch.empty(shape, dtype=ref.dtype, device="meta")
         bound = std * math.sqrt(3.0)
         # Drawn in float32 on the CPU so that a seeded growth gives the same values on every device and rank.
         values = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        return values.to(dtype=ref.dtype, device=ref.device)
+        return values.to(dtype=ref.dtype, device=device)
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         ref = self._reference()
-        return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+        return torch.zeros(shape, dtype=ref.dtype, device=self._dendrite_device or ref.device)
 
     @torch.no_grad()
     def add_dendrites(self, n: int = 1, generator: Optional[torch.Generator] = None) -> None:
         """Append `n` dendrites. Their output weights start at zero, so the layer's output is unchanged."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
+        self.unfuse()  # growth means training goes on; a fused weight would be stale
         k_old, N = self.num_dendrites, self.num_neurons
         std = self.dendrite_init_scale / math.sqrt(self.fan_in)
         cat_dim = 1 if isinstance(self, DendriticConv1D) else 0
@@ -187,6 +217,7 @@ class DendriticLayerMixin:
             raise ValueError(f"Cannot keep {k} dendrites of a layer that has {self.num_dendrites}.")
         if k == self.num_dendrites:
             return
+        self.unfuse()
         N = self.num_neurons
         if k == 0:
             for name in DENDRITE_PARAM_NAMES:
@@ -249,15 +280,24 @@ class DendriticLayerMixin:
         """Give a [..., N] parameter trailing singleton axes so it broadcasts on the neuron axis of an output."""
         return v.reshape(v.shape + (1,) * self.spatial_dims)
 
+    def _lowrank_preactivations(self, h: torch.Tensor) -> torch.Tensor:
+        """z from the low-rank factor's output h (K*r values on the neuron axis): z_k = B_k h_k + b_k."""
+        K = self.num_dendrites
+        if self.spatial_dims == 0:
+            # One batched matmul over the dendrites, bias added by the same kernel: [K, tokens, N].
+            r = self.dendrite_rank
+            flat = h.reshape(-1, K, r).transpose(0, 1)
+            z = torch.baddbmm(self.dendrite_bias.view(K, 1, -1), flat, self.dendrite_lora_B.transpose(1, 2))
+            return z.transpose(0, 1).reshape(*h.shape[:-1], K, -1)  # [..., K, N] (a view of the [K, M, N] result)
+        z = torch.einsum("bkr...,knr->bkn...", self._split_neurons(h, K), self.dendrite_lora_B)
+        return z + self._per_neuron(self.dendrite_bias.view(K, -1))
+
     def dendrite_preactivations(self, x: torch.Tensor) -> torch.Tensor:
         """z_k = D_k(x) for all dendrites, split on the dendrite axis ([..., K, N] or [B, K, N, ...])."""
         K = self.num_dendrites
         if self.dendrite_rank is None:
             return self._split_neurons(self._apply_kind(x, self.dendrite_weight, self.dendrite_bias), K)
-        h = self._split_neurons(self._apply_kind(x, self.dendrite_lora_A, None), K)  # [..., K, r] / [B, K, r, ...]
-        pattern = "...kr,knr->...kn" if self.spatial_dims == 0 else "bkr...,knr->bkn..."
-        z = torch.einsum(pattern, h, self.dendrite_lora_B)
-        return z + self._per_neuron(self.dendrite_bias.view(K, -1))
+        return self._lowrank_preactivations(self._apply_kind(x, self.dendrite_lora_A, None))
 
     def dendrite_activations(self, z: torch.Tensor) -> torch.Tensor:
         """a_k = phi(z_k + sum_{j<k} c_kj a_j) for split pre-activations z."""
@@ -274,15 +314,133 @@ class DendriticLayerMixin:
         return torch.stack(acts, self.dendrite_axis)
 
     def dendrite_output(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_k w_k * a_k: what the dendrites add to the layer's output."""
+        """sum_k w_k * a_k: what the dendrites add to the layer's output (reference autograd formulation)."""
         a = self.dendrite_activations(self.dendrite_preactivations(x))
         return (a * self._per_neuron(self.dendrite_out)).sum(self.dendrite_axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_class.forward(self, x)
         if self.num_dendrites == 0:
-            return y
-        return y + self.dendrite_output(x.detach() if self.dendrite_detach_input else x)
+            return self.base_class.forward(self, x)
+        if torch.compiler.is_compiling() or not self.dendrite_fast_path:
+            # Plain autograd ops: dynamo traces them without graph breaks and inductor fuses the elementwise work.
+            return self._reference_forward(x)
+        if self._dendrite_fused is not None:
+            return self._fused_forward(x)
+        if self._matmul_transposed is not None:
+            return dendritic_matmul(
+                x,
+                self.weight,
+                self.bias,
+                self.dendrite_weight if self.dendrite_rank is None else self.dendrite_lora_A,
+                self.dendrite_bias,
+                self.dendrite_lora_B,
+                self.dendrite_out,
+                self.dendrite_cascade if self.num_dendrites > 1 else None,
+                MatmulSpec(self.dendrite_activation, self._matmul_transposed, self.dendrite_detach_input),
+            )
+        if not self._needs_grad(x):
+            return self._inference_forward(x)
+        return self._reference_forward(x)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_class.forward(self, x)
+        out = y + self.dendrite_output(x.detach() if self.dendrite_detach_input else x)
+        # Under autocast y is low precision while w (float32) promotes the sum: keep the base layer's dtype.
+        return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._parameters.values() if p is not None))
+
+    def _cascade_rows(self) -> Optional[torch.Tensor]:
+        if not self.dendrite_cascade_enabled or self.num_dendrites < 2:
+            return None
+        return self._per_neuron(self.dendrite_cascade)
+
+    def _combine_(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y + sum_k w_k phi(z_k) without gradients: activation and weighting in place, on z and y."""
+        kdim = self.dendrite_axis % z.dim()
+        a, _ = activate_(z, self.dendrite_activation, kdim, self._cascade_rows())
+        return add_weighted_(y, a, self._per_neuron(self.dendrite_out), kdim)
+
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without autograd for the kinds without a matmul kernel: same values, fewer passes."""
+        return self._combine_(self.base_class.forward(self, x), self.dendrite_preactivations(x))
+
+    # ------------------------------------------------------------------ inference fusion
+    @property
+    def is_fused(self) -> bool:
+        """True while the layer is fused for inference (see `fuse`)."""
+        return self._dendrite_fused is not None
+
+    def _fusion_key(self) -> tuple:
+        # Identity, storage and version counter of every parameter: an optimizer step, load_state_dict (in-place
+        # updates bump the version), `.to()` or growth (new storage / objects) all change the key.
+        return tuple(
+            None if p is None else (id(p), p.data_ptr(), p._version, p.dtype, p.device)
+            for p in self._parameters.values()
+        )
+
+    @torch.no_grad()
+    def _build_fused(self) -> dict:
+        cat_dim = 1 if self._matmul_transposed else 0
+        d_weight = self.dendrite_weight if self.dendrite_rank is None else self.dendrite_lora_A
+        weight = torch.cat([self.weight, d_weight], dim=cat_dim)
+        n_extra = d_weight.shape[cat_dim]
+        bias = self.bias if self.bias is not None else self._zeros((self.num_neurons,))
+        # Full-shape dendrites carry their bias in the fused matmul; low-rank ones add it after B (zeros here).
+        extra_bias = self.dendrite_bias if self.dendrite_rank is None else self._zeros((n_extra,))
+        fused = {"weight": weight, "bias": torch.cat([bias, extra_bias.to(bias.dtype)]), "key": self._fusion_key()}
+        self._dendrite_fused = fused
+        return fused
+
+    def fuse(self) -> None:
+        """Fuse base and dendrites for inference: one matmul / convolution computes both.
+
+        Keeps a concatenated copy of the base and dendrite input weights (extra memory: the layer's weights
+        once more) outside the parameters, so parameter names and the state dict do not change. The fused
+        layer computes the same outputs as the unfused one within float rounding (the concatenated matmul may
+        sum in another order). It works under `torch.no_grad()` / `torch.inference_mode()` only: a forward pass
+        that needs gradients raises, since gradients would not reach the parameters. `unfuse()` frees the copy;
+        `add_dendrites` and `truncate_dendrites` unfuse the layer. A layer without dendrites has nothing to
+        fuse and stays unfused.
+        """
+        if self.num_dendrites == 0:
+            return
+        if any(p.device.type == "meta" for p in self._parameters.values() if p is not None):
+            # Weights offloaded by an accelerate hook: built at the first forward pass, when they are loaded.
+            self._dendrite_fused = {"key": None}
+            return
+        self._build_fused()
+
+    def unfuse(self) -> None:
+        """Drop the fused weight copy (no-op when the layer is not fused)."""
+        self._dendrite_fused = None
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._needs_grad(x):
+            raise RuntimeError(
+                f"This {type(self).__name__} is fused for inference and cannot compute gradients. Run it under "
+                "torch.no_grad() / torch.inference_mode(), or call `unfuse()` (DendriticModel.unfuse()) before "
+                "training."
+            )
+        fused = self._dendrite_fused
+        if fused["key"] != self._fusion_key():
+            fused = self._build_fused()
+        o = self._apply_kind(x, fused["weight"], fused["bias"])
+        nd = self.neuron_dim % o.dim()
+        N, K = self.num_neurons, self.num_dendrites
+        y = o.narrow(nd, 0, N)
+        rest = o.narrow(nd, N, o.shape[nd] - N)
+        z = self._split_neurons(rest, K) if self.dendrite_rank is None else self._lowrank_preactivations(rest)
+        kdim = self.dendrite_axis % z.dim()
+        a, _ = activate_(z, self.dendrite_activation, kdim, self._cascade_rows())
+        w = self._per_neuron(self.dendrite_out)
+        # The first term writes a fresh, contiguous output (y is a strided view of the fused result); under
+        # autocast it is cast back to the matmul's dtype, which float32 w would otherwise promote.
+        out = torch.addcmul(y, a.select(kdim, 0), w[0]).to(y.dtype).contiguous()
+        for k in range(1, K):
+            out.addcmul_(a.select(kdim, k), w[k])
+        return out
 
     def extra_repr(self) -> str:
         base = self.base_class.extra_repr(self)
@@ -295,6 +453,7 @@ class DendriticLinear(DendriticLayerMixin, nn.Linear):
     """`nn.Linear` with dendrites. Neurons are the last dimension."""
 
     base_class = nn.Linear
+    _matmul_transposed = False
 
     def _apply_kind(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -315,6 +474,7 @@ class DendriticConv1D(DendriticLayerMixin, Conv1D):
     """transformers' GPT-2 style `Conv1D` (a Linear whose weight is stored (in, out)) with dendrites."""
 
     base_class = Conv1D
+    _matmul_transposed = True
 
     def _apply_kind(self, x, weight, bias):
         flat = x.reshape(-1, x.size(-1))

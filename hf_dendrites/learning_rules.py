@@ -251,8 +251,9 @@ class CorrelationRule:
         c2 = -sign * r / (2 * var_a)
         return r.abs(), {"ae": c1, "a": -c1 * mean_e - 2 * c2 * mean_a, "aa": c2}
 
-    def step(self) -> float:
-        """One ascent step on every pool from the sums gathered since the last step; returns mean S."""
+    def compute_gradients(self) -> float:
+        """All-reduce the sums gathered since the last call, set every candidate's `.grad` to the exact gradient
+        of -S (so a minimising optimizer ascends S) and reset the sums; returns the mean S (see `history`)."""
         self._all_reduce()
         total, count = 0.0, 0
         for name, layer in self.layers.items():
@@ -269,13 +270,26 @@ class CorrelationRule:
                     grad += pool.row_scale(pname, layer, scale) * st.grads[(kind, pname)]
                 p.grad = (-grad).to(p.dtype)  # ascent on S
             st.reset(pool)
-        if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
         mean_s = total / max(count, 1)
         self.history.append(mean_s)
         return mean_s
+
+    def optimizer(self, lr: Optional[float] = None) -> "CandidateOptimizer":
+        """A torch optimizer over the candidates whose `step()` runs `compute_gradients()` then an Adam step.
+
+        This is what `DendriticTrainer` hands to the Trainer's loop during a candidate phase, so the loop's
+        gradient accumulation, LR scheduler and checkpointing (optimizer state) work unchanged.
+        """
+        self._optimizer = CandidateOptimizer(self, lr=self.learning_rate if lr is None else lr)
+        return self._optimizer
+
+    def step(self) -> float:
+        """One ascent step on every pool from the sums gathered since the last step; returns mean S."""
+        if self._optimizer is None:
+            self.optimizer()
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return self.history[-1]
 
     # ------------------------------------------------------------------ installation
     @torch.no_grad()
@@ -345,8 +359,7 @@ class CorrelationRule:
         self.history = list(state["history"])
         self.last_scores = {k: v.to(self.pools[k].bias.device) for k, v in state["last_scores"].items()}
         if state["optimizer"] is not None:
-            self._optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
-            self._optimizer.load_state_dict(state["optimizer"])
+            self.optimizer().load_state_dict(state["optimizer"])
 
 
 def perforate(layer: DendriticLayerMixin) -> None:
@@ -359,3 +372,21 @@ def perforate(layer: DendriticLayerMixin) -> None:
         if p is not None:
             p.requires_grad_(False)
     layer.dendrite_detach_input = True
+
+
+class CandidateOptimizer(torch.optim.Adam):
+    """Adam over a `CorrelationRule`'s candidates; `step()` first forms the exact gradient of S.
+
+    The gradient is not left by `backward()` (the loss's gradient is not what candidates climb): it is computed
+    from the statistics that `CorrelationRule.accumulate()` gathered since the previous step.
+    """
+
+    def __init__(self, rule: CorrelationRule, lr: float):
+        super().__init__(rule.parameters(), lr=lr)
+        self.rule = rule
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            self.rule.compute_gradients()
+        return super().step(closure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -105,13 +106,75 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _move_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
-    """Re-attach an accelerate hook (device_map / offload) from the replaced layer to its replacement."""
+    """Re-attach an accelerate hook (device_map / offload) from the replaced layer to its replacement.
+
+    A hook that offloads the layer's weights (they wait on "meta" and the hook loads them from its weights map
+    for each forward pass) knows only the base parameters. On a dendritic layer it is wrapped so that it never
+    sees the dendrite parameters: those stay on the hook's execution device, where new dendrites are created.
+    """
     hook = old.__dict__.get("_hf_hook")
     if hook is None:
         return
     from accelerate.hooks import add_hook_to_module
 
+    inner = hook.hook if isinstance(hook, _DendriteOffloadHook) else hook
+    if isinstance(new, DendriticLayerMixin) and getattr(inner, "offload", False):
+        device = getattr(inner, "execution_device", None)
+        new._dendrite_device = torch.device(device) if device is not None else torch.device("cpu")
+        hook = _DendriteOffloadHook(inner)
+    else:
+        hook = inner
+    # add_hook_to_module re-runs init_hook, which records the tensors' current devices as their original ones; an
+    # offloading hook already moved them to meta, so keep what it recorded when the model was dispatched
+    # (remove_hook_from_module restores the weights there).
+    original_devices = getattr(inner, "original_devices", None)
     add_hook_to_module(new, hook)
+    if original_devices is not None:
+        inner.original_devices = original_devices
+
+
+def _accelerate_model_hook():
+    from accelerate.hooks import ModelHook
+
+    return ModelHook
+
+
+class _DendriteOffloadHook(_accelerate_model_hook()):
+    """An offloading accelerate hook, run with the dendrite parameters hidden from it (see `_move_accelerate_hook`)."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    @property
+    def no_grad(self) -> bool:
+        return self.hook.no_grad
+
+    @contextlib.contextmanager
+    def _without_dendrites(self, module: nn.Module):
+        hidden = {name: module._parameters.pop(name) for name in DENDRITE_PARAM_NAMES if name in module._parameters}
+        try:
+            yield
+        finally:
+            module._parameters.update(hidden)
+
+    def init_hook(self, module):
+        with self._without_dendrites(module):
+            return self.hook.init_hook(module)
+
+    def pre_forward(self, module, *args, **kwargs):
+        with self._without_dendrites(module):
+            return self.hook.pre_forward(module, *args, **kwargs)
+
+    def post_forward(self, module, output):
+        with self._without_dendrites(module):
+            return self.hook.post_forward(module, output)
+
+    def detach_hook(self, module):
+        with self._without_dendrites(module):
+            return self.hook.detach_hook(module)
+
+    def __repr__(self) -> str:
+        return f"DendriteOffloadHook({self.hook!r})"
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -192,6 +255,8 @@ class DendriticModel(nn.Module):
         self.dendrite_config = dendrite_config
         # Number of growths so far; part of the seed of each growth so retried cycles get fresh dendrites.
         self.growth_count = 0
+        # Set by DendriticTrainer before saving (metric, per-cycle table, curve, eval results); shown on the model card.
+        self.training_summary: Optional[dict] = None
         # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it).
         self.forward = functools.wraps(model.forward)(functools.partial(DendriticModel._forward, self))
 
@@ -305,6 +370,33 @@ class DendriticModel(nn.Module):
         """Print `dendrite_summary()` as a table."""
         print(self.dendrite_summary())
 
+    # ------------------------------------------------------------------ inference fusion
+    def fuse_for_inference(self) -> "DendriticModel":
+        """Fuse every dendritic layer so that base and dendrites run as one matmul / convolution.
+
+        For inference only: run the model under `torch.no_grad()` / `torch.inference_mode()`; a forward pass
+        that needs gradients raises until `unfuse()`. Outputs equal the unfused model's within float rounding.
+        Each fused layer holds a concatenated copy of its base and dendrite input weights (memory: those weights
+        once more) outside its parameters, so parameter names, the state dict and `save_pretrained` are
+        unaffected; the copy is refreshed automatically when a parameter changes. `add_dendrites` and
+        `set_dendrite_counts` unfuse the layers they change. `torch.compile` ignores the fusion (inductor fuses
+        by itself). Returns the model, so `model.fuse_for_inference().eval()` chains.
+        """
+        for _, layer in self.dendritic_layers():
+            layer.fuse()
+        return self
+
+    def unfuse(self) -> "DendriticModel":
+        """Undo `fuse_for_inference` and free the fused weight copies (training works again)."""
+        for _, layer in self.dendritic_layers():
+            layer.unfuse()
+        return self
+
+    @property
+    def is_fused(self) -> bool:
+        """True when any dendritic layer is fused for inference."""
+        return any(layer.is_fused for _, layer in self.dendritic_layers())
+
     # ------------------------------------------------------------------ unwrapping
     def get_base_model(self) -> nn.Module:
         """The wrapped model, still with its dendritic layers."""
@@ -322,6 +414,37 @@ class DendriticModel(nn.Module):
         model = self.model
         del self.model
         return model
+
+    # ------------------------------------------------------------------ saving (implemented in saving.py / hub.py)
+    def save_pretrained(self, save_directory, **kwargs) -> str:
+        """Save the base model (standard transformers files), the dendrites, `dendrite_config.json` and a model card.
+
+        See `hf_dendrites.saving.save_dendritic_model` for the arguments (`state_dict`, `max_shard_size`,
+        `processing_class`, ...). With `push_to_hub=True` the folder is also uploaded (`repo_id`, default: the
+        folder's name, and the arguments of `push_to_hub`).
+        """
+        from .hub import push_saved_folder
+        from .saving import save_dendritic_model
+
+        if kwargs.pop("push_to_hub", False):
+            return push_saved_folder(self, save_directory, **kwargs)
+        return save_dendritic_model(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DendriticModel":
+        """Load a model saved by `save_pretrained` / `push_to_hub` from a folder or a Hub repo id.
+
+        See `hf_dendrites.saving.load_dendritic_model` (`model_class`, `revision`, `dtype`, `device_map`, ...).
+        """
+        from .saving import load_dendritic_model
+
+        return load_dendritic_model(pretrained_model_name_or_path, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the model (base, dendrites, model card) to the Hub in one commit; see `hf_dendrites.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
 
 def get_dendritic_model(model: nn.Module, config: Optional[DendriteConfig] = None) -> DendriticModel:

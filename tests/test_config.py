@@ -37,9 +37,15 @@ def test_invalid_values_are_rejected_with_the_field_name(kwargs, error, fragment
         DendriteConfig(**kwargs)
 
 
-def test_correlation_rule_is_reserved_with_a_clear_error():
-    with pytest.raises(NotImplementedError, match="not implemented yet.*learning_rule='gd'"):
-        DendriteConfig(learning_rule="correlation")
+def test_correlation_rule_settings_are_checked():
+    cfg = DendriteConfig(learning_rule="correlation", candidate_pool_size=3, correlation_normalize=True)
+    assert DendriteConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="full-shape dendrites: set rank=None"):
+        DendriteConfig(learning_rule="correlation", rank=4)
+    with pytest.raises(ValueError, match="raise candidate_pool_size"):
+        DendriteConfig(learning_rule="correlation", dendrites_per_cycle=3, candidate_pool_size=2)
+    with pytest.raises(ValueError, match="candidate_pool_size"):
+        DendriteConfig(candidate_pool_size=0)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "gelu", "silu"])

@@ -154,33 +154,31 @@ def test_cascade_candidates_install_with_their_cascade_weights():
 
 
 def test_perforation_stops_gradients_through_dendrites():
-    """Layers before a perforated dendritic layer get the gradient they would get if the dendrites' output were a
-    constant: no error flows back through a dendrite."""
+    """With a loss linear in the dendritic layer's output (so dLoss/dy is the same with or without dendrites), the
+    layers before a perforated dendritic layer get exactly the gradient of the model without dendrites."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, c = torch.randn(16, 5), torch.randn(16, 3)
+
+    def first_layer_grad(model):
+        model.zero_grad()
+        (model(x) * c).sum().backward()
+        return model[0].weight.grad.clone()
+
+    plain = first_layer_grad(net)
     dm = get_dendritic_model(net, DendriteConfig(target_modules=["2"], seed=0))
     dm.add_dendrites(2)
     layer = dm.model[2]
     with torch.no_grad():
         layer.dendrite_out.normal_()
-    x = torch.randn(16, 5)
-
-    def first_layer_grad(detach_dendrites_by_hand):
-        dm.zero_grad()
-        h = dm.model[1](dm.model[0](x))
-        if detach_dendrites_by_hand:
-            y = layer.to_base_layer()(h) + layer.dendrite_output(h.detach())
-        else:
-            y = layer(h)
-        y.pow(2).sum().backward()
-        return dm.model[0].weight.grad.clone()
-
-    unperforated = first_layer_grad(False)
+    assert not torch.allclose(first_layer_grad(dm.model), plain)  # unperforated: error flows through dendrites
     perforate(layer)
-    assert not layer.dendrite_weight.requires_grad and layer.dendrite_out.requires_grad
-    perforated = first_layer_grad(False)
-    assert torch.equal(perforated, first_layer_grad(True))
-    assert not torch.allclose(perforated, unperforated)
+    assert not layer.dendrite_weight.requires_grad and not layer.dendrite_bias.requires_grad
+    assert layer.dendrite_out.requires_grad
+    torch.testing.assert_close(first_layer_grad(dm.model), plain, rtol=1e-6, atol=1e-7)
+    dm.zero_grad()
+    (dm(x) * c).sum().backward()
+    assert layer.dendrite_out.grad.abs().sum() > 0 and layer.dendrite_weight.grad is None
 
 
 def test_low_rank_is_rejected():

@@ -1,0 +1,495 @@
+"""Dendritic checkpoints on disk: format, bit-identical round trips, model card, safety and bad input."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import transformers
+from conftest import make_tiny, minilm_dir, tiny_inputs
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
+import hf_dendrites.saving as saving
+from hf_dendrites import CheckpointError, DendriteConfig, DendriticModel, get_dendritic_model, load_dendritic_state
+
+# A valid 1x1 PNG (the training curve a DendriticTrainer would have drawn).
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+def dendritic(name="bert", config=None, grow=(2,), seed=0):
+    """A tiny model with grown dendrites whose output weights are non-zero (so dendrites change the outputs)."""
+    dm = get_dendritic_model(make_tiny(name, seed), config or DendriteConfig(target_modules="all-linear", seed=seed))
+    for n in grow:
+        dm.add_dendrites(n)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in dm.dendritic_layers():
+            for p in layer.dendrite_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return dm.eval()
+
+
+def outputs(model, name="bert"):
+    with torch.no_grad():
+        out = model(**tiny_inputs(name))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def training_summary(curve_png=None):
+    return {
+        "metric": "eval_accuracy",
+        "greater_is_better": True,
+        "cycles": [
+            {"cycle": 0, "num_dendrites": 0, "params": 20044, "best_score": 0.71},
+            {"cycle": 1, "num_dendrites": 13, "params": 34848, "best_score": 0.7525},
+        ],
+        "curve_png": curve_png,
+        "eval_results": {"eval_accuracy": 0.7525, "eval_loss": 0.51},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("bert", DendriteConfig(target_modules="all-linear", seed=0)),
+        ("gpt2", DendriteConfig(rank=2, cascade=True, activation="gelu", seed=1)),  # Conv1D, tied embeddings
+        ("llama", DendriteConfig(seed=2)),
+    ],
+)
+def test_round_trip_is_bit_identical(tmp_path, name, config):
+    dm = dendritic(name, config, grow=(1, 2))
+    expected = outputs(dm, name)
+    counts = dm.dendrite_counts()
+    dm.save_pretrained(tmp_path)
+
+    loaded = DendriticModel.from_pretrained(tmp_path)
+    assert type(loaded.model) is type(dm.model)
+    assert torch.equal(outputs(loaded, name), expected)
+    assert loaded.dendrite_counts() == counts and all(k == 3 for k in counts.values())
+    assert loaded.dendrite_config == dm.dendrite_config
+    assert loaded.growth_count == dm.growth_count == 2
+    assert not loaded.training  # like transformers' from_pretrained
+    # The user's model is untouched by saving.
+    assert torch.equal(outputs(dm, name), expected) and dm.dendrite_counts() == counts
+
+
+def test_checkpoint_layout(tmp_path):
+    dm = dendritic("bert")
+    dm.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [
+        "README.md",
+        "config.json",
+        "dendrite_config.json",
+        "dendrite_model.safetensors",
+        "model.safetensors",
+    ]
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        base_keys = set(f.keys())
+    with safe_open(tmp_path / "dendrite_model.safetensors", "pt") as f:
+        dendrite_keys = set(f.keys())
+    assert not any("dendrite" in k for k in base_keys)
+    assert dendrite_keys == set(dm.dendrite_state_dict())
+    assert base_keys == set(dm.model.state_dict()) - dendrite_keys
+
+    meta = json.loads((tmp_path / "dendrite_config.json").read_text())
+    assert meta["layers"] == dm.dendrite_counts()
+    assert meta["library_version"] == "0.1.0" and meta["format_version"] == 1
+    assert meta["base_model"] == {
+        "architecture": "BertForSequenceClassification",
+        "model_type": "bert",
+        "name_or_path": None,
+    }
+    assert DendriteConfig.from_pretrained(tmp_path) == dm.dendrite_config
+
+
+@pytest.mark.parametrize(
+    "name,auto",
+    [("bert", transformers.AutoModelForSequenceClassification), ("gpt2", transformers.AutoModelForCausalLM)],
+)
+def test_plain_transformers_loads_the_base_model(tmp_path, name, auto):
+    dm = dendritic(name)
+    dm.save_pretrained(tmp_path)
+    base, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    dendrite_keys = set(dm.dendrite_state_dict())
+    expected = {k: v for k, v in dm.model.state_dict().items() if k not in dendrite_keys}
+    assert set(base.state_dict()) == set(expected)
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_sharded_checkpoint(tmp_path):
+    dm = dendritic("gpt2")
+    expected = outputs(dm, "gpt2")
+    dm.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / s).exists() for s in shards)
+    assert index["metadata"]["total_parameters"] == dm.dendrite_summary().base_params
+    assert torch.equal(outputs(DendriticModel.from_pretrained(tmp_path), "gpt2"), expected)
+
+    # Saving again unsharded into the same folder removes the shards (transformers would prefer the stale file).
+    dm.save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists() and not any((tmp_path / s).exists() for s in shards)
+    assert torch.equal(outputs(DendriticModel.from_pretrained(tmp_path), "gpt2"), expected)
+
+
+@pytest.mark.parametrize(
+    "name", ["bert", "gpt2", "llama"]
+)  # gpt2: tied embeddings; llama: keys that start with "model."
+def test_state_dict_argument_as_the_trainer_passes_it(tmp_path, name):
+    dm = dendritic(name)
+    dm.save_pretrained(tmp_path / "a")
+    dm.save_pretrained(tmp_path / "b", state_dict=dm.state_dict(), safe_serialization=True)  # keys prefixed "model."
+    dm.save_pretrained(tmp_path / "c", state_dict=dm.model.state_dict())
+    for sub in ("b", "c"):
+        for file in ("model.safetensors", "dendrite_model.safetensors"):
+            with safe_open(tmp_path / sub / file, "pt") as got, safe_open(tmp_path / "a" / file, "pt") as want:
+                assert set(got.keys()) == set(want.keys())
+                assert all(torch.equal(got.get_tensor(k), want.get_tensor(k)) for k in want.keys())
+    with pytest.raises(ValueError, match="lacks dendrite parameters"):
+        dm.save_pretrained(
+            tmp_path / "d", state_dict={k: v for k, v in dm.model.state_dict().items() if "dendrite" not in k}
+        )
+    with pytest.raises(ValueError, match="safetensors only"):
+        dm.save_pretrained(tmp_path / "e", safe_serialization=False)
+
+
+def test_dtype_and_device_map_pass_through(tmp_path):
+    dm = dendritic("llama", DendriteConfig(seed=0))
+    dm.save_pretrained(tmp_path)
+    loaded = DendriticModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(p.dtype == torch.bfloat16 for p in loaded.dendrite_parameters())
+    # Every parameter is the saved one cast to bf16 (buffers such as rotary frequencies stay as transformers makes them).
+    saved = dict(dm.model.named_parameters())
+    assert all(torch.equal(p, saved[k].to(torch.bfloat16)) for k, p in loaded.model.named_parameters())
+    torch.testing.assert_close(outputs(loaded, "llama").float(), outputs(dm, "llama"), atol=0.05, rtol=0.05)
+
+
+def test_model_class_argument(tmp_path):
+    dm = dendritic("bert")
+    dm.save_pretrained(tmp_path)
+    loaded = DendriticModel.from_pretrained(tmp_path, model_class=transformers.AutoModelForSequenceClassification)
+    assert torch.equal(outputs(loaded), outputs(dm))
+
+
+def test_processing_class_is_saved(tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    dendritic("bert").save_pretrained(tmp_path, processing_class=tokenizer)
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer_config.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path)("a test").input_ids == tokenizer("a test").input_ids
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def test_model_card_with_training_summary(tmp_path):
+    curve = tmp_path / "curve.png"
+    curve.write_bytes(PNG_1X1)
+    dm = dendritic("bert")
+    dm.model.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"  # as if loaded from the Hub
+    dm.training_summary = training_summary(str(curve))
+    dm.save_pretrained(tmp_path / "ckpt", tags=["rotten-tomatoes"])
+
+    text = (tmp_path / "ckpt" / "README.md").read_text()
+    assert (tmp_path / "ckpt" / "training_curve.png").read_bytes() == PNG_1X1
+    assert "![Training curve](training_curve.png)" in text
+    assert "| 1 | 13 | 34,848 | 0.7525 |" in text  # per-cycle table
+    summary = dm.dendrite_summary()
+    assert f"| dendrites | {summary.dendrite_params:,} " in text and f"| base model | {summary.base_params:,} |" in text
+    assert "DendriticModel.from_pretrained(" in text and "`activation` | `tanh`" in text
+
+    card = ModelCard.load(tmp_path / "ckpt" / "README.md")
+    assert card.data.library_name == "hf_dendrites"
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "(https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2)" in text
+    meta = json.loads((tmp_path / "ckpt" / "dendrite_config.json").read_text())
+    assert meta["base_model"]["name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert {"hf_dendrites", "dendrites", "bert", "rotten-tomatoes"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-classification"
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": 0.7525, "loss": 0.51}
+
+    # The summary travels with the checkpoint, its curve pointing into the folder.
+    loaded = DendriticModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.training_summary["cycles"] == dm.training_summary["cycles"]
+    assert loaded.training_summary["curve_png"] == str(tmp_path / "ckpt" / "training_curve.png")
+
+
+def test_model_card_without_training_summary(tmp_path):
+    dendritic("gpt2", DendriteConfig(seed=0)).save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "hf_dendrites" and card.data.pipeline_tag == "text-generation"
+    assert card.data.eval_results is None and "## Training" not in card.text
+    assert "GPT2LMHeadModel" in card.text
+
+
+def test_real_minilm_round_trip(tmp_path):
+    base = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
+    dm = get_dendritic_model(base, DendriteConfig(target_modules=["intermediate.dense", "output.dense"], seed=0))
+    dm.add_dendrites(1)
+    with torch.no_grad():
+        for _, layer in dm.dendritic_layers():
+            layer.dendrite_out.normal_(0, 0.1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    batch = tokenizer(["dendrites for transformers", "a second sentence"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = dm(**batch).last_hidden_state
+    dm.save_pretrained(tmp_path, processing_class=tokenizer)
+
+    loaded = DendriticModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, expected)
+    # A local path is not recorded as the base model (it means nothing elsewhere).
+    assert json.loads((tmp_path / "dendrite_config.json").read_text())["base_model"]["name_or_path"] is None
+    assert ModelCard.load(tmp_path / "README.md").data.base_model is None
+    assert loaded.dendrite_summary().dendrite_params == dm.dendrite_summary().dendrite_params > 0
+    # The pretrained weights are stored unchanged under their standard names.
+    with (
+        safe_open(os.path.join(minilm_dir(), "model.safetensors"), "pt") as original,
+        safe_open(tmp_path / "model.safetensors", "pt") as saved,
+    ):
+        for key in ("encoder.layer.0.intermediate.dense.weight", "embeddings.word_embeddings.weight"):
+            assert torch.equal(original.get_tensor(key), saved.get_tensor(key))
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+def test_loaded_model_exports_with_torch_export(tmp_path):
+    dm = dendritic("bert")
+    dm.save_pretrained(tmp_path)
+    loaded = DendriticModel.from_pretrained(tmp_path)
+    inputs = tiny_inputs("bert")
+    inputs.update(
+        attention_mask=torch.ones_like(inputs["input_ids"]), token_type_ids=torch.zeros_like(inputs["input_ids"])
+    )
+    program = torch.export.export(loaded, args=(), kwargs=inputs)
+    with torch.no_grad():
+        exported = program.module()(**inputs).logits
+        eager = loaded(**inputs).logits
+    # The exported graph holds the reference formulation of the dendrites; eager mode may use the fused kernels,
+    # which compute the same function with another rounding order.
+    torch.testing.assert_close(exported, eager)
+    torch.testing.assert_close(exported, outputs(dm))
+    assert not torch.equal(exported, outputs(make_tiny("bert")))  # the dendrites are in the exported graph
+
+
+# ---------------------------------------------------------------------------------------------- in-place loading
+def test_load_dendritic_state_resizes_and_loads_in_place(tmp_path):
+    saved = dendritic("gpt2", DendriteConfig(rank=2, seed=0), grow=(1, 1))
+    saved.training_summary = training_summary()
+    saved.save_pretrained(tmp_path)
+
+    fresh = dendritic("gpt2", DendriteConfig(rank=2, seed=5), grow=(3,), seed=5)  # other weights, more dendrites
+    load_dendritic_state(fresh, tmp_path)
+    assert fresh.dendrite_counts() == saved.dendrite_counts()
+    assert torch.equal(outputs(fresh, "gpt2"), outputs(saved, "gpt2"))
+    assert fresh.growth_count == 2 and fresh.training_summary["metric"] == "eval_accuracy"
+    # tied output embedding follows the loaded input embedding
+    assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight
+
+
+def test_load_dendritic_state_checks_before_modifying(tmp_path):
+    dendritic("gpt2", DendriteConfig(rank=2, seed=0)).save_pretrained(tmp_path)
+    other = dendritic("gpt2", DendriteConfig(rank=3, seed=0), grow=(1,))
+    before = outputs(other, "gpt2")
+    with pytest.raises(CheckpointError, match="rank=2"):
+        load_dendritic_state(other, tmp_path)
+
+    wider = get_dendritic_model(
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_embd=48, n_layer=2, n_head=2)),
+        DendriteConfig(rank=2),
+    )
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_dendritic_state(wider, tmp_path)
+    assert wider.dendrite_counts() == {k: 0 for k in wider.dendrite_counts()}
+    assert torch.equal(outputs(other, "gpt2"), before)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def checkpoint(tmp_path):
+    dm = dendritic("bert")
+    path = tmp_path / "ckpt"
+    dm.save_pretrained(path)
+    return path
+
+
+def _edit_meta(path, fn):
+    meta = json.loads((path / "dendrite_config.json").read_text())
+    fn(meta)
+    (path / "dendrite_config.json").write_text(json.dumps(meta))
+
+
+def test_missing_dendrite_file(checkpoint):
+    os.remove(checkpoint / "dendrite_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"dendrite_model\.safetensors is missing"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_truncated_dendrite_file(checkpoint):
+    data = (checkpoint / "dendrite_model.safetensors").read_bytes()
+    (checkpoint / "dendrite_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"dendrite_model\.safetensors is \d+ bytes .* truncated"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_corrupt_dendrite_file(checkpoint):
+    data = bytearray((checkpoint / "dendrite_model.safetensors").read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit in the tensor data: same size, still parses
+    (checkpoint / "dendrite_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"dendrite_model\.safetensors is corrupt"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_corrupt_dendrite_header_without_checksum(checkpoint):
+    data = bytearray((checkpoint / "dendrite_model.safetensors").read_bytes())
+    data[8:20] = b"not json!!!!"
+    (checkpoint / "dendrite_model.safetensors").write_bytes(bytes(data))
+    _edit_meta(checkpoint, lambda m: m["files"]["dendrite_model.safetensors"].pop("sha256"))
+    with pytest.raises(CheckpointError, match=r"dendrite_model\.safetensors is not a readable safetensors file"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_counts_that_do_not_match_the_shapes(checkpoint):
+    layer = "bert.encoder.layer.1.intermediate.dense"
+    _edit_meta(checkpoint, lambda m: m["layers"].__setitem__(layer, 3))
+    with pytest.raises(CheckpointError, match=rf"dendrite_model\.safetensors.*{layer}.*3 dendrites"):
+        DendriticModel.from_pretrained(checkpoint)
+    _edit_meta(checkpoint, lambda m: m["layers"].__setitem__(layer, 1))
+    with pytest.raises(CheckpointError, match=rf"{layer}.*1 dendrites"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_config_from_an_incompatible_library_version(checkpoint):
+    _edit_meta(checkpoint, lambda m: m.update(format_version=99, library_version="9.0.0"))
+    with pytest.raises(CheckpointError, match=r"dendrite_config\.json uses checkpoint format 99 .*upgrade"):
+        DendriticModel.from_pretrained(checkpoint)
+    _edit_meta(checkpoint, lambda m: m.update(format_version=1) or m["dendrite_config"].update(new_option=True))
+    with pytest.raises(CheckpointError, match="newer hf_dendrites"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_corrupt_dendrite_config(checkpoint):
+    text = (checkpoint / "dendrite_config.json").read_text()
+    (checkpoint / "dendrite_config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match=r"dendrite_config\.json is not valid JSON"):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_base_checkpoint_that_does_not_match(checkpoint, tmp_path):
+    # Another model's base files copied over this checkpoint's: the recorded sizes catch it.
+    other = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+        )
+    )
+    other.save_pretrained(tmp_path / "other")
+    for name in ("config.json", "model.safetensors"):
+        (checkpoint / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is \d+ bytes .* does not belong to this checkpoint"):
+        DendriticModel.from_pretrained(checkpoint)
+    # Even with a consistent manifest, the dendrite shapes do not fit the other base: the error names the layer.
+    _edit_meta(
+        checkpoint,
+        lambda m: m["files"]["model.safetensors"].update(size=os.path.getsize(checkpoint / "model.safetensors")),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"dendrite_model\.safetensors: bert\.encoder\.layer\.0\.\S+ has shape \(64,\), but layer .* needs \(96,\)",
+    ):
+        DendriticModel.from_pretrained(checkpoint)
+
+
+def test_base_architecture_that_does_not_match(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"config\.json describes a BertForMaskedLM.*BertForSequenceClassification"
+    ):
+        DendriticModel.from_pretrained(checkpoint)
+    # Forcing another class: transformers reports the keys that do not fit, and so do we.
+    with pytest.raises(CheckpointError, match="do not match BertForMaskedLM"):
+        DendriticModel.from_pretrained(checkpoint, model_class=transformers.BertForMaskedLM)
+
+
+def test_plain_transformers_folder_is_not_a_dendritic_checkpoint(tmp_path):
+    make_tiny("bert").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not a complete hf_dendrites checkpoint"):
+        DendriticModel.from_pretrained(tmp_path)
+    DendriteConfig(target_modules=["query"]).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="holds a DendriteConfig only"):
+        DendriticModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("stage", ["dendrites", "model_card"])
+def test_interrupted_save_never_loads(tmp_path, monkeypatch, stage):
+    dm = dendritic("bert")
+    dm.save_pretrained(tmp_path)  # a complete checkpoint, then an interrupted save over it
+    DendriticModel.from_pretrained(tmp_path)
+
+    class Crash(Exception):
+        pass
+
+    if stage == "dendrites":
+
+        def crash(tensors, path, metadata=None):
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 100)  # half a file
+            raise Crash
+
+        monkeypatch.setattr(saving, "save_file", crash)
+    else:
+        import hf_dendrites.hub as hub
+
+        monkeypatch.setattr(hub, "build_model_card", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        dm.save_pretrained(tmp_path)
+    assert not (tmp_path / "dendrite_config.json").exists()
+    with pytest.raises(CheckpointError, match="not a complete hf_dendrites checkpoint"):
+        DendriticModel.from_pretrained(tmp_path)
+    monkeypatch.undo()
+    dm.save_pretrained(tmp_path)  # a new save repairs the folder
+    assert torch.equal(outputs(DendriticModel.from_pretrained(tmp_path)), outputs(dm))
+
+
+class _Exploit:
+    """Unpickling this object writes a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_unpickles(checkpoint, tmp_path, monkeypatch):
+    marker = tmp_path / "unpickled"
+    for name in ("pytorch_model.bin", "training_args.bin", "dendrite_model.pt", "optimizer.pt"):
+        with open(checkpoint / name, "wb") as handle:
+            pickle.dump(_Exploit(str(marker)), handle)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    DendriticModel.from_pretrained(checkpoint)
+    load_dendritic_state(dendritic("bert", grow=()), checkpoint)
+
+    # Base weights available only as a pickle: refused, not read.
+    os.remove(checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        DendriticModel.from_pretrained(checkpoint)
+    _edit_meta(checkpoint, lambda m: m["files"].pop("model.safetensors"))
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        DendriticModel.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="safetensors only"):
+        DendriticModel.from_pretrained(checkpoint, use_safetensors=False)
+    assert not marker.exists()
