@@ -301,11 +301,11 @@ def report(res: dict[str, Any], header, pct) -> list[str]:
     probe = res.get("step_time_probe")
     if probe:
         pai_ms = next((r["step_ms_by_dendrites"].get("1") for r in res["runs"] if "step_ms_by_dendrites" in r), None)
-        lines += ["", "Training step time, batch of the benchmark, one CPU thread, plain loop: "
+        lines += ["", "Training step time, batch of the benchmark, plain loop: "
                   f"plain model {probe['plain_ms']:.0f} ms, hf_dendrites with 1 dendrite {probe['hf_dendrites_1_dendrite_ms']:.0f} ms"
                   + (f", perforatedai with 1 dendrite (mean over its dendrite phase) {pai_ms:.0f} ms" if pai_ms else "")
-                  + ". Caution: single measurements taken minutes apart while the 2 cores were shared with other jobs "
-                  "(load average about 4); they are not a fair speed comparison. The interleaved per-layer timings in the "
+                  + ". Caution: single measurements taken minutes apart in separate runs, not interleaved, so machine load "
+                  "can move them; they are not a fair speed comparison. The interleaved per-layer timings in the "
                   "issue 7 section (same K, same function) are: perforatedai's layer about 1.16x the time of ours (median)."]
         lines += ["", "Params: counted on the model each library returned (perforatedai's count includes the dendrite "
                   "modules it keeps allocated)."]

@@ -268,3 +268,12 @@ def test_real_minilm_identity_and_exact_summary():
     per_block = 4 * (384 * 384 + 2 * 384) + (1536 * 384 + 2 * 1536) + (384 * 1536 + 2 * 384)
     assert summary.base_params == base_total
     assert summary.dendrite_params == 6 * per_block
+
+
+def test_plain_trainer_evaluates_a_dendritic_model_with_label_names(tmp_path):
+    dm = get_dendritic_model(make_tiny("bert"))
+    dm.add_dendrites()
+    data = [{"input_ids": [1, 5, 7, 2], "attention_mask": [1, 1, 1, 1], "labels": i % 2} for i in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, label_names=["labels"], disable_tqdm=True)
+    metrics = transformers.Trainer(model=dm, args=args, eval_dataset=data).evaluate()
+    assert metrics["eval_loss"] > 0
