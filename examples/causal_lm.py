@@ -67,7 +67,6 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
-
     C.quiet()
     C.set_threads(args.threads)
     start = time.perf_counter()

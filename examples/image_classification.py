@@ -60,7 +60,6 @@ def main(argv=None) -> dict:
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
-
     C.quiet()
     C.set_threads(args.threads)
     start = time.perf_counter()

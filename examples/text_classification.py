@@ -73,7 +73,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-
     C.quiet()
     C.set_threads(args.threads)
     start = time.perf_counter()

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from .config import DendriteConfig
 from .constants import CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME, DENDRITE_WEIGHTS_NAME
-from .utils import atomic_write_text, library_version, read_dendrite_config_file
+from .utils import atomic_write_text, library_version, read_dendrite_config_file, read_json_file
 
 if TYPE_CHECKING:
     from .model import DendriticModel
@@ -642,11 +642,7 @@ def load_dendritic_model(
             f"{directory} contains {ADAPTER_CONFIG_NAME} (a PEFT adapter), which hf_dendrites checkpoints never hold; "
             "refusing to load it (adapter files may be pickles)."
         )
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            base_config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path} is not valid JSON ({err}); the checkpoint is damaged.") from err
+    base_config = read_json_file(config_path, CheckpointError, "the checkpoint is damaged")
     saved_arch = payload["base_model"].get("architecture")
     architectures = base_config.get("architectures") or []
     if model_class is None:

@@ -97,6 +97,7 @@ from .constants import (
 DENDRITE_CANDIDATES_NAME = "dendrite_candidates.safetensors"
 from .model import DendriticModel, get_dendritic_model
 from .learning_rules import CorrelationRule, perforate
+from .utils import read_json_file
 from .schedule import PHASE_DENDRITE, Action, Decision, DendriteSchedule, ScheduleSettings
 
 logger = logging.getLogger(__name__)
@@ -946,11 +947,7 @@ class DendriticTrainer(Trainer):
         if not os.path.isfile(path):
             logger.warning("%s not found: the dendrite schedule starts from the beginning.", path)
             return
-        with open(path, encoding="utf-8") as handle:
-            try:
-                payload = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged, resume from another one.") from err
+        payload = read_json_file(path, hint="the checkpoint is damaged, resume from another one")
         version = payload.get("format_version")
         if not isinstance(version, int) or version > _STATE_FORMAT_VERSION:
             raise ValueError(f"{path} has format {version!r}, newer than this hf_dendrites reads; upgrade hf_dendrites.")

@@ -32,6 +32,15 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def read_json_file(path: str, error: type[Exception] = ValueError, hint: str = "the file is truncated or corrupt") -> Any:
+    """Parse a JSON file; invalid JSON raises `error` naming the file and `hint`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}); {hint}.") from err
+
+
 def read_dendrite_config_file(path: str) -> dict[str, Any]:
     """Read and check a `dendrite_config.json` (format version, JSON validity); errors name the file."""
     if not os.path.isfile(path):
@@ -39,11 +48,7 @@ def read_dendrite_config_file(path: str) -> dict[str, Any]:
             f"{path} not found: this folder is not an hf_dendrites checkpoint (save one with "
             "`DendriticModel.save_pretrained` or `DendriteConfig.save_pretrained`)."
         )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            payload = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt, save the model again.") from err
+    payload = read_json_file(path, hint="the file is truncated or corrupt, save the model again")
     if not isinstance(payload, dict) or "dendrite_config" not in payload:
         raise ValueError(f"{path} has no 'dendrite_config' entry; it was not written by hf_dendrites.")
     version = payload.get("format_version")
