@@ -62,7 +62,7 @@ def load_minilm(quick: bool) -> nn.Module:
 
 
 def dendritic_variant(base: nn.Module, k: int, fast: bool = True) -> nn.Module:
-    model = get_dendritic_model(copy.deepcopy(base), DendriteConfig(target_modules="all-linear", seed=0))
+    model = get_dendritic_model(copy.deepcopy(base), DendriteConfig(target_modules="all-linear", dendrite_seed=0))
     model.add_dendrites(k)
     g = torch.Generator().manual_seed(k)  # the same weights in every copy of a variant
     with torch.no_grad():  # non-zero dendrite-to-neuron weights, as after some training

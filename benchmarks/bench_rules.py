@@ -71,7 +71,7 @@ class Variant:
 
 
 def dendritic(base, rule: str, pool: int):
-    config = DendriteConfig(target_modules="all-linear", seed=0, learning_rule=rule, candidate_pool_size=pool)
+    config = DendriteConfig(target_modules="all-linear", dendrite_seed=0, learning_rule=rule, candidate_pool_size=pool)
     return get_dendritic_model(copy.deepcopy(base), config)
 
 

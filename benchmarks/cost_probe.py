@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = C.mean_pooling_classifier_class().from_pretrained(C.minilm_path(), num_labels=2)
     C.keep_first_layers(model, args.layers)
-    dm = get_dendritic_model(model, DendriteConfig(target_modules=C.TARGET_PRESETS["mlp"], seed=args.seed))
+    dm = get_dendritic_model(model, DendriteConfig(target_modules=C.TARGET_PRESETS["mlp"], dendrite_seed=args.seed))
     if args.dendrites:
         dm.add_dendrites(args.dendrites)
         with torch.no_grad():  # non-zero output weights, so the dendrites' compute is not trivially skipped

@@ -212,7 +212,7 @@ def _step_time_probe(quick: bool, task, seed: int = 0) -> dict[str, Any]:
     C.set_seed(seed)
     plain = time_model(task.make_model())
     C.set_seed(seed)
-    dm = get_dendritic_model(task.make_model(), DendriteConfig(target_modules=C.TARGET_PRESETS["mlp"], seed=seed))
+    dm = get_dendritic_model(task.make_model(), DendriteConfig(target_modules=C.TARGET_PRESETS["mlp"], dendrite_seed=seed))
     dm.add_dendrites(1)
     ours = time_model(dm)
     return {"plain_ms": plain, "hf_dendrites_1_dendrite_ms": ours}

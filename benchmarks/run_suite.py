@@ -115,7 +115,7 @@ class TextTask:
 def dendrite_config(rule: str, seed: int, **kw):
     from hf_dendrites import DendriteConfig
 
-    return DendriteConfig(target_modules=MLP_TARGETS, learning_rule=rule, seed=seed, **kw)
+    return DendriteConfig(target_modules=MLP_TARGETS, learning_rule=rule, dendrite_seed=seed, **kw)
 
 
 def env_info(threads: int) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def main() -> None:
     with torch.no_grad():
         before = model(**batch).last_hidden_state
 
-    dm = get_dendritic_model(model, DendriteConfig(target_modules=args.targets, seed=0))
+    dm = get_dendritic_model(model, DendriteConfig(target_modules=args.targets, dendrite_seed=0))
     dm.add_dendrites(args.dendrites)
     with torch.no_grad():
         after = dm(**batch).last_hidden_state

@@ -9,6 +9,9 @@ from typing import Any, Optional, Union
 
 from .constants import ACTIVATIONS, CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME, LEARNING_RULES
 
+# A single command-line value with one of these characters is a regular expression, never a module name.
+_REGEX_CHARS = frozenset("*+?[](){}|^$\\")
+
 
 @dataclass
 class DendriteConfig:
@@ -21,7 +24,8 @@ class DendriteConfig:
         True
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    # Annotated as a list so that `HfArgumentParser` turns it into a multi-value flag; a string is accepted too.
+    target_modules: Optional[list[str]] = field(
         default=None,
         metadata={
             "help": (
@@ -30,13 +34,15 @@ class DendriteConfig:
                 "must match the full module name; 'all-linear' targets every nn.Linear / transformers Conv1D "
                 "except the output embedding (LM head) and task heads; None uses the per-architecture defaults "
                 "(attention projections and MLP layers) for the model types listed in "
-                "hf_dendrites.constants.DEFAULT_TARGET_MODULES."
+                "hf_dendrites.constants.DEFAULT_TARGET_MODULES. On the command line: `--target_modules query value`, "
+                "`--target_modules all-linear`, or one regular expression (a single value containing any of "
+                "*+?[](){}|^$ is read as a regex, e.g. `--target_modules '.*layer\\.0\\..*dense'`)."
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Modules never targeted, with the same matching rules as `target_modules`."},
+        metadata={"help": "Modules never targeted, with the same matching rules (and command-line forms) as `target_modules`."},
     )
     dendrites_per_cycle: int = field(
         default=1,
@@ -105,12 +111,14 @@ class DendriteConfig:
             )
         },
     )
-    seed: Optional[int] = field(
+    dendrite_seed: Optional[int] = field(
         default=None,
         metadata={
             "help": (
                 "Seed of the random initialisation of new dendrites. With a seed, growth is reproducible and "
-                "identical on every process; None uses torch's global random generator."
+                "identical on every process; None uses torch's global random generator (DendriticTrainer then "
+                "uses the training arguments' `seed`). Named apart from `TrainingArguments.seed` so that both "
+                "dataclasses parse together with `HfArgumentParser`."
             )
         },
     )
@@ -123,6 +131,10 @@ class DendriteConfig:
                 setattr(self, name, value)
             if value is not None and not isinstance(value, (str, list)):
                 raise TypeError(f"`{name}` must be None, a string (regex or 'all-linear') or a list of names, got {value!r}.")
+            if isinstance(value, list) and len(value) == 1 and (value[0] == "all-linear" or _REGEX_CHARS & set(value[0])):
+                # the command-line forms: one value that is "all-linear" or a regex (module names have no such chars)
+                value = value[0]
+                setattr(self, name, value)
             if isinstance(value, list):
                 if not value or not all(isinstance(v, str) and v for v in value):
                     raise ValueError(f"`{name}` must be a non-empty list of module names, got {value!r}.")
@@ -153,8 +165,8 @@ class DendriteConfig:
                     f"{self.dendrites_per_cycle}: the correlation rule installs the best dendrites_per_cycle candidates "
                     "of each pool; raise candidate_pool_size."
                 )
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"`seed` must be None or an integer, got {self.seed!r}.")
+        if self.dendrite_seed is not None and (not isinstance(self.dendrite_seed, int) or isinstance(self.dendrite_seed, bool)):
+            raise ValueError(f"`dendrite_seed` must be None or an integer, got {self.dendrite_seed!r}.")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +176,9 @@ class DendriteConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DendriteConfig":
         """Build a config from `to_dict()` output; unknown keys are an error (they mean a newer library)."""
+        data = dict(data)
+        if "seed" in data and "dendrite_seed" not in data:
+            data["dendrite_seed"] = data.pop("seed")  # hf_dendrites 0.1.0 called the field `seed`
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -283,9 +283,9 @@ class DendriticModel(nn.Module):
         return {name: layer.num_dendrites for name, layer in self.dendritic_layers()}
 
     def _growth_generator(self) -> Optional[torch.Generator]:
-        if self.dendrite_config.seed is None:
+        if self.dendrite_config.dendrite_seed is None:
             return None
-        return torch.Generator().manual_seed(hash((self.dendrite_config.seed, self.growth_count)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.Generator().manual_seed(hash((self.dendrite_config.dendrite_seed, self.growth_count)) & 0x7FFF_FFFF_FFFF_FFFF)
 
     def add_dendrites(self, n: Optional[int] = None) -> None:
         """Give every dendritic layer `n` more dendrites (default: `dendrite_config.dendrites_per_cycle`).

@@ -409,10 +409,10 @@ class DendriticTrainer(Trainer):
             dm = model
         else:
             dm = get_dendritic_model(model, dendrite_config)
-        if dm.dendrite_config.seed is None:
+        if dm.dendrite_config.dendrite_seed is None:
             # A seed makes every growth identical on all processes and reproducible after a resume.
-            dm.dendrite_config = dataclasses.replace(dm.dendrite_config, seed=int(args.seed))
-            logger.info("DendriteConfig.seed is None; using args.seed=%d for dendrite growth.", args.seed)
+            dm.dendrite_config = dataclasses.replace(dm.dendrite_config, dendrite_seed=int(args.seed))
+            logger.info("DendriteConfig.dendrite_seed is None; using args.seed=%d for dendrite growth.", args.seed)
         return dm
 
     def _check_setup_supported(self) -> None:

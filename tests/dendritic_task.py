@@ -44,7 +44,7 @@ def task_data(n: int, seed: int, noise: float = 0.1) -> list[dict[str, Any]]:
 
 
 def all_linear() -> DendriteConfig:
-    return DendriteConfig(target_modules="all-linear", seed=0)
+    return DendriteConfig(target_modules="all-linear", dendrite_seed=0)
 
 
 def make_args(output_dir: str, **overrides: Any) -> DendriticTrainingArguments:

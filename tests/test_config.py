@@ -29,7 +29,7 @@ def test_defaults_and_help_texts():
         ({"target_modules": []}, ValueError, "target_modules"),
         ({"target_modules": 3}, TypeError, "target_modules"),
         ({"exclude_modules": "all-linear"}, ValueError, "exclude_modules"),
-        ({"seed": "x"}, ValueError, "seed"),
+        ({"dendrite_seed": "x"}, ValueError, "dendrite_seed"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_field_name(kwargs, error, fragment):
@@ -54,7 +54,7 @@ def test_supported_activations(activation):
 
 
 def test_tuple_targets_become_lists_and_dict_round_trip():
-    cfg = DendriteConfig(target_modules=("query", "value"), exclude_modules=r".*\.0\..*", rank=4, cascade=True, seed=3)
+    cfg = DendriteConfig(target_modules=("query", "value"), exclude_modules=r".*\.0\..*", rank=4, cascade=True, dendrite_seed=3)
     assert cfg.target_modules == ["query", "value"]
     data = json.loads(cfg.to_json_string())
     assert DendriteConfig.from_dict(data) == cfg
@@ -89,3 +89,32 @@ def test_load_errors_name_the_file(tmp_path):
     path.write_text(json.dumps({"format_version": 1, "dendrite_config": {"activation": "nope"}}))
     with pytest.raises(ValueError, match=str(path).replace("\\", "\\\\") + ".*activation"):
         DendriteConfig.from_pretrained(tmp_path)
+
+
+def test_config_parses_with_training_arguments_through_hf_argument_parser(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_dendrites import DendriticTrainingArguments
+
+    parser = HfArgumentParser((DendriteConfig, DendriticTrainingArguments))
+    base = ["--output_dir", str(tmp_path), "--eval_strategy", "steps", "--seed", "5"]
+    cfg, args = parser.parse_args_into_dataclasses(
+        base + ["--target_modules", "query", "value", "--rank", "4", "--dendrite_seed", "3", "--activation", "gelu"]
+    )
+    assert cfg == DendriteConfig(target_modules=["query", "value"], rank=4, dendrite_seed=3, activation="gelu")
+    assert args.seed == 5
+    cfg, _ = parser.parse_args_into_dataclasses(base + ["--target_modules", "all-linear"])
+    assert cfg.target_modules == "all-linear"
+    cfg, _ = parser.parse_args_into_dataclasses(base + ["--target_modules", r".*layer\.0\..*dense"])
+    assert cfg.target_modules == r".*layer\.0\..*dense"  # one value with regex characters is a regex
+    cfg, _ = parser.parse_args_into_dataclasses(base)
+    assert cfg == DendriteConfig()
+    help_text = parser.format_help()
+    for name in ("--target_modules", "--learning_rule", "--dendrites_per_cycle", "--rank", "--candidate_pool_size"):
+        assert name in help_text
+
+
+def test_config_written_by_0_1_0_with_seed_key_loads():
+    data = DendriteConfig(dendrite_seed=4).to_dict()
+    data["seed"] = data.pop("dendrite_seed")
+    assert DendriteConfig.from_dict(data).dendrite_seed == 4

@@ -49,7 +49,7 @@ def mean_abs_corr(a, e):
 def fitted_model(activation="tanh", cascade=False, seed=0):
     torch.manual_seed(seed)
     x, t = make_task()
-    dm = get_dendritic_model(Net(), DendriteConfig(target_modules=["fc"], activation=activation, cascade=cascade, seed=seed))
+    dm = get_dendritic_model(Net(), DendriteConfig(target_modules=["fc"], activation=activation, cascade=cascade, dendrite_seed=seed))
     neuron_loss = train(dm.parameters(), lambda: (dm(x) - t).pow(2).mean(), 400)
     dm.zero_grad(set_to_none=True)
     return dm, x, t, neuron_loss
@@ -166,7 +166,7 @@ def test_perforation_stops_gradients_through_dendrites():
         return model[0].weight.grad.clone()
 
     plain = first_layer_grad(net)
-    dm = get_dendritic_model(net, DendriteConfig(target_modules=["2"], seed=0))
+    dm = get_dendritic_model(net, DendriteConfig(target_modules=["2"], dendrite_seed=0))
     dm.add_dendrites(2)
     layer = dm.model[2]
     with torch.no_grad():

@@ -177,7 +177,7 @@ def test_fused_layer_refuses_gradients_and_refreshes():
 def test_fused_model_state_dict_and_outputs():
     model = make_tiny("bert")
     inputs = tiny_inputs("bert")
-    dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear", seed=0))
+    dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear", dendrite_seed=0))
     dm.add_dendrites(2)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -296,7 +296,7 @@ def test_gradient_checkpointing_same_grads(use_reentrant):
     inputs = {**tiny_inputs("bert"), "labels": torch.tensor([0, 1])}
     grads = []
     for checkpointing in (False, True):
-        dm = get_dendritic_model(_bert_no_dropout(), DendriteConfig(target_modules="all-linear", seed=0))
+        dm = get_dendritic_model(_bert_no_dropout(), DendriteConfig(target_modules="all-linear", dendrite_seed=0))
         dm.add_dendrites(2)
         with torch.no_grad():
             for _, layer in dm.dendritic_layers():
@@ -321,7 +321,7 @@ def _tiny_bert_dir(tmp_path):
 
 
 def _check_dendrites_on(model, expected, ids):
-    dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear", seed=0))
+    dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear", dendrite_seed=0))
     with torch.no_grad():
         assert torch.equal(dm(input_ids=ids).last_hidden_state, expected)
         dm.add_dendrites(2)

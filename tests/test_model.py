@@ -199,7 +199,7 @@ def test_summary_counts_tied_weights_once_and_low_rank():
 
 def test_set_dendrite_counts_and_seeded_growth():
     def grown(seed):
-        dm = get_dendritic_model(make_tiny("llama"), DendriteConfig(seed=seed))
+        dm = get_dendritic_model(make_tiny("llama"), DendriteConfig(dendrite_seed=seed))
         dm.add_dendrites(2)
         return dm
 
@@ -258,7 +258,7 @@ def test_real_minilm_identity_and_exact_summary():
         expected = model(**batch).last_hidden_state
     base_total = sum(p.numel() for p in model.parameters())
     assert 22_000_000 < base_total < 23_000_000
-    dm = get_dendritic_model(model, DendriteConfig(seed=0))
+    dm = get_dendritic_model(model, DendriteConfig(dendrite_seed=0))
     dm.add_dendrites(1)
     dm.eval()
     with torch.no_grad():

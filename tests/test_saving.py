@@ -22,7 +22,7 @@ PNG_1X1 = bytes.fromhex(
 
 def dendritic(name="bert", config=None, grow=(2,), seed=0):
     """A tiny model with grown dendrites whose output weights are non-zero (so dendrites change the outputs)."""
-    dm = get_dendritic_model(make_tiny(name, seed), config or DendriteConfig(target_modules="all-linear", seed=seed))
+    dm = get_dendritic_model(make_tiny(name, seed), config or DendriteConfig(target_modules="all-linear", dendrite_seed=seed))
     for n in grow:
         dm.add_dendrites(n)
     g = torch.Generator().manual_seed(seed + 1)
@@ -56,9 +56,9 @@ def training_summary(curve_png=None):
 @pytest.mark.parametrize(
     "name,config",
     [
-        ("bert", DendriteConfig(target_modules="all-linear", seed=0)),
-        ("gpt2", DendriteConfig(rank=2, cascade=True, activation="gelu", seed=1)),  # Conv1D, tied embeddings
-        ("llama", DendriteConfig(seed=2)),
+        ("bert", DendriteConfig(target_modules="all-linear", dendrite_seed=0)),
+        ("gpt2", DendriteConfig(rank=2, cascade=True, activation="gelu", dendrite_seed=1)),  # Conv1D, tied embeddings
+        ("llama", DendriteConfig(dendrite_seed=2)),
     ],
 )
 def test_round_trip_is_bit_identical(tmp_path, name, config):
@@ -162,7 +162,7 @@ def test_state_dict_argument_as_the_trainer_passes_it(tmp_path, name):
 
 
 def test_dtype_and_device_map_pass_through(tmp_path):
-    dm = dendritic("llama", DendriteConfig(seed=0))
+    dm = dendritic("llama", DendriteConfig(dendrite_seed=0))
     dm.save_pretrained(tmp_path)
     loaded = DendriticModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
@@ -222,7 +222,7 @@ def test_model_card_with_training_summary(tmp_path):
 
 
 def test_model_card_without_training_summary(tmp_path):
-    dendritic("gpt2", DendriteConfig(seed=0)).save_pretrained(tmp_path)
+    dendritic("gpt2", DendriteConfig(dendrite_seed=0)).save_pretrained(tmp_path)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "hf_dendrites" and card.data.pipeline_tag == "text-generation"
     assert card.data.eval_results is None and "## Training" not in card.text
@@ -231,7 +231,7 @@ def test_model_card_without_training_summary(tmp_path):
 
 def test_real_minilm_round_trip(tmp_path):
     base = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
-    dm = get_dendritic_model(base, DendriteConfig(target_modules=["intermediate.dense", "output.dense"], seed=0))
+    dm = get_dendritic_model(base, DendriteConfig(target_modules=["intermediate.dense", "output.dense"], dendrite_seed=0))
     dm.add_dendrites(1)
     with torch.no_grad():
         for _, layer in dm.dendritic_layers():
@@ -280,11 +280,11 @@ def test_loaded_model_exports_with_torch_export(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- in-place loading
 def test_load_dendritic_state_resizes_and_loads_in_place(tmp_path):
-    saved = dendritic("gpt2", DendriteConfig(rank=2, seed=0), grow=(1, 1))
+    saved = dendritic("gpt2", DendriteConfig(rank=2, dendrite_seed=0), grow=(1, 1))
     saved.training_summary = training_summary()
     saved.save_pretrained(tmp_path)
 
-    fresh = dendritic("gpt2", DendriteConfig(rank=2, seed=5), grow=(3,), seed=5)  # other weights, more dendrites
+    fresh = dendritic("gpt2", DendriteConfig(rank=2, dendrite_seed=5), grow=(3,), seed=5)  # other weights, more dendrites
     load_dendritic_state(fresh, tmp_path)
     assert fresh.dendrite_counts() == saved.dendrite_counts()
     assert torch.equal(outputs(fresh, "gpt2"), outputs(saved, "gpt2"))
@@ -294,8 +294,8 @@ def test_load_dendritic_state_resizes_and_loads_in_place(tmp_path):
 
 
 def test_load_dendritic_state_checks_before_modifying(tmp_path):
-    dendritic("gpt2", DendriteConfig(rank=2, seed=0)).save_pretrained(tmp_path)
-    other = dendritic("gpt2", DendriteConfig(rank=3, seed=0), grow=(1,))
+    dendritic("gpt2", DendriteConfig(rank=2, dendrite_seed=0)).save_pretrained(tmp_path)
+    other = dendritic("gpt2", DendriteConfig(rank=3, dendrite_seed=0), grow=(1,))
     before = outputs(other, "gpt2")
     with pytest.raises(CheckpointError, match="rank=2"):
         load_dendritic_state(other, tmp_path)

@@ -100,7 +100,7 @@ def test_unsupported_setups_fail_with_a_clear_error(tmp_path):
         DendriticTrainer(tiny_bert(), make_args(str(tmp_path)), train_dataset=task_data(16, 1), dendrite_config=all_linear())
     dm = get_dendritic_model(tiny_bert(), all_linear())
     with pytest.raises(ValueError, match="already a DendriticModel"):
-        DendriticTrainer(dm, make_args(str(tmp_path)), dendrite_config=DendriteConfig(target_modules="all-linear", seed=1), **data)
+        DendriticTrainer(dm, make_args(str(tmp_path)), dendrite_config=DendriteConfig(target_modules="all-linear", dendrite_seed=1), **data)
 
 
 def test_wraps_a_plain_model_and_keeps_what_the_trainer_reads_from_it(tmp_path):
@@ -110,11 +110,11 @@ def test_wraps_a_plain_model_and_keeps_what_the_trainer_reads_from_it(tmp_path):
         tiny_bert(), make_args(str(tmp_path), seed=7), train_dataset=task_data(16, 1), eval_dataset=task_data(16, 2), dendrite_config=config
     )
     assert isinstance(trainer.model, DendriticModel) and trainer.dendritic_model is trainer.model
-    assert trainer.model.dendrite_config.seed == 7 and config.seed is None  # the user's object is left alone
+    assert trainer.model.dendrite_config.dendrite_seed == 7 and config.dendrite_seed is None  # the user's object is left alone
     assert trainer.label_names == plain.label_names == ["labels"]
     assert trainer.can_return_loss == plain.can_return_loss
     assert trainer.model_accepts_loss_kwargs == plain.model_accepts_loss_kwargs
-    dm = get_dendritic_model(tiny_bert(), DendriteConfig(target_modules="all-linear", seed=3))
+    dm = get_dendritic_model(tiny_bert(), DendriteConfig(target_modules="all-linear", dendrite_seed=3))
     assert DendriticTrainer(dm, make_args(str(tmp_path)), train_dataset=task_data(16, 1), eval_dataset=task_data(16, 2)).model is dm
 
 
@@ -156,7 +156,7 @@ def test_same_losses_and_weights_as_the_plain_trainer_with_gradient_accumulation
     plain.train()
     dendritic = DendriticTrainer(
         _tiny_gpt2(), DendriticTrainingArguments(output_dir=str(tmp_path / "dendritic"), dendrite_patience=[10], **common),
-        train_dataset=train, eval_dataset=evals, dendrite_config=DendriteConfig(seed=0),
+        train_dataset=train, eval_dataset=evals, dendrite_config=DendriteConfig(dendrite_seed=0),
     )
     dendritic.train()
     assert dendritic.model_accepts_loss_kwargs == plain.model_accepts_loss_kwargs
@@ -178,7 +178,7 @@ def test_label_smoothing_shifts_causal_lm_labels_like_the_plain_trainer(tmp_path
     plain = Trainer(_tiny_gpt2(), TrainingArguments(output_dir=str(tmp_path / "p"), **common), eval_dataset=evals)
     dendritic = DendriticTrainer(
         _tiny_gpt2(), DendriticTrainingArguments(output_dir=str(tmp_path / "d"), **common), eval_dataset=evals,
-        dendrite_config=DendriteConfig(seed=0),
+        dendrite_config=DendriteConfig(dendrite_seed=0),
     )
     batch = transformers.default_data_collator(evals)
     expected = plain.compute_loss(plain.model, dict(batch))

@@ -63,7 +63,7 @@ def main(output_dir: str) -> None:
         ddp_backend="gloo",
     )
     probe = Probe()
-    config = DendriteConfig(target_modules="all-linear", seed=0, learning_rule="correlation", candidate_pool_size=2)
+    config = DendriteConfig(target_modules="all-linear", dendrite_seed=0, learning_rule="correlation", candidate_pool_size=2)
     trainer = DendriticTrainer(
         tiny_bert(), args, train_dataset=task_data(128, 1), eval_dataset=task_data(32, 2), dendrite_config=config, callbacks=[probe]
     )
