@@ -745,7 +745,7 @@ def dendrite_settings(args, metric: str, greater_is_better: bool, eval_batch_siz
         activation=args.activation,
         rank=getattr(args, "rank", None) or None,
         learning_rule=args.learning_rule,
-        seed=args.seed,
+        dendrite_seed=args.seed,
     )
     kwargs = dict(
         learning_rate=args.lr,
