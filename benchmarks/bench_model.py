@@ -40,7 +40,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_layers import RESULTS_DIR, RESULTS_MD, describe_environment, environment, replace_block, summarise, time_rounds  # noqa: E402
+from bench_layers import (  # noqa: E402
+    RESULTS_DIR,
+    RESULTS_MD,
+    describe_environment,
+    environment,
+    replace_block,
+    summarise,
+    time_rounds,
+)
 
 from hf_dendrites import DendriteConfig, get_dendritic_model  # noqa: E402
 from hf_dendrites.layers import DendriticLayerMixin  # noqa: E402

@@ -13,9 +13,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common as C  # noqa: E402
+import harness as H  # noqa: E402
+
+from hf_dendrites.example_data import minilm_path  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -39,12 +41,12 @@ def main() -> None:
 
     from hf_dendrites import DendriteConfig, get_dendritic_model
 
-    C.quiet()
+    H.quiet()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    model = C.mean_pooling_classifier_class().from_pretrained(C.minilm_path(), num_labels=2)
-    C.keep_first_layers(model, args.layers)
-    dm = get_dendritic_model(model, DendriteConfig(target_modules=C.TARGET_PRESETS["mlp"], dendrite_seed=args.seed))
+    model = H.BertForMeanPooledClassification.from_pretrained(minilm_path(), num_labels=2)
+    H.keep_first_layers(model, args.layers)
+    dm = get_dendritic_model(model, DendriteConfig(target_modules=H.MLP_TARGETS, dendrite_seed=args.seed))
     if args.dendrites:
         dm.add_dendrites(args.dendrites)
         with torch.no_grad():  # non-zero output weights, so the dendrites' compute is not trivially skipped

@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path.insert(0, str(HERE))
 
-import _common as C  # noqa: E402
+import harness as H  # noqa: E402
 
 PAI_VERSION = "3.2.9"
 CHANGES = [
@@ -87,15 +87,14 @@ def ensure_installed() -> tuple[bool, str]:
 def _one_run(seed: int, quick: bool, work: Path, task) -> dict[str, Any]:
     """One perforatedai run in this process (perforatedai keeps global state: one run per process)."""
     import torch
-    from torch.utils.data import DataLoader
-
     from perforatedai import globals_perforatedai as GPA
     from perforatedai import utils_perforatedai as UPA
+    from torch.utils.data import DataLoader
 
     s = task.s
-    C.set_seed(seed)
+    H.set_seed(seed)
     model = task.make_model()
-    names = [n for n, _ in model.named_modules() if re.fullmatch(C.TARGET_PRESETS["mlp"], n)]
+    names = [n for n, _ in model.named_modules() if re.fullmatch(H.MLP_TARGETS, n)]
     pc = GPA.pc
     pc.set_testing_dendrite_capacity(False)
     pc.set_output_dimensions([-1, -1, 0])  # [batch, tokens, neurons]; its default [-1, 0] fits [batch, neurons] only
@@ -209,10 +208,10 @@ def _step_time_probe(quick: bool, task, seed: int = 0) -> dict[str, Any]:
             one()
         return 1000 * (time.perf_counter() - t0) / steps
 
-    C.set_seed(seed)
+    H.set_seed(seed)
     plain = time_model(task.make_model())
-    C.set_seed(seed)
-    dm = get_dendritic_model(task.make_model(), DendriteConfig(target_modules=C.TARGET_PRESETS["mlp"], dendrite_seed=seed))
+    H.set_seed(seed)
+    dm = get_dendritic_model(task.make_model(), DendriteConfig(target_modules=H.MLP_TARGETS, dendrite_seed=seed))
     dm.add_dendrites(1)
     ours = time_model(dm)
     return {"plain_ms": plain, "hf_dendrites_1_dendrite_ms": ours}
@@ -223,8 +222,8 @@ def worker_main(args: list[str]) -> None:
     seed, quick, work = int(args[0]), args[1] == "1", Path(args[2])
     import run_suite
 
-    C.quiet()
-    C.set_threads(1)
+    H.quiet()
+    H.set_threads(1)
     task = run_suite.TextTask(run_suite.text_settings(quick))
     result = _one_run(seed, quick, work, task)
     if seed == 0:
@@ -266,8 +265,8 @@ def run(seeds: list[int], quick: bool, work: Path) -> dict[str, Any]:
     good = [r for r in base["runs"] if "error" not in r]
     base["summary"] = {
         "perforatedai": {
-            "test": C.mean_std_ci([r["test_score"] for r in good]),
-            "steps": C.mean_std_ci([r["steps"] for r in good]),
+            "test": H.mean_std_ci([r["test_score"] for r in good]),
+            "steps": H.mean_std_ci([r["steps"] for r in good]),
             "params": good[0]["params"] if good else None,
             "dendrites_added": [r["num_dendrites_added"] for r in good],
             "failed_seeds": [r["seed"] for r in base["runs"] if "error" in r],

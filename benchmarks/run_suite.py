@@ -1,4 +1,5 @@
-"""The benchmark suite: tests the published dendrite claims (ALGORITHM.md section 4) against controls.
+"""The benchmark suite: tests the published dendrite claims (more accuracy with the same architecture, a reduced
+model plus dendrites matching the full one) against controls.
 
     python benchmarks/run_suite.py                 # every experiment, 5 seeds; writes results/*.json + RESULTS.md
     python benchmarks/run_suite.py --quick         # smoke sizes, 1 seed; writes results/quick/ only
@@ -35,11 +36,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(HERE))
 
-import _common as C  # noqa: E402
+import harness as H  # noqa: E402
+
+from hf_dendrites.example_data import load_rotten_tomatoes, minilm_path  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
@@ -57,7 +58,7 @@ def text_settings(quick: bool) -> dict[str, Any]:
                 patience=[2], max_epochs=20, threshold=1e-3)
 
 
-MLP_TARGETS = C.TARGET_PRESETS["mlp"]
+MLP_TARGETS = H.MLP_TARGETS  # every MLP Linear of the encoder
 
 
 def layers_text(n: int) -> str:
@@ -71,19 +72,19 @@ class TextTask:
         from transformers import AutoTokenizer, DataCollatorWithPadding
 
         self.s = s
-        self.path = C.minilm_path()
+        self.path = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        raw = C.load_rotten_tomatoes(n_train=s["train"], n_val=s["val"], n_test=s["test"])
-        self.data = C.tokenize_text_dataset(raw, self.tokenizer, s["max_length"])
+        raw = load_rotten_tomatoes(n_train=s["train"], n_val=s["val"], n_test=s["test"])
+        self.data = H.tokenize_text_dataset(raw, self.tokenizer, s["max_length"])
         self.collator = DataCollatorWithPadding(self.tokenizer)
-        self.metric = C.accuracy_metrics()
-        self.model_class = C.mean_pooling_classifier_class()
+        self.metric = H.accuracy_metrics()
+        self.model_class = H.BertForMeanPooledClassification
 
     def make_model(self, mlp_width: int | None = None):
         model = self.model_class.from_pretrained(self.path, num_labels=2)
-        C.keep_first_layers(model, self.s["layers"])
+        H.keep_first_layers(model, self.s["layers"])
         if mlp_width:
-            C.narrow_mlp(model, mlp_width)
+            H.narrow_mlp(model, mlp_width)
         return model
 
     def args(self, out: str, seed: int, **overrides):
@@ -95,12 +96,12 @@ class TextTask:
             dendrite_improvement_threshold=[s["threshold"]], max_dendrite_cycles=1, max_dendrite_tries=1,
         )
         kw.update(overrides)
-        return C.training_arguments(out, **kw)
+        return H.training_arguments(out, **kw)
 
-    def run(self, name: str, seed: int, out: str, dendrite_config, mlp_width: int | None = None, **overrides) -> C.RunResult:
-        C.set_seed(seed)
+    def run(self, name: str, seed: int, out: str, dendrite_config, mlp_width: int | None = None, **overrides) -> H.RunResult:
+        H.set_seed(seed)
         model = self.make_model(mlp_width)
-        _, result = C.run_trainer(
+        _, result = H.run_trainer(
             name, model, self.args(out, seed, **overrides), self.data, "accuracy", True, dendrite_config=dendrite_config,
             compute_metrics=self.metric, data_collator=self.collator, processing_class=self.tokenizer,
         )
@@ -139,7 +140,7 @@ def exp_same_arch(seeds: list[int], quick: bool, work: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         gd = task.run("dendrites_gd", seed, str(work / f"same_gd_{seed}"), dendrite_config("gd", seed))
-        plateau = C.RunResult("baseline_plateau", seed, gd.params - gd.dendrite_params, 0, 0, gd.plateau["val"],
+        plateau = H.RunResult("baseline_plateau", seed, gd.params - gd.dendrite_params, 0, 0, gd.plateau["val"],
                               gd.plateau["test"], gd.plateau["step"], float("nan"))
         corr = task.run("dendrites_correlation", seed, str(work / f"same_corr_{seed}"), dendrite_config("correlation", seed))
         runs += [plateau.to_dict(), gd.to_dict(), corr.to_dict()]
@@ -167,7 +168,7 @@ def exp_same_arch(seeds: list[int], quick: bool, work: Path) -> dict[str, Any]:
 
 def matched_width(hidden: int, width: int, layers: int, dendrites: int = 1) -> int:
     """MLP width whose extra neurons cost as many parameters as `dendrites` dendrites on both MLP Linears."""
-    extra = dendrites * C.mlp_dendrite_params_per_dendrite(hidden, width, layers)
+    extra = dendrites * H.mlp_dendrite_params_per_dendrite(hidden, width, layers)
     per_unit = layers * (2 * hidden + 1)  # a hidden unit: a row of W_in, its bias, a column of W_out
     return width + round(extra / per_unit)
 
@@ -182,7 +183,7 @@ def exp_compression(seeds: list[int], quick: bool, work: Path, widths: list[int]
         wider_of[width] = wider
         for seed in seeds:
             dend = task.run(f"reduced{width}_dendrites", seed, str(work / f"comp_{width}_{seed}"), dendrite_config("gd", seed), mlp_width=width)
-            plateau = C.RunResult(f"reduced{width}", seed, dend.params - dend.dendrite_params, 0, 0, dend.plateau["val"],
+            plateau = H.RunResult(f"reduced{width}", seed, dend.params - dend.dendrite_params, 0, 0, dend.plateau["val"],
                                   dend.plateau["test"], dend.plateau["step"], float("nan"), extra={"mlp_width": width, "embedding_params": dend.extra["embedding_params"]})
             wide = task.run(f"reduced{width}_wider{wider}", seed, str(work / f"comp_w{wider}_{seed}"), dendrite_config("gd", seed),
                             mlp_width=wider, max_dendrite_cycles=0, dendrite_patience=[10**9], max_steps=dend.steps)
@@ -258,11 +259,11 @@ def exp_cost(seeds: list[int], quick: bool, work: Path) -> dict[str, Any]:
         base = {r["seed"]: r for r in rows if r["dendrites"] == 0}
         summary[str(k)] = {
             "params": sel[0]["params"],
-            "train_step_ratio_vs_0": C.mean_std_ci([r["train_step_ms"] / base[r["seed"]]["train_step_ms"] for r in sel]),
-            "inference_ratio_vs_0": C.mean_std_ci([r["inference_ms"] / base[r["seed"]]["inference_ms"] for r in sel]),
-            "train_step_ms": C.mean_std_ci([r["train_step_ms"] for r in sel]),
-            "inference_ms": C.mean_std_ci([r["inference_ms"] for r in sel]),
-            "peak_rss_mb": C.mean_std_ci([r["peak_rss_mb"] for r in sel]),
+            "train_step_ratio_vs_0": H.mean_std_ci([r["train_step_ms"] / base[r["seed"]]["train_step_ms"] for r in sel]),
+            "inference_ratio_vs_0": H.mean_std_ci([r["inference_ms"] / base[r["seed"]]["inference_ms"] for r in sel]),
+            "train_step_ms": H.mean_std_ci([r["train_step_ms"] for r in sel]),
+            "inference_ms": H.mean_std_ci([r["inference_ms"] for r in sel]),
+            "peak_rss_mb": H.mean_std_ci([r["peak_rss_mb"] for r in sel]),
         }
     return {
         "experiment": "cost",
@@ -298,19 +299,19 @@ def summarize(runs: list[dict[str, Any]], arms: list[str], reference: str | None
         if not sel:
             continue
         entry = {
-            "test": C.mean_std_ci([r["test_score"] for r in sel]),
-            "val": C.mean_std_ci([r["val_score"] for r in sel]),
+            "test": H.mean_std_ci([r["test_score"] for r in sel]),
+            "val": H.mean_std_ci([r["val_score"] for r in sel]),
             "params": sel[0]["params"],
             "non_embedding_params": sel[0]["params"] - embedding_params,
-            "steps": C.mean_std_ci([r["steps"] for r in sel]),
+            "steps": H.mean_std_ci([r["steps"] for r in sel]),
             "dendrites_kept": sum(1 for r in sel if r["num_dendrites"] > 0) / len(sel),
         }
         for control in controls:
             if control == arm:
                 continue
             pairs = [(by[(control, s)], by[(arm, s)]) for s in seeds if (control, s) in by and (arm, s) in by]
-            entry[f"rel_error_change_vs_{control}"] = C.mean_std_ci(
-                [C.relative_error_change(c["test_score"], a["test_score"]) for c, a in pairs]
+            entry[f"rel_error_change_vs_{control}"] = H.mean_std_ci(
+                [H.relative_error_change(c["test_score"], a["test_score"]) for c, a in pairs]
             )
         out[arm] = entry
     return out
@@ -393,7 +394,7 @@ def report_same_arch(res: dict[str, Any]) -> list[str]:
     if not res.get("correlation", {}).get("available", True):  # results written before the rule existed
         lines.append("| dendrites, correlation | — | — | not yet available | — | — | — |")
         lines += ["", f"Correlation rule: not run ({res['correlation']['note']}); `--rules` picks it up once available."]
-    lines += ["", f"![same_arch](results/same_arch.png)", ""]
+    lines += ["", "![same_arch](results/same_arch.png)", ""]
     return lines
 
 
@@ -531,8 +532,8 @@ def main(argv=None) -> None:
 
     import tempfile
 
-    C.quiet()
-    C.set_threads(args.threads)
+    H.quiet()
+    H.set_threads(args.threads)
     if args.merge:
         merge_results([Path(d) for d in args.merge], RESULTS_DIR)
     elif args.add_compression_continued:

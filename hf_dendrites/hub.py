@@ -1,78 +1,87 @@
-"""Model cards and Hub uploads for dendritic models.
+"""Model cards and Hub uploads for dendritic models: functions over plain data and folders.
 
-The model card is rendered from the Jinja template `model_cards/dendritic_model_card.md` (repository root) with
-huggingface_hub's `ModelCard.from_template`. The package reaches the template as `hf_dendrites/model_cards/`, a
-link to that folder, so a wheel ships the same single file (`[tool.setuptools.package-data]` in pyproject.toml).
+`DendriticModel.save_pretrained` / `push_to_hub` (in `hf_dendrites.model`) gather what the card shows (the model's
+architecture, parameter counts, dendrite config, the training summary of a `DendriticTrainer` run) and call
+`write_model_card`; pushes upload a saved folder with `upload_checkpoint_folder`. This module never sees the model.
+
+The card is rendered from the Jinja template `model_cards/dendritic_model_card.md` with huggingface_hub's
+`ModelCard.from_template`. The package reaches the template as the resource `hf_dendrites/model_cards/`, a link to
+that folder in a source checkout, so a wheel ships the same single file (`[tool.setuptools.package-data]`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .constants import DENDRITE_CONFIG_NAME, DENDRITE_WEIGHTS_NAME
+from .constants import (
+    BASE_WEIGHT_FILE_GLOBS,
+    DEFAULT_MODEL_CARD_TAGS,
+    DENDRITE_CONFIG_NAME,
+    DENDRITE_WEIGHTS_NAME,
+    LIBRARY_NAME,
+    MODEL_CARD_NAME,
+    MODEL_CARD_TEMPLATE_NAME,
+    TRAINING_CURVE_NAME,
+)
 from .utils import library_version
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
-    from .model import DendriticModel
-
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_NAME = "README.md"
-MODEL_CARD_TEMPLATE = "dendritic_model_card.md"
-TRAINING_CURVE_NAME = "training_curve.png"
-LIBRARY_NAME = "hf_dendrites"
-DEFAULT_TAGS = ("hf_dendrites", "dendrites", "artificial-dendrites")
+# Remote files that a push owns: those the new upload does not have are deleted in the same commit, so a repo never
+# mixes the shards of two saves, nor shows the training curve of an earlier run.
+MANAGED_FILE_GLOBS = (*BASE_WEIGHT_FILE_GLOBS, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, TRAINING_CURVE_NAME)
 
-# Hub pipeline tag of a transformers class, by class-name suffix (first match wins).
-_PIPELINE_TAGS = (
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMultipleChoice", "multiple-choice"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForCausalLM", "text-generation"),
-    ("LMHeadModel", "text-generation"),
-    ("ForConditionalGeneration", "text2text-generation"),
-    ("ForImageClassification", "image-classification"),
-    ("ForAudioClassification", "audio-classification"),
-    ("Model", "feature-extraction"),
-)
+# How the card names a try's outcome; `DendriticTrainer` summaries written before the "kept / discarded / cut short"
+# vocabulary used "accepted" and "stopped".
+_STATUS_NAMES = {"accepted": "kept", "kept": "kept", "discarded": "discarded", "stopped": "cut short", "cut short": "cut short"}
 
 
 def model_card_template_path() -> str:
-    """Path of the model card template (inside the installed package, or in a source checkout's model_cards/)."""
-    packaged = resources.files("hf_dendrites") / "model_cards" / MODEL_CARD_TEMPLATE
-    if packaged.is_file():
-        return str(packaged)
-    checkout = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", MODEL_CARD_TEMPLATE
-    )
-    if os.path.isfile(checkout):
-        return checkout
-    raise FileNotFoundError(
-        f"Model card template {MODEL_CARD_TEMPLATE} not found in the hf_dendrites package or next to it; reinstall "
-        "hf_dendrites (`pip install --force-reinstall hf_dendrites`)."
-    )
+    """Path of the model card template inside the installed package."""
+    template = resources.files(LIBRARY_NAME) / "model_cards" / MODEL_CARD_TEMPLATE_NAME
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"Model card template {MODEL_CARD_TEMPLATE_NAME} not found in the hf_dendrites package; reinstall "
+            "hf_dendrites (`pip install --force-reinstall hf_dendrites`)."
+        )
+    return str(template)
 
 
-def _pipeline_tag(architecture: str) -> Optional[str]:
-    for suffix, tag in _PIPELINE_TAGS:
-        if architecture.endswith(suffix):
-            return tag
+def pipeline_tag_for(architecture: str) -> Optional[str]:
+    """The Hub pipeline tag of a transformers class name, from transformers' own task tables.
+
+    `transformers.modelcard.TASK_MAPPING` (task -> the `AutoModelFor...` class names) decides; a bare backbone
+    (`BertModel`) is `feature-extraction`. None when transformers does not know the class.
+    """
+    from transformers.modelcard import TASK_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    def class_names(mapping: dict) -> set[str]:  # values are a class name or a tuple of them
+        return {name for value in mapping.values() for name in ((value,) if isinstance(value, str) else value)}
+
+    tables = {**TASK_MAPPING, "multiple-choice": MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES}
+    for task, mapping in tables.items():
+        if architecture in class_names(mapping):
+            return task
+    if architecture in class_names(MODEL_MAPPING_NAMES):
+        return "feature-extraction"
     return None
 
 
-def _hub_model_id(name_or_path: Optional[str]) -> Optional[str]:
-    """`name_or_path` when it looks like a Hub repo id (not a local folder), else None."""
+def hub_model_id(name_or_path: Optional[str]) -> Optional[str]:
+    """`name_or_path` when it is a Hub repo id (not a local folder), else None.
+
+    A local path means nothing on another machine (and would leak into pushed files), so only repo ids become a
+    card's `base_model` or a checkpoint's recorded base.
+    """
     if not name_or_path or os.path.exists(name_or_path) or os.path.isabs(name_or_path) or name_or_path.startswith("."):
         return None
     from huggingface_hub.utils import validate_repo_id
@@ -103,42 +112,107 @@ def _eval_results(training: dict[str, Any], task: str) -> tuple[list[tuple[str, 
     return rows, results
 
 
+def _cycle_rows(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per try of a cycle, each with a status ("kept", "discarded" or "cut short").
+
+    Summaries list every try under "cycles" with its status; older ones list the kept cycles under "cycles" and
+    every try under "tries".
+    """
+    rows = training.get("tries") or training.get("cycles") or []
+    out = []
+    for row in rows:
+        row = dict(row)
+        row["status"] = _STATUS_NAMES.get(row.get("status") or "kept", row.get("status"))
+        weight = row.get("dendrite_weight")  # attribution of a kept cycle (DendriteScheduleCallback._attribute)
+        row["dendrite_weight_text"] = f"{weight['max']:.3g} (median {weight['median']:.3g})" if isinstance(weight, dict) else ""
+        out.append(row)
+    return out
+
+
+def _describe_schedule(training: dict[str, Any]) -> str:
+    """One sentence on how the run grew its dendrites, true to the schedule settings it used."""
+    schedule = training.get("schedule") or {}
+    metric = f"`{training['metric']}` ({'higher' if training['greater_is_better'] else 'lower'} is better)"
+    text = f"Trained with `DendriticTrainer`, which grows dendrites in every target layer when {metric} plateaus"
+    if schedule.get("learning_rule") == "correlation":
+        text += (
+            "; the new dendrites are trained as candidates with the correlation rule (Cascade-Correlation) while the "
+            "neurons are frozen, then installed"
+        )
+    elif schedule.get("dendrites_only_phase"):
+        text += "; it alternates neuron phases with dendrite phases in which only the new dendrites train"
+    elif schedule:
+        text += "; new dendrites train together with the rest of the network (no dendrite-only phase)"
+    text += ". A cycle that does not beat the best score before it is discarded (its dendrites dropped)."
+    if schedule.get("restarts_only"):
+        text += (
+            " This run is the restarts-only control: every growth event restored the best weights and restarted the "
+            "optimizer and learning rate, but no dendrites were added."
+        )
+    if any(isinstance(r.get("dendrite_weight"), dict) for r in training.get("cycles") or []):
+        threshold = schedule.get("negligible_dendrite_weight", 0.05)
+        text += (
+            " *Dendrite weight*: how much a kept cycle's new dendrites add to the neurons' pre-activations relative to "
+            f"the neurons' own weights (largest over layers); below {threshold:g} the gain is more likely due to the "
+            "restart (restored best weights, fresh optimizer, LR reset) than to the dendrites."
+        )
+    return text
+
+
 def build_model_card(
-    dm: "DendriticModel",
     *,
+    architecture: str,
+    model_type: Optional[str],
+    name_or_path: Optional[str],
+    dendrite_config: dict[str, Any],
+    summary: dict[str, Any],
+    training_summary: Optional[dict[str, Any]] = None,
     repo_id: Optional[str] = None,
     tags: Optional[list[str]] = None,
     curve_file: Optional[str] = None,
 ) -> ModelCard:
-    """Render the model card of `dm` (a `huggingface_hub.ModelCard`).
+    """Render a dendritic model's card (a `huggingface_hub.ModelCard`) from plain data.
 
-    The card's metadata holds `library_name: hf_dendrites`, the base model (when it is a Hub repo id), tags, the
-    pipeline tag and, when `dm.training_summary` has `eval_results`, a model-index. The text shows the dendrite
-    config, the parameter counts (total and per layer), the per-cycle table and the training curve of a
-    `DendriticTrainer` run (`curve_file`: the curve's file name next to the card), and how to load the model.
+    Args:
+        architecture: the wrapped transformers class name (`BertForSequenceClassification`).
+        model_type: its `config.model_type`.
+        name_or_path: where the base model came from (`config._name_or_path`); only a Hub repo id becomes
+            `base_model` in the card's metadata.
+        dendrite_config: `DendriteConfig.to_dict()`.
+        summary: `DendriteSummary.to_dict()` of the model being saved: the dendrites the card reports are the
+            ones in the saved files, whatever the training summary says about earlier cycles.
+        training_summary: `DendriticModel.training_summary` as plain JSON data, or None (no Training section).
+            Keys used: "metric", "greater_is_better", "completed", "stopped_by_cap", "cycles" (one entry per try with
+            "cycle", "try", "num_dendrites", "params", "best_score", "best_step", "status"; older summaries: "tries"),
+            "schedule" (the settings used), "hyperparameters", "eval_results".
+        repo_id: the Hub repo the card is for (title and loading example).
+        tags: extra tags.
+        curve_file: the training curve's file name next to the card, or None.
+
+    The metadata holds `library_name: hf_dendrites`, `base_model` (a Hub id), tags, the pipeline tag and, when the
+    training summary has `eval_results`, a model-index.
     """
     import torch
     import transformers
 
-    config = getattr(dm.model, "config", None)
-    architecture = type(dm.model).__name__
-    model_type = getattr(config, "model_type", None) or "unknown"
-    name_or_path = getattr(config, "_name_or_path", None) or None
-    base_id = _hub_model_id(name_or_path)
-    task = _pipeline_tag(architecture)
+    model_type = model_type or "unknown"
+    base_id = hub_model_id(name_or_path)
+    task = pipeline_tag_for(architecture)
     model_name = (repo_id or "").split("/")[-1] or f"dendritic-{model_type}"
+    summary_view = dict(summary)
+    summary_view["dendrite_pct"] = 100.0 * summary["dendrite_params"] / max(summary["base_params"], 1)
 
-    summary = dm.dendrite_summary()
-    summary_view = summary.to_dict()
-    summary_view["dendrite_pct"] = 100.0 * summary.dendrite_params / max(summary.base_params, 1)
-
-    training = dict(dm.training_summary) if isinstance(getattr(dm, "training_summary", None), dict) else None
+    training = dict(training_summary) if isinstance(training_summary, dict) else None
     eval_rows: list[tuple[str, Any]] = []
     eval_results: list[EvalResult] = []
     if training is not None:
         training.setdefault("metric", "eval_loss")
         training.setdefault("greater_is_better", False)
-        training["cycles"] = list(training.get("cycles") or [])
+        training["rows"] = _cycle_rows(training)
+        training["with_dendrite_weight"] = any(r["dendrite_weight_text"] for r in training["rows"])
+        training["description"] = _describe_schedule(training)
+        training["schedule_items"] = sorted((training.get("schedule") or {}).items())
+        training["hyperparameter_items"] = list((training.get("hyperparameters") or {}).items())
         training["curve"] = curve_file
         eval_rows, eval_results = _eval_results(training, task or "other")
 
@@ -146,15 +220,12 @@ def build_model_card(
         base_model=base_id,
         library_name=LIBRARY_NAME,
         pipeline_tag=task,
-        tags=[*DEFAULT_TAGS, model_type, *(tags or [])],
+        tags=[*DEFAULT_MODEL_CARD_TAGS, model_type, *(tags or [])],
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
         metrics=sorted({r.metric_type for r in eval_results}) or None,
     )
-    if base_id:
-        base_description = f"[`{base_id}`](https://huggingface.co/{base_id})"
-    else:
-        base_description = f"a `{architecture}`"
+    base_description = f"[`{base_id}`](https://huggingface.co/{base_id})" if base_id else f"a `{architecture}`"
     return ModelCard.from_template(
         card_data,
         template_path=model_card_template_path(),
@@ -162,7 +233,7 @@ def build_model_card(
         base_description=base_description,
         architecture=architecture,
         model_type=model_type,
-        dendrite_config=[(k, v) for k, v in dm.dendrite_config.to_dict().items()],
+        dendrite_config=list(dendrite_config.items()),
         summary=summary_view,
         training=training,
         eval_results=eval_rows,
@@ -175,43 +246,18 @@ def build_model_card(
     )
 
 
-def write_model_card(
-    dm: "DendriticModel",
-    directory: Union[str, os.PathLike],
-    *,
-    repo_id: Optional[str] = None,
-    tags: Optional[list[str]] = None,
-) -> str:
-    """Write `README.md` (and `training_curve.png`, copied from `dm.training_summary["curve_png"]`) into
-    `directory`; returns the card's path. `DendriticModel.save_pretrained` calls it."""
-    directory = os.fspath(directory)
-    curve_file = None
-    training = getattr(dm, "training_summary", None)
-    curve = training.get("curve_png") if isinstance(training, dict) else None
-    if curve:
-        target = os.path.join(directory, TRAINING_CURVE_NAME)
-        if not os.path.isfile(curve):
-            logger.warning("Training curve %s not found; the model card will not show it.", curve)
-        else:
-            if os.path.abspath(curve) != os.path.abspath(target):
-                shutil.copyfile(curve, target)
-            curve_file = TRAINING_CURVE_NAME
-    card = build_model_card(dm, repo_id=repo_id, tags=tags, curve_file=curve_file)
-    path = os.path.join(directory, MODEL_CARD_NAME)
-    card.save(path)
+def write_model_card(directory: Union[str, os.PathLike], *args: Any, **card_fields: Any) -> str:
+    """Render the card (`build_model_card(**card_fields)`) into `directory/README.md`; returns its path.
+
+    `card_fields["curve_file"]` names a training curve that must already be in `directory`. To write the card of a
+    `DendriticModel`, call its `save_model_card(directory)`.
+    """
+    if hasattr(directory, "save_model_card"):
+        # The hf_dendrites 0.1 call `write_model_card(dendritic_model, directory, repo_id=..., tags=...)`.
+        return directory.save_model_card(*args, **card_fields)
+    path = os.path.join(os.fspath(directory), MODEL_CARD_NAME)
+    build_model_card(**card_fields).save(path)
     return path
-
-
-# Files a push replaces: remote copies not part of the new upload are deleted in the same commit, so a repo never
-# mixes the shards of two saves.
-def _managed(path: str) -> bool:
-    from .saving import _BASE_WEIGHT_FILE_RE
-
-    return bool(_BASE_WEIGHT_FILE_RE.fullmatch(path)) or path in (
-        DENDRITE_WEIGHTS_NAME,
-        DENDRITE_CONFIG_NAME,
-        TRAINING_CURVE_NAME,
-    )
 
 
 def upload_checkpoint_folder(
@@ -223,137 +269,27 @@ def upload_checkpoint_folder(
     commit_description: Optional[str] = None,
     revision: Optional[str] = None,
     create_pr: bool = False,
-    paths: Optional[list[str]] = None,
+    allow_patterns: Optional[list[str]] = None,
 ) -> "CommitInfo":
-    """Upload a saved checkpoint folder (or only `paths` in it) to an existing Hub repo in one commit. The files are
-    sent as they are on disk, so the folder's README.md is the card that lands."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    """Upload a saved checkpoint folder (or the files `allow_patterns` selects) to an existing Hub repo.
 
-    folder = os.fspath(folder)
-    api = HfApi(token=token)
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    if paths is None:
-        paths = [
-            os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
-        ]
-    local = sorted(p.replace(os.sep, "/") for p in paths)
-    operations: list = [
-        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=os.path.join(folder, rel)) for rel in local
-    ]
-    remote = api.list_repo_files(repo_id, revision=None if create_pr else revision)
-    operations += [CommitOperationDelete(path_in_repo=p) for p in remote if _managed(p) and p not in local]
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or "Upload dendritic model with hf_dendrites",
-        commit_description=commit_description,
-        revision=revision,
-        create_pr=create_pr,
-    )
-
-
-def push_to_hub(
-    dm: "DendriticModel",
-    repo_id: str,
-    *,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    processing_class: Any = None,
-    max_shard_size: Optional[Union[int, str]] = None,
-    tags: Optional[list[str]] = None,
-    safe_serialization: bool = True,
-) -> "CommitInfo":
-    """Save `dm` (base model, dendrites, model card, `processing_class`) and upload it to `repo_id` in one commit.
-
-    This is `DendriticModel.push_to_hub`. The repo is created if needed (`private` applies then); `revision` names
-    a branch (created from the default branch if missing); `create_pr=True` opens a pull request instead. The model
-    card is hf_dendrites' own: transformers' push (which would write a generic README) is not used. Returns the
-    `huggingface_hub.CommitInfo`.
-
-    Example:
-        >>> dm.push_to_hub("me/bert-dendrites", private=True, commit_message="2 dendrite cycles")
-        >>> DendriticModel.from_pretrained("me/bert-dendrites")
+    `HfApi.upload_folder` does the work: the files go as they are on disk (so the folder's README.md is the card
+    that lands), and the remote weight files, dendrite files and training curve that the upload does not replace are
+    deleted in the same commit. `revision` names a branch, created from the default branch when missing;
+    `create_pr=True` opens a pull request against the default branch instead. Returns the `CommitInfo`.
     """
     from huggingface_hub import HfApi
 
-    from .saving import save_dendritic_model
-
-    repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-    with tempfile.TemporaryDirectory(prefix="hf_dendrites_push_") as folder:
-        save_dendritic_model(
-            dm,
-            folder,
-            processing_class=processing_class,
-            max_shard_size=max_shard_size,
-            repo_id=repo_id,
-            tags=tags,
-            safe_serialization=safe_serialization,
-        )
-        info = upload_checkpoint_folder(
-            folder,
-            repo_id,
-            token=token,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
-    logger.info("Pushed dendritic model to %s", info.commit_url)
-    return info
-
-
-def push_saved_folder(
-    dm: "DendriticModel",
-    save_directory: Union[str, os.PathLike],
-    *,
-    repo_id: Optional[str] = None,
-    private: Optional[bool] = None,
-    token: Optional[Union[str, bool]] = None,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    tags: Optional[list[str]] = None,
-    **save_kwargs: Any,
-) -> str:
-    """`save_pretrained(save_directory, push_to_hub=True, ...)`: save into the folder, then upload in one commit to
-    `repo_id` (default: the folder's name, as in transformers) the files this save wrote; other files already in
-    the folder (e.g. Trainer checkpoints) are not uploaded. Returns the folder path."""
-    from huggingface_hub import HfApi
-
-    from .saving import read_checkpoint_metadata, save_dendritic_model
-
-    save_directory = os.fspath(save_directory)
-    repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
-    repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-
-    def stamps() -> dict[str, int]:
-        if not os.path.isdir(save_directory):
-            return {}
-        return {e.name: e.stat().st_mtime_ns for e in os.scandir(save_directory) if e.is_file()}
-
-    before = stamps()
-    save_dendritic_model(dm, save_directory, repo_id=repo_id, tags=tags, **save_kwargs)
-    after = stamps()
-    # Changed files (tokenizer, ...) plus the checkpoint's own files, whatever the clock's granularity says.
-    meta = read_checkpoint_metadata(save_directory, check_files=False)
-    own = {*meta["files"], DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, "config.json", "generation_config.json"}
-    if (meta.get("training_summary") or {}).get("curve_png"):
-        own.add(TRAINING_CURVE_NAME)
-    written = sorted(name for name, stamp in after.items() if before.get(name) != stamp or name in own)
-    upload_checkpoint_folder(
-        save_directory,
-        repo_id,
-        token=token,
-        commit_message=commit_message,
+    api = HfApi(token=token)
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message or "Upload dendritic model with hf_dendrites",
         commit_description=commit_description,
-        revision=revision,
+        revision=None if create_pr else revision,
         create_pr=create_pr,
-        paths=written,
+        allow_patterns=allow_patterns,
+        delete_patterns=list(MANAGED_FILE_GLOBS),
     )
-    return save_directory

@@ -2,7 +2,7 @@
 
 A dendritic layer is the original layer L (same class, same parameter objects, same parameter names) plus K
 dendrites. Dendrite k is a layer of L's kind and shape fed L's input; its activation is added to L's output
-through one per-neuron weight w_k (ALGORITHM.md section 1):
+through one per-neuron weight w_k:
 
     z_k = D_k(x) [+ sum_{j<k} c_kj * a_j]      a_k = phi(z_k)      y = L(x) + sum_k w_k * a_k
 
@@ -50,10 +50,9 @@ from transformers.pytorch_utils import Conv1D
 from .kernels import MatmulSpec, activate_, add_weighted_, dendritic_matmul
 
 DENDRITE_PARAM_NAMES = ("dendrite_weight", "dendrite_lora_A", "dendrite_lora_B", "dendrite_bias", "dendrite_out", "dendrite_cascade")
-# Input-side parameters (what a dendrite computes from x) versus the dendrite-to-neuron / cascade weights.
-DENDRITE_INPUT_PARAM_NAMES = ("dendrite_weight", "dendrite_lora_A", "dendrite_lora_B", "dendrite_bias")
 
-_ACTIVATIONS = {
+# The dendrite nonlinearities phi, by `DendriteConfig.activation` name.
+ACTIVATION_FUNCTIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "relu": F.relu,
@@ -169,11 +168,13 @@ class DendriticLayerMixin:
         requires_grad = True if old is None else old.requires_grad
         return nn.Parameter(data, requires_grad=requires_grad)
 
-    def _random(self, shape: tuple[int, ...], std: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _random(
+        self, shape: tuple[int, ...], std: float, generator: Optional[torch.Generator], initialize: bool = True
+    ) -> torch.Tensor:
         ref = self._reference()
         device = self._dendrite_device or ref.device
-        if device.type == "meta":
-            return torch.empty(shape, dtype=ref.dtype, device="meta")
+        if device.type == "meta" or not initialize:
+            return torch.empty(shape, dtype=ref.dtype, device=device)
         bound = std * math.sqrt(3.0)
         # Drawn in float32 on the CPU so that a seeded growth gives the same values on every device and rank.
         values = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
@@ -184,8 +185,12 @@ class DendriticLayerMixin:
         return torch.zeros(shape, dtype=ref.dtype, device=self._dendrite_device or ref.device)
 
     @torch.no_grad()
-    def add_dendrites(self, n: int = 1, generator: Optional[torch.Generator] = None) -> None:
-        """Append `n` dendrites. Their output weights start at zero, so the layer's output is unchanged."""
+    def add_dendrites(self, n: int = 1, generator: Optional[torch.Generator] = None, *, initialize: bool = True) -> None:
+        """Append `n` dendrites. Their output weights start at zero, so the layer's output is unchanged.
+
+        `initialize=False` leaves the new input weights uninitialised (no random draw, `generator` unused): for
+        loading, which overwrites every dendrite parameter right after. Biases and output weights are still zero.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
         self.unfuse()  # growth means training goes on; a fused weight would be stale
@@ -193,12 +198,12 @@ class DendriticLayerMixin:
         std = self.dendrite_init_scale / math.sqrt(self.fan_in)
         cat_dim = 1 if isinstance(self, DendriticConv1D) else 0
         if self.dendrite_rank is None:
-            new_w = self._random(self._weight_shape(n * N), std, generator)
+            new_w = self._random(self._weight_shape(n * N), std, generator, initialize)
             self.dendrite_weight = self._new_param(self.dendrite_weight, new_w, cat_dim)
         else:
             r = self.dendrite_rank
-            new_a = self._random(self._weight_shape(n * r), std, generator)
-            new_b = self._random((n, N, r), 1.0 / math.sqrt(r), generator)
+            new_a = self._random(self._weight_shape(n * r), std, generator, initialize)
+            new_b = self._random((n, N, r), 1.0 / math.sqrt(r), generator, initialize)
             self.dendrite_lora_A = self._new_param(self.dendrite_lora_A, new_a, cat_dim)
             self.dendrite_lora_B = self._new_param(self.dendrite_lora_B, new_b, 0)
         self.dendrite_bias = self._new_param(self.dendrite_bias, self._zeros((n * N,)), 0)
@@ -301,7 +306,7 @@ class DendriticLayerMixin:
 
     def dendrite_activations(self, z: torch.Tensor) -> torch.Tensor:
         """a_k = phi(z_k + sum_{j<k} c_kj a_j) for split pre-activations z."""
-        phi = _ACTIVATIONS[self.dendrite_activation]
+        phi = ACTIVATION_FUNCTIONS[self.dendrite_activation]
         if not self.dendrite_cascade_enabled or self.num_dendrites == 1:
             return phi(z)
         cascade = self._per_neuron(self.dendrite_cascade)  # [rows, N, 1...]

@@ -3,7 +3,7 @@
 ``gd``: new dendrites are ordinary parameters trained by backpropagation (nothing in this module).
 
 ``correlation``: a Cascade-Correlation rule (Fahlman & Lebiere, 1990), written from the paper and
-ALGORITHM.md section 2. While the neurons are frozen, every dendritic layer trains a pool of candidate
+docs/learning_rules.md. While the neurons are frozen, every dendritic layer trains a pool of candidate
 dendrites to maximise, per candidate p,
 
     S_p = sum_n | sum_t (a_t[p, n] - mean a[p, n]) * (e_t[n] - mean e[n]) |
@@ -30,13 +30,12 @@ recovery, so the correlation rule requires full-shape dendrites (``rank=None``).
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import DendriticConv1D, DendriticLayerMixin, _ACTIVATIONS
+from .layers import ACTIVATION_FUNCTIONS, DendriticConv1D, DendriticLayerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class CandidatePool(nn.Module):
     existing dendrites ``cascade`` [P, K, N] (inputs from the layer's installed dendrites' activations).
     """
 
-    def __init__(self, layer: DendriticLayerMixin, pool_size: int, generator: Optional[torch.Generator]):
+    def __init__(self, layer: DendriticLayerMixin, pool_size: int, generator: torch.Generator | None):
         super().__init__()
         if layer.dendrite_rank is not None:
             raise NotImplementedError(
@@ -91,7 +90,7 @@ class CandidatePool(nn.Module):
                 earlier = layer.dendrite_activations(layer.dendrite_preactivations(x))
             pattern = "...kn,pkn->...pn" if layer.spatial_dims == 0 else "bkn...,pkn->bpn..."
             z = z + torch.einsum(pattern, earlier, self.cascade)
-        return _ACTIVATIONS[layer.dendrite_activation](z)
+        return ACTIVATION_FUNCTIONS[layer.dendrite_activation](z)
 
 
 class _LayerStats:
@@ -143,7 +142,7 @@ class CorrelationRule:
         pool_size: int = 4,
         normalize: bool = False,
         learning_rate: float = 1e-2,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ):
         if pool_size < 1:
             raise ValueError(f"candidate_pool_size must be >= 1, got {pool_size}.")
@@ -157,7 +156,7 @@ class CorrelationRule:
         self.stats: dict[str, _LayerStats] = {}
         self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._handles: list = []
-        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._optimizer: torch.optim.Optimizer | None = None
         self.last_scores: dict[str, torch.Tensor] = {}  # layer -> S per candidate at the last step
         # One entry per step: S of each layer's best candidate, summed over layers, divided by the number of
         # neurons (the mean |covariance| (or |correlation|) per neuron that installation would get).
@@ -184,13 +183,13 @@ class CorrelationRule:
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             if not torch.is_grad_enabled():
-                return None  # evaluation: nothing to learn from
+                return  # evaluation: nothing to learn from
             x = inputs[0].detach()
             if not output.requires_grad:
                 # All parameters are frozen: make the graph start here so the backward pass reaches this layer.
                 output.requires_grad_()
             output.register_hook(lambda grad: self._pending[name].append((x, grad.detach())))
-            return None
+            return
 
         return hook
 
@@ -274,7 +273,7 @@ class CorrelationRule:
         self.history.append(mean_s)
         return mean_s
 
-    def optimizer(self, lr: Optional[float] = None) -> "CandidateOptimizer":
+    def optimizer(self, lr: float | None = None) -> CandidateOptimizer:
         """A torch optimizer over the candidates whose `step()` runs `compute_gradients()` then an Adam step.
 
         This is what `DendriticTrainer` hands to the Trainer's loop during a candidate phase, so the loop's

@@ -1,21 +1,58 @@
-"""Injection of dendritic layers into a model, and the `DendriticModel` wrapper."""
+"""Injection of dendritic layers into a model, and the `DendriticModel` wrapper.
+
+`DendriticModel.save_pretrained` / `from_pretrained` / `push_to_hub` live here and orchestrate the file functions of
+`hf_dendrites.saving` and the model card / upload functions of `hf_dendrites.hub`, which never import this module.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 from .config import DendriteConfig
-from .constants import DEFAULT_TARGET_MODULES, HEAD_MODULE_NAMES
+from .constants import (
+    DEFAULT_TARGET_MODULES,
+    DENDRITE_CONFIG_NAME,
+    DENDRITE_WEIGHTS_NAME,
+    HEAD_MODULE_NAMES,
+    MODEL_CARD_NAME,
+    TRAINING_CURVE_NAME,
+)
+from .hub import hub_model_id, upload_checkpoint_folder, write_model_card
 from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_for, unsupported_reason
+from .saving import (
+    CheckpointError,
+    base_model_class,
+    check_base_folder,
+    check_base_tensors,
+    check_dendrite_kind,
+    check_layer_names,
+    check_loading_info,
+    find_dendritic_checkpoint,
+    prepare_save_directory,
+    read_base_tensors,
+    read_checkpoint_metadata,
+    read_dendrite_tensors,
+    resolve_checkpoint_dir,
+    save_base_weights,
+    save_dendrite_weights,
+    split_state_dict,
+    training_summary_from_metadata,
+    write_checkpoint_metadata,
+)
+from .utils import atomic_write_bytes, to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +65,13 @@ def _matches(name: str, pattern: Union[str, list[str]]) -> bool:
     return any(name == p or name.endswith("." + p) for p in pattern)
 
 
-def _head_module_names(model: nn.Module) -> set[str]:
-    """Names of modules that belong to the output embedding or a task head (never targeted by all-linear)."""
-    heads: set[str] = set()
+def _all_linear_exclusions(model: nn.Module) -> dict[str, str]:
+    """The modules that "all-linear" never targets, by name, each with the rule that excludes it.
+
+    The output embedding (`get_output_embeddings()`), task heads (a name component in `HEAD_MODULE_NAMES`), and
+    for a transformers task model every module outside its `base_model` (e.g. `BertForSequenceClassification`'s
+    `classifier`): they are freshly initialised by `AutoModelFor*` classes and are not the pretrained network.
+    """
     output_embeddings = None
     get_output = getattr(model, "get_output_embeddings", None)
     if callable(get_output):
@@ -39,22 +80,60 @@ def _head_module_names(model: nn.Module) -> set[str]:
         except (AttributeError, NotImplementedError):
             output_embeddings = None
     base_model = getattr(model, "base_model", model)
+    base_name = next((n for n, m in model.named_children() if m is base_model), None)
     base_ids = {id(m) for m in base_model.modules()} if isinstance(base_model, nn.Module) and base_model is not model else None
+    excluded: dict[str, str] = {}
     for name, module in model.named_modules():
-        parts = set(name.split("."))
-        if module is output_embeddings or parts & HEAD_MODULE_NAMES:
-            heads.add(name)
+        if module is output_embeddings:
+            excluded[name] = "the output embedding (the model's `get_output_embeddings()`)"
+        elif set(name.split(".")) & HEAD_MODULE_NAMES:
+            excluded[name] = "a task head"
         elif base_ids is not None and id(module) not in base_ids:
-            # Outside the transformers base model (e.g. BertForSequenceClassification.classifier): a head.
-            heads.add(name)
-    return heads
+            where = f"`{base_name}`" if base_name else f"`{type(model).__name__}.base_model`"
+            excluded[name] = f"a task head (outside the base model {where})"
+    return excluded
+
+
+def _no_match_message(model: nn.Module, config: DendriteConfig, targets: Union[str, list[str]], selected: list[str]) -> str:
+    """Why `targets` selected no layer, and how to target one explicitly."""
+    what = f"target_modules={targets!r} matched no layer of {type(model).__name__}"
+    if selected:  # the targets matched, but exclude_modules removed everything
+        shown = ", ".join(f"`{n}`" for n in selected[:5]) + (", ..." if len(selected) > 5 else "")
+        return (
+            f"{what} once exclude_modules={config.exclude_modules!r} is applied: it excludes every selected layer "
+            f"({shown}). Narrow `exclude_modules`."
+        )
+    if targets == "all-linear":
+        excluded = _all_linear_exclusions(model)
+        skipped = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and n in excluded]
+        if skipped:
+            reasons = "; ".join(f"`{n}` is {excluded[n]}" for n in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+            them = "it" if len(skipped) == 1 else "them"
+            return (
+                f"{what}: 'all-linear' targets every nn.Linear / Conv1D except task heads and the output embedding, and "
+                f"this model has no other. {reasons}, which 'all-linear' never targets; pass "
+                f"target_modules={skipped[:5]!r} to target {them} explicitly."
+            )
+        return f"{what}: it has no nn.Linear or transformers Conv1D layer. Pass the names of the layers to target."
+    candidates = [n for n, m in model.named_modules() if dendritic_class_for(m) is not None]
+    shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+    return (
+        f"{what} (exclude_modules={config.exclude_modules!r}). A list entry matches a module name exactly or as a "
+        f"dotted suffix; a string is a regular expression matching the full name. Supported layers in this model "
+        f"include: {shown or 'none'}."
+    )
 
 
 def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str]:
     """Names of the modules of `model` that `config` selects, in `named_modules()` order.
 
-    Raises a `ValueError` naming candidate layers when nothing matches, and a `TypeError` when a selected
-    module is not a supported layer kind.
+    Raises a `ValueError` when nothing matches, saying which rule excluded which layer (task head, output
+    embedding, `exclude_modules`) and how to target layers explicitly, and a `TypeError` when a selected module is
+    not a supported layer kind.
+
+    Example:
+        >>> resolve_target_modules(bert_classifier, DendriteConfig(target_modules=["query", "value"]))
+        ['bert.encoder.layer.0.attention.self.query', 'bert.encoder.layer.0.attention.self.value', ...]
     """
     targets = config.target_modules
     if targets is None:
@@ -68,26 +147,21 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         targets = DEFAULT_TARGET_MODULES[model_type]
 
-    names: list[str] = []
+    selected: list[str] = []
     if targets == "all-linear":
-        heads = _head_module_names(model)
+        excluded = _all_linear_exclusions(model)
         for name, module in model.named_modules():
-            if type(module) in (nn.Linear, Conv1D) and name not in heads:
-                names.append(name)
+            if type(module) in (nn.Linear, Conv1D) and name not in excluded:
+                selected.append(name)
     else:
-        for name, module in model.named_modules():
+        for name, _ in model.named_modules():
             if name and _matches(name, targets):
-                names.append(name)
+                selected.append(name)
+    names = selected
     if config.exclude_modules is not None:
-        names = [n for n in names if not _matches(n, config.exclude_modules)]
-
+        names = [n for n in selected if not _matches(n, config.exclude_modules)]
     if not names:
-        candidates = [n for n, m in model.named_modules() if dendritic_class_for(m) is not None]
-        shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
-        raise ValueError(
-            f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matched no layer of "
-            f"{type(model).__name__}. Supported layers in this model include: {shown or 'none'}."
-        )
+        raise ValueError(_no_match_message(model, config, targets, selected))
     modules = dict(model.named_modules())
     for name in names:
         reason = unsupported_reason(modules[name])
@@ -257,6 +331,9 @@ class DendriticModel(nn.Module):
         self.growth_count = 0
         # Set by DendriticTrainer before saving (metric, per-cycle table, curve, eval results); shown on the model card.
         self.training_summary: Optional[dict] = None
+        # The Hub id of the base model that a loaded checkpoint recorded, so that a model loaded from a local folder
+        # and saved again keeps its card's `base_model` (see `_base_hub_id`).
+        self.base_model_id: Optional[str] = None
         # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it).
         self.forward = functools.wraps(model.forward)(functools.partial(DendriticModel._forward, self))
 
@@ -287,6 +364,11 @@ class DendriticModel(nn.Module):
             return None
         return torch.Generator().manual_seed(hash((self.dendrite_config.dendrite_seed, self.growth_count)) & 0x7FFF_FFFF_FFFF_FFFF)
 
+    def growth_generator(self) -> Optional[torch.Generator]:
+        """The seeded generator of the next growth (None without `dendrite_seed`). The correlation rule draws its
+        candidates from it, so that every process, and a resumed run, draws the same ones."""
+        return self._growth_generator()
+
     def add_dendrites(self, n: Optional[int] = None) -> None:
         """Give every dendritic layer `n` more dendrites (default: `dendrite_config.dendrites_per_cycle`).
 
@@ -301,10 +383,11 @@ class DendriticModel(nn.Module):
             layer.add_dendrites(n, generator=generator)
         self.growth_count += 1
 
-    def set_dendrite_counts(self, counts: Union[int, dict[str, int]]) -> None:
+    def set_dendrite_counts(self, counts: Union[int, dict[str, int]], *, initialize: bool = True) -> None:
         """Grow or truncate layers to the given dendrite counts (one int for all layers, or by layer name).
 
-        Truncation drops the newest dendrites; growth adds freshly initialised ones.
+        Truncation drops the newest dendrites; growth adds freshly initialised ones (`initialize=False`: uninitialised
+        input weights, for callers that overwrite every dendrite parameter next, such as checkpoint loading).
         """
         layers = dict(self.dendritic_layers())
         if isinstance(counts, int):
@@ -318,11 +401,64 @@ class DendriticModel(nn.Module):
             if k < layer.num_dendrites:
                 layer.truncate_dendrites(k)
             elif k > layer.num_dendrites:
-                layer.add_dendrites(k - layer.num_dendrites, generator=generator)
+                layer.add_dendrites(k - layer.num_dendrites, generator=generator, initialize=initialize)
 
     def dendrite_parameters(self) -> list[nn.Parameter]:
         """All dendrite parameters (weights, biases, output and cascade weights) of all layers."""
         return [p for _, layer in self.dendritic_layers() for p in layer.dendrite_parameters()]
+
+    @torch.no_grad()
+    def dendrite_weight_ratios(
+        self, state: Optional[dict[str, torch.Tensor]] = None, first: Optional[dict[str, int]] = None
+    ) -> dict[str, float]:
+        """How much the dendrites carry, per dendritic layer, relative to the layer's own weights.
+
+        For the dendrites k of a layer with base weight W and dendrite input weights D_k (B_k A_k for low rank),
+        output weights w_k: `RMS(w) * RMS(D) / RMS(W)`, the size of the dendrites' contribution to a neuron's
+        pre-activation relative to the neuron's own, to first order (an activation of slope about 1 near 0). Zero
+        output weights (new dendrites, identity at insertion) give 0; dendrites that carry as much as the neurons
+        give about 1.
+
+        Args:
+            state: a state dict of this model (keys as `self.state_dict()`; its dendrite counts may differ from the
+                model's), e.g. a best-weight snapshot; default: the current weights.
+            first: per layer name, the index of the first dendrite to include (e.g. the count before a growth, to
+                measure that growth's dendrites only); default 0. Layers without such dendrites are left out.
+
+        Example:
+            >>> dm.add_dendrites(); dm.dendrite_weight_ratios()  # doctest: +SKIP
+            {'bert.encoder.layer.0.intermediate.dense': 0.0, ...}
+        """
+        from .layers import DendriticConv1D
+
+        def rms(t: torch.Tensor) -> float:
+            return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+        out: dict[str, float] = {}
+        for name, layer in self.dendritic_layers():
+
+            def get(pname: str) -> Optional[torch.Tensor]:
+                return state.get(f"model.{name}.{pname}") if state is not None else getattr(layer, pname)
+
+            out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
+            k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
+            if k_all <= start:
+                continue
+            n, cat_dim = layer.num_neurons, 1 if isinstance(layer, DendriticConv1D) else 0
+            w = out_weights[start:k_all]
+            if layer.dendrite_rank is None:
+                d = get("dendrite_weight").narrow(cat_dim, start * n, (k_all - start) * n)
+            else:
+                r, a, b = layer.dendrite_rank, get("dendrite_lora_A"), get("dendrite_lora_B")
+                parts = []
+                for k in range(start, k_all):
+                    a_k = a.narrow(cat_dim, k * r, r)
+                    a_k = (a_k.t() if cat_dim == 1 else a_k).reshape(r, -1)
+                    parts.append(b[k].float() @ a_k.float())
+                d = torch.cat(parts)
+            scale = rms(get("weight"))
+            out[name] = rms(w) * rms(d) / scale if scale > 0 else float("inf")
+        return out
 
     def dendrite_state_dict(self) -> dict[str, torch.Tensor]:
         """The dendrite parameters only, keyed `<layer name>.<parameter name>` (names of the wrapped model)."""
@@ -365,10 +501,6 @@ class DendriticModel(nn.Module):
                 )
             )
         return DendriteSummary(base_params=base, dendrite_params=dendrite, trainable_params=trainable, layers=layers)
-
-    def print_dendrite_summary(self) -> None:
-        """Print `dendrite_summary()` as a table."""
-        print(self.dendrite_summary())
 
     # ------------------------------------------------------------------ inference fusion
     def fuse_for_inference(self) -> "DendriticModel":
@@ -415,53 +547,411 @@ class DendriticModel(nn.Module):
         del self.model
         return model
 
-    # ------------------------------------------------------------------ saving (implemented in saving.py / hub.py)
-    def save_pretrained(self, save_directory, **kwargs) -> str:
+    # ------------------------------------------------------------------ saving and loading (files: saving.py, card: hub.py)
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        *,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        safe_serialization: bool = True,
+        max_shard_size: Optional[Union[int, str]] = None,
+        processing_class: Any = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        repo_id: Optional[str] = None,
+        tags: Optional[list[str]] = None,
+        **push_kwargs: Any,
+    ) -> str:
         """Save the base model (standard transformers files), the dendrites, `dendrite_config.json` and a model card.
 
-        See `hf_dendrites.saving.save_dendritic_model` for the arguments (`state_dict`, `max_shard_size`,
-        `processing_class`, ...). With `push_to_hub=True` the folder is also uploaded (`repo_id`, default: the
-        folder's name, and the arguments of `push_to_hub`).
-        """
-        from .hub import push_saved_folder
-        from .saving import save_dendritic_model
+        The folder layout is described in `hf_dendrites.saving`. Files of an earlier save in the folder are replaced
+        (weights, shards, training curve); other files (e.g. a Trainer's `optimizer.pt`) are left alone. The model is
+        not modified. `DendriticTrainer` checkpoints and `trainer.save_model()` call this with `state_dict=`.
 
-        if kwargs.pop("push_to_hub", False):
-            return push_saved_folder(self, save_directory, **kwargs)
-        return save_dendritic_model(self, save_directory, **kwargs)
+        Args:
+            save_directory: the folder (created if needed).
+            state_dict: the full state dict to save instead of the model's own tensors (keys of `dm.state_dict()` or
+                of `dm.model.state_dict()`, e.g. gathered under FSDP).
+            safe_serialization: must be True: checkpoints are safetensors only.
+            max_shard_size: shard the base weights above this size (transformers' `max_shard_size`).
+            processing_class: a tokenizer, processor or feature extractor saved alongside.
+            is_main_process: False on the other processes of a distributed run: nothing is written there.
+            push_to_hub: also upload the files this save wrote to `repo_id` (default: the folder's name, as in
+                transformers), in one commit; `push_kwargs` are those of `push_to_hub` (`token`, `private`,
+                `commit_message`, `commit_description`, `revision`, `create_pr`).
+            repo_id: the Hub repo the folder is for (used in the model card's loading example).
+            tags: extra model card tags.
+
+        Returns:
+            The folder path.
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "hf_dendrites checkpoints are safetensors only; call save_pretrained with safe_serialization=True."
+            )
+        unknown = sorted(set(push_kwargs) - {"token", "private", "commit_message", "commit_description", "revision", "create_pr"})
+        if unknown or (push_kwargs and not push_to_hub):
+            raise TypeError(
+                f"save_pretrained() got unexpected keyword arguments {unknown or sorted(push_kwargs)}; the Hub arguments "
+                "(token, private, commit_message, commit_description, revision, create_pr) apply with push_to_hub=True."
+            )
+        directory = os.fspath(save_directory)
+        if os.path.isfile(directory):
+            raise ValueError(f"save_pretrained needs a folder, but {directory} is a file.")
+        if not is_main_process:
+            return directory
+        if not push_to_hub:
+            self._write_checkpoint(directory, state_dict, max_shard_size, processing_class, repo_id, tags)
+            return directory
+
+        from huggingface_hub import HfApi
+
+        token = push_kwargs.pop("token", None)
+        repo_id = repo_id or os.path.basename(os.path.normpath(directory))
+        repo_id = HfApi(token=token).create_repo(
+            repo_id, private=push_kwargs.pop("private", None), exist_ok=True, repo_type="model"
+        ).repo_id
+
+        def stamps() -> dict[str, int]:
+            if not os.path.isdir(directory):
+                return {}
+            return {e.name: e.stat().st_mtime_ns for e in os.scandir(directory) if e.is_file()}
+
+        before = stamps()
+        own = self._write_checkpoint(directory, state_dict, max_shard_size, processing_class, repo_id, tags)
+        # The files this save wrote: its own, plus the processing class's (changed since), whatever the clock's
+        # granularity; files that were already in the folder (e.g. Trainer checkpoints) stay local.
+        written = sorted(name for name, stamp in stamps().items() if before.get(name) != stamp or name in own)
+        upload_checkpoint_folder(directory, repo_id, token=token, allow_patterns=written, **push_kwargs)
+        return directory
+
+    def _write_checkpoint(
+        self,
+        directory: str,
+        state_dict: Optional[dict[str, torch.Tensor]],
+        max_shard_size: Optional[Union[int, str]],
+        processing_class: Any,
+        repo_id: Optional[str],
+        tags: Optional[list[str]],
+    ) -> set[str]:
+        """Write the checkpoint files in the order that keeps an interrupted save unloadable (marker last); returns
+        the names of the checkpoint's own files."""
+        training = to_jsonable(self.training_summary) if self.training_summary else None
+        # Read before the folder is cleaned: the curve may be the one an earlier save put there.
+        curve = (training or {}).get("curve_png")
+        curve_bytes = None
+        if curve:
+            if os.path.isfile(curve):
+                with open(curve, "rb") as handle:
+                    curve_bytes = handle.read()
+            else:
+                logger.warning("Training curve %s not found; the model card will not show it.", curve)
+
+        prepare_save_directory(directory)
+        model_state = self.model.state_dict()
+        base_state, dendrite_state = split_state_dict(state_dict, model_state, set(self.dendrite_state_dict()))
+        summary = self.dendrite_summary()
+        base_files = save_base_weights(
+            self.model, directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
+        )
+        save_dendrite_weights(directory, dendrite_state)
+
+        if curve_bytes is not None:
+            atomic_write_bytes(os.path.join(directory, TRAINING_CURVE_NAME), curve_bytes)
+        if training is not None:
+            training["curve_png"] = TRAINING_CURVE_NAME if curve_bytes is not None else None
+        config = getattr(self.model, "config", None)
+        base_id = self._base_hub_id()
+        write_model_card(
+            directory,
+            architecture=type(self.model).__name__,
+            model_type=getattr(config, "model_type", None),
+            name_or_path=base_id,
+            dendrite_config=self.dendrite_config.to_dict(),
+            summary=summary.to_dict(),
+            training_summary=training,
+            repo_id=repo_id,
+            tags=tags,
+            curve_file=TRAINING_CURVE_NAME if curve_bytes is not None else None,
+        )
+        if processing_class is not None:
+            processing_class.save_pretrained(directory)
+        write_checkpoint_metadata(
+            directory,
+            dendrite_config=self.dendrite_config.to_dict(),
+            layers=self.dendrite_counts(),
+            growth_count=self.growth_count,
+            base_model={
+                "architecture": type(self.model).__name__,
+                "model_type": getattr(config, "model_type", None),
+                # A Hub id only: a local path means nothing elsewhere (and would leak into pushed files).
+                "name_or_path": base_id,
+            },
+            base_files=base_files,
+            training_summary=training,
+        )
+        logger.info(
+            "Saved dendritic model (%d dendrites in %d layers) to %s", summary.num_dendrites, len(summary.layers), directory
+        )
+        own = {*base_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
+        return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
+
+    def _base_hub_id(self) -> Optional[str]:
+        """The base model's Hub id: where the wrapped model was loaded from when that is a Hub repo, else the one a
+        loaded checkpoint recorded (a local folder's path means nothing elsewhere)."""
+        return hub_model_id(getattr(getattr(self.model, "config", None), "_name_or_path", None)) or self.base_model_id
+
+    def save_model_card(
+        self, directory: Union[str, os.PathLike], *, repo_id: Optional[str] = None, tags: Optional[list[str]] = None
+    ) -> str:
+        """Write the model card alone (`README.md`, and the training curve of `training_summary`) into `directory`.
+
+        For a folder that already holds the checkpoint (e.g. `DendriticTrainer.create_model_card`); returns the
+        card's path.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        training = to_jsonable(self.training_summary) if self.training_summary else None
+        curve, curve_file = (training or {}).get("curve_png"), None
+        if curve and os.path.isfile(curve):
+            target = os.path.join(directory, TRAINING_CURVE_NAME)
+            if os.path.abspath(curve) != os.path.abspath(target):
+                with open(curve, "rb") as handle:
+                    atomic_write_bytes(target, handle.read())
+            curve_file = TRAINING_CURVE_NAME
+        config = getattr(self.model, "config", None)
+        return write_model_card(
+            directory,
+            architecture=type(self.model).__name__,
+            model_type=getattr(config, "model_type", None),
+            name_or_path=self._base_hub_id(),
+            dendrite_config=self.dendrite_config.to_dict(),
+            summary=self.dendrite_summary().to_dict(),
+            training_summary=training,
+            repo_id=repo_id,
+            tags=tags,
+            curve_file=curve_file,
+        )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DendriticModel":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, os.PathLike],
+        *,
+        model_class: Any = None,
+        revision: Optional[str] = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        token: Optional[Union[str, bool]] = None,
+        cache_dir: Optional[str] = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        **model_kwargs: Any,
+    ) -> "DendriticModel":
         """Load a model saved by `save_pretrained` / `push_to_hub` from a folder or a Hub repo id.
 
-        See `hf_dendrites.saving.load_dendritic_model` (`model_class`, `revision`, `dtype`, `device_map`, ...).
+        The base model is loaded by transformers (`model_class`, default: the class the checkpoint was saved from)
+        from the safetensors files only, converted with the saved `DendriteConfig`, each layer is grown to its saved
+        count (without initialising what is about to be overwritten) and the dendrites are loaded: no training is
+        replayed, and the outputs are bit-identical to those of the saved model. `dtype`, `device_map` and other
+        keyword arguments (e.g. `attn_implementation`) go to the transformers `from_pretrained`; dendrites follow
+        the dtype and device of their layer. From the Hub only JSON configs and safetensors files are downloaded
+        (`revision`, `token`, `cache_dir`, `force_download` and `local_files_only` as in
+        `huggingface_hub.snapshot_download`).
+
+        This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
+        them): pass the result to `DendriticTrainer`.
+
+        Example:
+            >>> dm = DendriticModel.from_pretrained("path/to/checkpoint")
+            >>> dm.dendrite_counts()
         """
-        from .saving import load_dendritic_model
+        if model_kwargs.get("use_safetensors") is False:
+            raise ValueError("hf_dendrites loads safetensors only; do not pass use_safetensors=False.")
+        model_kwargs.pop("use_safetensors", None)
+        directory = resolve_checkpoint_dir(
+            pretrained_model_name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
+        payload = read_checkpoint_metadata(directory)
+        check_base_folder(directory)
+        model_class = model_class or base_model_class(directory, payload)
+        if dtype is not None:
+            model_kwargs["dtype"] = dtype
+        if device_map is not None:
+            model_kwargs["device_map"] = device_map
+        model, info = model_class.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **model_kwargs)
+        check_loading_info(directory, payload, info, type(model).__name__)
+        if getattr(model, "config", None) is not None:
+            # What the user asked for (repo id or folder), as transformers records it, not the cache folder.
+            model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
+        config = DendriteConfig.from_dict(payload["dendrite_config"])
+        dm = get_dendritic_model(model, config, restore_dendrites=False)
+        dm._load_dendrites(directory, payload)
+        dm.train(model.training)
+        return dm
 
-        return load_dendritic_model(pretrained_model_name_or_path, **kwargs)
+    def _load_dendrites(self, directory: str, payload: dict[str, Any]) -> None:
+        """Resize the layers to the checkpoint's counts and copy its dendrite tensors in (strict).
 
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload the model (base, dendrites, model card) to the Hub in one commit; see `hf_dendrites.hub.push_to_hub`."""
-        from .hub import push_to_hub
+        Every tensor is read and checked before the model changes; new dendrites are created uninitialised since
+        every value is overwritten. Restores `growth_count` and `training_summary` too.
+        """
+        layers = dict(self.dendritic_layers())
+        check_layer_names(directory, payload, set(layers), type(self.model).__name__)
+        counts = payload["layers"]
+        expected = {name: layers[name].expected_dendrite_shapes(k) for name, k in counts.items()}
+        tensors = read_dendrite_tensors(directory, payload, expected)
+        self.set_dendrite_counts(counts, initialize=False)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                layer_name, _, pname = name.rpartition(".")
+                param = getattr(layers[layer_name], pname)
+                if param.device.type == "meta":
+                    raise CheckpointError(
+                        f"Cannot load {name} into layer {layer_name!r}: the layer is offloaded (meta device). Load with "
+                        "a device_map that keeps every dendritic layer on a device (no 'disk' offload)."
+                    )
+                param.copy_(tensor)
+        self.growth_count = int(payload.get("growth_count", 0))
+        self.training_summary = training_summary_from_metadata(directory, payload)
+        self.base_model_id = payload["base_model"].get("name_or_path") or self.base_model_id
 
-        return push_to_hub(self, repo_id, **kwargs)
+    def load_dendritic_state(self, directory: Union[str, os.PathLike]) -> None:
+        """Load a checkpoint folder into this model, in place and strictly.
 
+        Resizes every dendritic layer to the count recorded in the folder's `dendrite_config.json` (truncating or
+        growing; a layer whose count already matches keeps its Parameter objects), then copies the base weights and
+        the dendrite weights in and restores `growth_count` and `training_summary`. `DendriticTrainer` uses it to
+        resume from a checkpoint and for `load_best_model_at_end`: rebuild the optimizer afterwards when counts
+        changed.
 
-def get_dendritic_model(model: nn.Module, config: Optional[DendriteConfig] = None) -> DendriticModel:
+        The model must have the same dendritic layers (same base architecture and `target_modules`) and the same
+        dendrite kind (activation, rank, cascade) as the checkpoint. Any missing, unexpected or mis-shaped tensor,
+        a truncated / corrupt file or an incomplete folder raises `CheckpointError` naming the file and the layer;
+        the model is only modified once every check has passed.
+        """
+        directory = os.fspath(directory)
+        payload = read_checkpoint_metadata(directory)
+        check_dendrite_kind(directory, payload, self.dendrite_config)
+        layers = dict(self.dendritic_layers())
+        architecture = type(self.model).__name__
+        check_layer_names(directory, payload, set(layers), architecture)
+        base = read_base_tensors(directory, payload)
+        dendrite_keys = set(self.dendrite_state_dict()) | {
+            f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
+        }
+        by_id: dict[int, list[str]] = {}  # a tied weight appears under several names and is saved under one
+        for name, tensor in [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers(remove_duplicate=False)]:
+            by_id.setdefault(id(tensor), []).append(name)
+        check_base_tensors(
+            directory,
+            base,
+            self.model.state_dict(),
+            dendrite_keys=dendrite_keys,
+            tied_aliases={name: set(names) - {name} for names in by_id.values() for name in names},
+            ignore_patterns=list(getattr(self.model, "_keys_to_ignore_on_save", None) or []),
+            architecture=architecture,
+        )
+        self._load_dendrites(directory, payload)
+        with torch.no_grad():
+            state = self.model.state_dict(keep_vars=True)
+            for key, (_, tensor) in base.items():
+                state[key].copy_(tensor)
+        logger.info("Loaded dendritic checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        commit_message: Optional[str] = None,
+        commit_description: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        processing_class: Any = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        tags: Optional[list[str]] = None,
+        safe_serialization: bool = True,
+    ):
+        """Save the model (base, dendrites, model card, `processing_class`) and upload it to `repo_id` in one commit.
+
+        The repo is created if needed (`private` applies then); `revision` names a branch (created from the default
+        branch if missing); `create_pr=True` opens a pull request instead. Remote weight files that the new save
+        does not have are deleted in the same commit. The model card is hf_dendrites' own. Returns the
+        `huggingface_hub.CommitInfo`.
+
+        Example:
+            >>> dm.push_to_hub("me/bert-dendrites", private=True, commit_message="2 dendrite cycles")
+            >>> DendriticModel.from_pretrained("me/bert-dendrites")
+        """
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+        with tempfile.TemporaryDirectory(prefix="hf_dendrites_push_") as folder:
+            self.save_pretrained(
+                folder,
+                processing_class=processing_class,
+                max_shard_size=max_shard_size,
+                repo_id=repo_id,
+                tags=tags,
+                safe_serialization=safe_serialization,
+            )
+            info = upload_checkpoint_folder(
+                folder,
+                repo_id,
+                token=token,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+        logger.info("Pushed dendritic model to %s", info.commit_url)
+        return info
+
+def get_dendritic_model(
+    model: nn.Module, config: Optional[DendriteConfig] = None, *, restore_dendrites: bool = True
+) -> DendriticModel:
     """Convert the layers of `model` selected by `config` into dendritic layers, in place.
 
     The converted layers keep their parameters (same objects, same names) and start with zero dendrites, so the
     model computes exactly what it computed before; call `add_dendrites()` to grow them.
 
+    A model loaded from a dendritic checkpoint keeps its dendrites: when the model's source (`model.name_or_path`,
+    i.e. `config._name_or_path`: a local folder, or a Hub repo id whose files are in the local cache or can be
+    downloaded) holds `dendrite_config.json` and `dendrite_model.safetensors`, the layers are converted as the
+    checkpoint says and its dendrites restored (logged at info level), instead of starting from zero dendrites.
+
+    Continuing training from a dendritic checkpoint (a folder written by `DendriticModel.save_pretrained`,
+    `DendriticTrainer.save_model()` or a Trainer checkpoint, or its Hub repo) works in three ways:
+
+    1. `DendriticModel.from_pretrained(path)`, then `DendriticTrainer(model=dm, ...)`: rebuilds the class the model
+       was saved from.
+    2. `AutoModelFor...from_pretrained(path)`, then `get_dendritic_model(model)` or `DendriticTrainer(model=model, ...)`
+       (which calls this function): what an unmodified fine-tuning script does with `--model_name_or_path path`.
+    3. `trainer.train(resume_from_checkpoint=path)` for a checkpoint of the same run: also restores the dendrite
+       schedule (phase, best score) and the optimizer, to continue exactly where the run stopped.
+
     Args:
         model: a transformers model (any `torch.nn.Module` works when `config.target_modules` is explicit).
-        config: which layers and what kind of dendrites; the default uses the per-architecture targets.
+        config: which layers and what kind of dendrites; the default uses the per-architecture targets, or the
+            checkpoint's config for a model loaded from a dendritic checkpoint. For such a model, the fields of an
+            explicit config that select layers and the kind of dendrites (`target_modules`, `exclude_modules`,
+            `activation`, `rank`, `cascade`) take the checkpoint's values where they are left at their defaults;
+            where they are set, they must agree with the checkpoint. Its other settings (`dendrites_per_cycle`,
+            `learning_rule`, ...) govern the growth from now on.
+        restore_dendrites: False converts the model with zero dendrites even when its source holds dendrites
+            (its base weights are then used without the dendrites they were trained with).
 
     Example:
         >>> dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear"))
         >>> dm.add_dendrites(1)
     """
-    config = DendriteConfig() if config is None else config
     if isinstance(model, DendriticModel):
         raise ValueError("This model is already a DendriticModel; grow it with `add_dendrites()` instead of converting it again.")
     if any(isinstance(m, DendriticLayerMixin) for m in model.modules()):
@@ -469,6 +959,17 @@ def get_dendritic_model(model: nn.Module, config: Optional[DendriteConfig] = Non
             "This model already contains dendritic layers; wrap it once with `get_dendritic_model`, or call "
             "`DendriticModel.unload()` first to get the plain model back."
         )
+    checkpoint, payload = None, None
+    if restore_dendrites:
+        source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+        checkpoint = find_dendritic_checkpoint(source, revision=revision)
+        if checkpoint is not None:
+            payload = read_checkpoint_metadata(checkpoint, check_files=False)
+            saved = DendriteConfig.from_dict(payload["dendrite_config"])
+            config = saved if config is None else _inherit_structure(config, saved)
+            _check_restorable(model, config, saved, payload, source)
+    config = DendriteConfig() if config is None else config
     for name in resolve_target_modules(model, config):
         old = model.get_submodule(name)
         new = dendritic_class_for(old).from_base_layer(
@@ -480,4 +981,70 @@ def get_dendritic_model(model: nn.Module, config: Optional[DendriteConfig] = Non
         )
         _replace_module(model, name, new)
         _move_accelerate_hook(old, new)
-    return DendriticModel(model, config)
+    dm = DendriticModel(model, config)
+    if checkpoint is not None:
+        try:
+            dm._load_dendrites(checkpoint, payload)
+        except BaseException:
+            dm.unload()  # leave the user's model as it was
+            raise
+        logger.info(
+            "%s is a dendritic checkpoint: restored its %d dendrites in %d layers (pass restore_dendrites=False to "
+            "start from zero dendrites).",
+            source,
+            sum(payload["layers"].values()),
+            len(payload["layers"]),
+        )
+    return dm
+
+
+# What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.
+_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "activation", "rank", "cascade")
+
+
+def _inherit_structure(config: DendriteConfig, saved: DendriteConfig) -> DendriteConfig:
+    """`config` with every structural field it leaves at its default taken from the checkpoint's config.
+
+    A script that always builds a `DendriteConfig` from its command line (e.g. with `HfArgumentParser`) passes
+    one even when the user set no dendrite flag; such a config must not conflict with the checkpoint it loads.
+    """
+    defaults = DendriteConfig()
+    inherited = {
+        name: getattr(saved, name)
+        for name in _STRUCTURE_FIELDS
+        if getattr(config, name) == getattr(defaults, name) and getattr(saved, name) != getattr(defaults, name)
+    }
+    return dataclasses.replace(config, **inherited) if inherited else config
+
+
+def _check_restorable(
+    model: nn.Module, config: DendriteConfig, saved: DendriteConfig, payload: dict[str, Any], source: str
+) -> None:
+    """Before converting: the checkpoint's dendrites fit `model` converted with `config`, or a clear error."""
+    how = (
+        f"To continue with the checkpoint's dendrites, pass no DendriteConfig (or `DendriteConfig.from_pretrained("
+        f"{source!r})`); to start from its base weights with zero dendrites, convert the model yourself with "
+        "`get_dendritic_model(model, config, restore_dendrites=False)` and pass the result to DendriticTrainer."
+    )
+    saved_arch = payload["base_model"].get("architecture")
+    layers = set(resolve_target_modules(model, config))
+    if layers != set(payload["layers"]):
+        if saved_arch and saved_arch != type(model).__name__:
+            raise CheckpointError(
+                f"{source} holds dendrites saved on a {saved_arch}, but the model was loaded as a "
+                f"{type(model).__name__}, whose layers have other names: its dendrites cannot be restored. Load it "
+                f"with transformers.{saved_arch} (or DendriticModel.from_pretrained({source!r})), or pass "
+                "restore_dendrites=False to start from the base weights with zero dendrites."
+            )
+        extra, missing = sorted(layers - set(payload["layers"])), sorted(set(payload["layers"]) - layers)
+        raise ValueError(
+            f"{source} is a dendritic checkpoint whose dendrites are in other layers than the given DendriteConfig "
+            f"selects (target_modules={config.target_modules!r}; selected but not in the checkpoint: {extra[:3]}; in "
+            f"the checkpoint but not selected: {missing[:3]}). {how}"
+        )
+    for name in ("activation", "rank", "cascade"):
+        if getattr(config, name) != getattr(saved, name):
+            raise ValueError(
+                f"{source} is a dendritic checkpoint with {name}={getattr(saved, name)!r}, but the given DendriteConfig "
+                f"has {name}={getattr(config, name)!r}. {how}"
+            )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 # Columns of the evaluation CSV, in order.
 EVAL_CSV_FIELDS = (
@@ -23,6 +24,9 @@ EVAL_CSV_FIELDS = (
     "dendrite_params",
     "trainable_params",
     "correlation",
+    "lr_factor",
+    "dendrite_weight_max",
+    "dendrite_weight_median",
     "decision",
 )
 
@@ -40,7 +44,9 @@ def write_eval_csv(records: Iterable[dict[str, Any]], path: str) -> str:
 
 
 def cycle_table(records: list[dict[str, Any]], history: list[dict[str, Any]], greater_is_better: bool) -> list[dict[str, Any]]:
-    """One row per cycle try: cycle, try, num_dendrites, params, best_score, best_step, status.
+    """One row per cycle try: cycle, try, num_dendrites, params, best_score, best_step, status, and where known
+    correlation (candidate S), dendrite_weight (a kept cycle's `{"max", "median"}` attribution, see
+    `callback.py`), lr_candidates and lr_pick (LR search).
 
     `history` holds the schedule's finished cycles (`CycleRecord` dicts); a try that was still running when
     training stopped is listed with status "stopped".
@@ -53,11 +59,14 @@ def cycle_table(records: list[dict[str, Any]], history: list[dict[str, Any]], gr
         row = seen.get(key)
         if row is None:
             row = {"cycle": r["cycle"], "try": r["try"], "num_dendrites": r["num_dendrites"], "params": r["params"],
-                   "best_score": None, "best_step": None, "status": "stopped", "correlation": None}
+                   "best_score": None, "best_step": None, "status": "stopped", "correlation": None,
+                   "dendrite_weight": None, "lr_candidates": None, "lr_pick": None}
             seen[key] = row
             rows.append(row)
         if r.get("correlation") is not None:  # correlation rule: S of the candidates when they were installed
             row["correlation"] = r["correlation"]
+        if r.get("dendrite_weight_max") is not None:  # measured when the cycle was kept
+            row["dendrite_weight"] = {"max": r["dendrite_weight_max"], "median": r.get("dendrite_weight_median")}
         if r.get("decision") in ("candidates", "install"):
             continue  # the network did not change during a candidate phase: its scores are not the cycle's
         # the dendrite count of a correlation cycle is known once its candidates are installed
@@ -70,6 +79,7 @@ def cycle_table(records: list[dict[str, Any]], history: list[dict[str, Any]], gr
     for key, row in seen.items():
         if key in finished:
             row["status"] = "accepted" if finished[key]["accepted"] else "discarded"
+            row["lr_candidates"], row["lr_pick"] = finished[key].get("lr_candidates"), finished[key].get("lr_pick")
     return rows
 
 
@@ -79,12 +89,13 @@ def plot_training_curve(
     path: str,
     metric: str,
     greater_is_better: bool,
-    title: Optional[str] = None,
+    title: str | None = None,
 ) -> str:
     """Plot the evaluation score over training steps with growth points marked and a per-cycle table.
 
     Vertical lines mark where the dendrites changed (solid: growth, dashed: a discarded cycle retried, dotted:
-    neurons unfrozen after a dendrites-only phase, dash-dot: correlation candidates installed); stars mark the best score of every accepted cycle. Returns
+    neurons unfrozen after a dendrites-only phase, dash-dot: correlation candidates installed, loosely dotted: the next
+    candidate of an LR search); stars mark the best score of every accepted cycle. Returns
     `path`.
     """
     try:
@@ -113,7 +124,7 @@ def plot_training_curve(
     if accepted:
         ax.scatter([h["best_step"] for h in accepted], [h["best_score"] for h in accepted], marker="*", s=120,
                    color="black", zorder=3, label="accepted best")
-    styles = {"grow": "-", "retry": "--", "switch": ":", "install": "-."}
+    styles = {"grow": "-", "retry": "--", "switch": ":", "install": "-.", "next_lr": (0, (1, 3))}
     for r in records:
         style = styles.get(r.get("decision"))
         if style is not None:
@@ -128,13 +139,16 @@ def plot_training_curve(
     table_ax.axis("off")
     if rows:
         with_s = any(r.get("correlation") is not None for r in rows)
+        with_w = any(r.get("dendrite_weight") is not None for r in rows)
         cells = [
             [str(r["cycle"]), str(r["try"]), str(r["num_dendrites"]), f"{r['params']:,}",
              "n/a" if r["best_score"] is None else f"{r['best_score']:.5g}", r["status"]]
             + (["" if r.get("correlation") is None else f"{r['correlation']:.3g}"] if with_s else [])
+            + (["" if r.get("dendrite_weight") is None else f"{r['dendrite_weight']['max']:.3g}"] if with_w else [])
             for r in rows
         ]
-        labels = ["cycle", "try", "dendrites", "params", f"best {metric}", "status"] + (["candidate S"] if with_s else [])
+        labels = (["cycle", "try", "dendrites", "params", f"best {metric}", "status"] + (["candidate S"] if with_s else [])
+                  + (["dendrite weight (max)"] if with_w else []))
         table = table_ax.table(cellText=cells, colLabels=labels, loc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(8)

@@ -1,6 +1,7 @@
-"""Saving and loading dendritic checkpoints (ALGORITHM.md section 3).
+"""Saving and loading dendritic checkpoints: functions over files, state dicts and plain data.
 
-A checkpoint folder holds:
+`DendriticModel.save_pretrained` / `from_pretrained` / `load_dendritic_state` (in `hf_dendrites.model`) orchestrate
+these functions; this module never sees the model class. A checkpoint folder holds:
 
     config.json, model.safetensors (or shards   the base model under its standard transformers names, dendrite
     + model.safetensors.index.json)             parameters excluded: a plain `AutoModel*.from_pretrained(folder)`
@@ -14,10 +15,11 @@ Safety and completeness:
 
 - Loading reads JSON and safetensors only. Nothing is ever unpickled: `.bin` / `.pt` files in the folder are
   ignored, and a folder whose base weights exist only as pickles is refused.
-- `dendrite_config.json` is the marker that makes a folder loadable. A save first removes it, writes everything
-  else, and writes it last, atomically, with the size of every weight file (and the SHA-256 of the dendrite file).
-  A save interrupted at any point therefore leaves a folder that does not load; a file truncated, corrupted or
-  replaced afterwards is detected on load. Every problem raises `CheckpointError` naming the file (and the layer).
+- `dendrite_config.json` is the marker that makes a folder loadable. A save first removes it (`prepare_save_directory`),
+  writes everything else, and writes it last, atomically, with the size of every weight file and the SHA-256 of the
+  dendrite file (`write_checkpoint_metadata`). A save interrupted at any point therefore leaves a folder that does
+  not load; a file truncated, corrupted or replaced afterwards is detected on load. Every problem raises
+  `CheckpointError` naming the file (and the layer).
 """
 
 from __future__ import annotations
@@ -25,35 +27,38 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers.utils import (
+    ADAPTER_CONFIG_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+)
 
 from .config import DendriteConfig
-from .constants import CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME, DENDRITE_WEIGHTS_NAME
+from .constants import (
+    BASE_WEIGHT_FILE_PATTERN,
+    CHECKPOINT_FORMAT_VERSION,
+    DENDRITE_CONFIG_NAME,
+    DENDRITE_WEIGHTS_NAME,
+    TRAINING_CURVE_NAME,
+)
 from .utils import atomic_write_text, library_version, read_dendrite_config_file, read_json_file
-
-if TYPE_CHECKING:
-    from .model import DendriticModel
 
 logger = logging.getLogger(__name__)
 
-# Standard transformers file names (transformers.utils defines the same values).
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-# Base weight files written by `PreTrainedModel.save_pretrained` (single file, shards, index).
-_BASE_WEIGHT_FILE_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+BASE_WEIGHT_FILE_RE = re.compile(BASE_WEIGHT_FILE_PATTERN)
 # Fetched from the Hub first; then only the safetensors weight files that dendrite_config.json lists (never a pickle).
-HUB_CONFIG_FILES = (CONFIG_NAME, "generation_config.json", DENDRITE_CONFIG_NAME)
+HUB_CONFIG_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME, DENDRITE_CONFIG_NAME)
 
-_DENDRITE_FILE_CHUNK = 1 << 24
+_HASH_CHUNK = 1 << 24
 
 
 class CheckpointError(ValueError):
@@ -63,53 +68,39 @@ class CheckpointError(ValueError):
     """
 
 
-# ---------------------------------------------------------------------------------------------- helpers
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_DENDRITE_FILE_CHUNK):
+        while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert tensors / numpy scalars / tuples in a training summary to plain JSON values."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "item"):  # numpy scalar
-        return _jsonable(value.item())
-    return str(value)
-
-
-def _base_state_keys(dm: "DendriticModel") -> tuple[dict[str, torch.Tensor], set[str]]:
-    """(the wrapped model's state dict, the names of its dendrite entries)."""
-    return dm.model.state_dict(), set(dm.dendrite_state_dict())
-
-
-def _split_state_dict(
-    dm: "DendriticModel", state_dict: Optional[dict[str, torch.Tensor]]
+# ---------------------------------------------------------------------------------------------- save
+def split_state_dict(
+    state_dict: Optional[dict[str, torch.Tensor]],
+    model_state: dict[str, torch.Tensor],
+    dendrite_keys: set[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a full state dict into (base entries, dendrite entries), names relative to `dm.model`.
+    """Split a full state dict into (base entries, dendrite entries), names relative to the wrapped model.
 
-    `state_dict` may be keyed like `dm.model.state_dict()` or like `dm.state_dict()` (a `model.` prefix, as the
-    Trainer's `accelerator.get_state_dict(model)` gives); None uses the model's own tensors.
+    Args:
+        state_dict: what to save, keyed like `model_state` or with a `model.` prefix (as the Trainer's
+            `accelerator.get_state_dict(dendritic_model)` gives); None saves `model_state` itself.
+        model_state: the wrapped model's own `state_dict()`, the reference for names and dendrite shapes.
+        dendrite_keys: the names of the dendrite entries in `model_state`.
     """
-    own, dendrite_keys = _base_state_keys(dm)
     if state_dict is None:
-        full = own
+        full = model_state
     else:
         keys = list(state_dict)
-        if keys and not all(k in own for k in keys) and all(k.startswith("model.") and k[6:] in own for k in keys):
+        if (
+            keys
+            and not all(k in model_state for k in keys)
+            and all(k.startswith("model.") and k[6:] in model_state for k in keys)
+        ):
             state_dict = {k[6:]: v for k, v in state_dict.items()}
-        unknown = sorted(set(state_dict) - set(own))
+        unknown = sorted(set(state_dict) - set(model_state))
         if unknown:
             raise ValueError(
                 f"save_pretrained(state_dict=...) has keys that are not in the model, e.g. {unknown[:5]}; pass the "
@@ -121,11 +112,12 @@ def _split_state_dict(
                 f"save_pretrained(state_dict=...) lacks dendrite parameters, e.g. {missing[:5]}; the state dict must "
                 "hold every parameter of the DendriticModel."
             )
-        wrong = sorted(k for k in dendrite_keys if tuple(state_dict[k].shape) != tuple(own[k].shape))
+        wrong = sorted(k for k in dendrite_keys if tuple(state_dict[k].shape) != tuple(model_state[k].shape))
         if wrong:
             raise ValueError(
                 f"save_pretrained(state_dict=...): {wrong[0]} has shape {tuple(state_dict[wrong[0]].shape)}, but the "
-                f"model's has {tuple(own[wrong[0]].shape)}; the state dict must match the model's current dendrite counts."
+                f"model's has {tuple(model_state[wrong[0]].shape)}; the state dict must match the model's current "
+                "dendrite counts."
             )
         full = state_dict
     base = {k: v for k, v in full.items() if k not in dendrite_keys}
@@ -133,24 +125,57 @@ def _split_state_dict(
     return base, dendrites
 
 
-def _remove_stale_files(directory: str) -> None:
-    """Delete the marker first (the folder stops being loadable), then weight files a new save replaces."""
+def prepare_save_directory(directory: str) -> None:
+    """Create `directory` and remove what an earlier save there wrote that a new save replaces.
+
+    The marker goes first (the folder stops being loadable), then the base and dendrite weight files (a sharded
+    save must not leave the single file behind, or the other way round) and the training curve (a model saved
+    without one must not show an old run's). Other files, such as a Trainer's `optimizer.pt`, are left alone.
+    """
+    os.makedirs(directory, exist_ok=True)
     marker = os.path.join(directory, DENDRITE_CONFIG_NAME)
     if os.path.exists(marker):
         os.remove(marker)
     for name in os.listdir(directory):
-        if _BASE_WEIGHT_FILE_RE.fullmatch(name) or name in (DENDRITE_WEIGHTS_NAME, DENDRITE_WEIGHTS_NAME + ".tmp"):
+        if BASE_WEIGHT_FILE_RE.fullmatch(name) or name in (
+            DENDRITE_WEIGHTS_NAME,
+            DENDRITE_WEIGHTS_NAME + ".tmp",
+            TRAINING_CURVE_NAME,
+        ):
             path = os.path.join(directory, name)
             if os.path.isfile(path):
                 os.remove(path)
 
 
-def _written_base_files(directory: str) -> list[str]:
-    """Names of the base weight files `save_pretrained` just wrote (index + shards, or the single file)."""
+def save_base_weights(
+    model: Any,
+    directory: str,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    base_params: int,
+    max_shard_size: Optional[Union[int, str]] = None,
+) -> list[str]:
+    """Save the base model with transformers' own `save_pretrained` (config, tied weights, sharding).
+
+    `model` is the wrapped transformers model and `state_dict` its base entries (`split_state_dict`); `base_params`
+    is the base parameter count, recorded in the shard index in place of transformers' `num_parameters()`, which
+    would count the dendrites the files do not hold. Returns the weight files written (index + shards, or the
+    single file).
+    """
+    save_model = getattr(model, "save_pretrained", None)
+    if not callable(save_model):
+        raise TypeError(
+            f"DendriticModel.save_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}; for a "
+            "plain torch module save `dm.state_dict()` with safetensors.torch.save_file."
+        )
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    save_model(directory, state_dict=state_dict, **kwargs)
     index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
+        index = read_json_file(index_path)
+        if isinstance(index.get("metadata"), dict) and "total_parameters" in index["metadata"]:
+            index["metadata"]["total_parameters"] = base_params
+            atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [SAFE_WEIGHTS_INDEX_NAME] + sorted(set(index["weight_map"].values()))
     if os.path.isfile(os.path.join(directory, SAFE_WEIGHTS_NAME)):
         return [SAFE_WEIGHTS_NAME]
@@ -159,141 +184,61 @@ def _written_base_files(directory: str) -> list[str]:
     )
 
 
-def _fix_index_total(directory: str, base_params: int) -> None:
-    """transformers records `num_parameters()` (which counts the dendrites) in the shard index; the files hold the
-    base model only, so record the base count."""
-    index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
-    if not os.path.isfile(index_path):
-        return
-    with open(index_path, encoding="utf-8") as handle:
-        index = json.load(handle)
-    if isinstance(index.get("metadata"), dict) and "total_parameters" in index["metadata"]:
-        index["metadata"]["total_parameters"] = base_params
-        atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _cpu_contiguous(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    if tensor.device.type == "meta":
-        raise ValueError(
-            f"Cannot save dendrite parameter {name!r}: it is on the meta device (offloaded). Load the model without "
-            "disk offloading, or pass the gathered `state_dict=` to save_pretrained."
-        )
-    return tensor.detach().to("cpu").contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- save
-def save_dendritic_model(
-    dm: "DendriticModel",
-    save_directory: Union[str, os.PathLike],
-    *,
-    state_dict: Optional[dict[str, torch.Tensor]] = None,
-    safe_serialization: bool = True,
-    max_shard_size: Optional[Union[int, str]] = None,
-    processing_class: Any = None,
-    is_main_process: bool = True,
-    repo_id: Optional[str] = None,
-    tags: Optional[list[str]] = None,
-) -> str:
-    """Write `dm` as a dendritic checkpoint folder (see the module docstring); returns the folder path.
-
-    This is `DendriticModel.save_pretrained`; `DendriticTrainer` checkpoints and `trainer.save_model()` call it with
-    `state_dict=` (keys of `dm.state_dict()` or of `dm.model.state_dict()`) and `safe_serialization=True`.
-
-    Args:
-        dm: the model to save. It is not modified.
-        save_directory: the folder (created if needed). Files of an earlier save there are replaced; other files
-            (e.g. a Trainer's `optimizer.pt`) are left alone.
-        state_dict: the full state dict to save instead of the model's own tensors (e.g. gathered under FSDP).
-        safe_serialization: must be True: checkpoints are safetensors only.
-        max_shard_size: shard the base weights above this size (transformers' `max_shard_size`).
-        processing_class: a tokenizer, processor or feature extractor saved alongside (`.save_pretrained(folder)`).
-        is_main_process: False on the other processes of a distributed run: nothing is written there.
-        repo_id: the Hub repo the folder is for; used in the model card's loading example.
-        tags: extra model card tags.
-    """
-    if not safe_serialization:
-        raise ValueError(
-            "hf_dendrites checkpoints are safetensors only; call save_pretrained with safe_serialization=True."
-        )
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
-        raise ValueError(f"save_pretrained needs a folder, but {save_directory} is a file.")
-    if not is_main_process:
-        return save_directory
-    save_model = getattr(dm.model, "save_pretrained", None)
-    if not callable(save_model):
-        raise TypeError(
-            f"DendriticModel.save_pretrained needs a transformers PreTrainedModel, got {type(dm.model).__name__}; for a "
-            "plain torch module save `dm.state_dict()` with safetensors.torch.save_file."
-        )
-    from .hub import _hub_model_id, write_model_card
-
-    os.makedirs(save_directory, exist_ok=True)
-    _remove_stale_files(save_directory)
-    base_state, dendrite_state = _split_state_dict(dm, state_dict)
-    summary = dm.dendrite_summary()
-
-    # 1. The base model under its standard names, as transformers writes it (tied weights, sharding, config).
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    save_model(save_directory, state_dict=base_state, **kwargs)
-    base_files = _written_base_files(save_directory)
-    _fix_index_total(save_directory, summary.base_params)
-
-    # 2. The dendrites, written to a temporary name and renamed, so a partial file never has the final name.
-    dendrite_path = os.path.join(save_directory, DENDRITE_WEIGHTS_NAME)
-    tensors = {name: _cpu_contiguous(t, name) for name, t in dendrite_state.items()}
+def save_dendrite_weights(directory: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Write the dendrite tensors as `dendrite_model.safetensors` (via a temporary name, so a partial file never has
+    the final name); returns its path."""
+    cpu = {}
+    for name, tensor in tensors.items():
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"Cannot save dendrite parameter {name!r}: it is on the meta device (offloaded). Load the model "
+                "without disk offloading, or pass the gathered `state_dict=` to save_pretrained."
+            )
+        cpu[name] = tensor.detach().to("cpu").contiguous()
     metadata = {
         "format": "pt",
         "hf_dendrites_version": library_version(),
         "format_version": str(CHECKPOINT_FORMAT_VERSION),
     }
-    tmp_path = dendrite_path + ".tmp"
-    save_file(tensors, tmp_path, metadata=metadata)
-    os.replace(tmp_path, dendrite_path)
+    path = os.path.join(directory, DENDRITE_WEIGHTS_NAME)
+    save_file(cpu, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+    return path
 
-    # 3. Model card (and training curve), tokenizer / processor.
-    training_summary = _jsonable(dm.training_summary) if getattr(dm, "training_summary", None) else None
-    write_model_card(dm, save_directory, repo_id=repo_id, tags=tags)
-    if training_summary is not None:
-        from .hub import TRAINING_CURVE_NAME
 
-        has_curve = os.path.isfile(os.path.join(save_directory, TRAINING_CURVE_NAME)) and training_summary.get(
-            "curve_png"
-        )
-        training_summary["curve_png"] = TRAINING_CURVE_NAME if has_curve else None
-    if processing_class is not None:
-        processing_class.save_pretrained(save_directory)
+def write_checkpoint_metadata(
+    directory: str,
+    *,
+    dendrite_config: dict[str, Any],
+    layers: dict[str, int],
+    growth_count: int,
+    base_model: dict[str, Any],
+    base_files: list[str],
+    training_summary: Optional[dict[str, Any]] = None,
+) -> str:
+    """Write `dendrite_config.json`, the marker that makes the folder loadable: last, and atomically.
 
-    # 4. The marker, last and atomically: only now does the folder load.
-    files = {name: {"size": os.path.getsize(os.path.join(save_directory, name))} for name in base_files}
+    It records the config, the dendrite count of every layer, the base model (`architecture`, `model_type`,
+    `name_or_path`), the size of every weight file and the SHA-256 of the dendrite file, so `read_checkpoint_metadata`
+    detects missing, truncated or replaced files. `training_summary` must be plain JSON data. Returns the path.
+    """
+    files = {name: {"size": os.path.getsize(os.path.join(directory, name))} for name in base_files}
+    dendrite_path = os.path.join(directory, DENDRITE_WEIGHTS_NAME)
     files[DENDRITE_WEIGHTS_NAME] = {"size": os.path.getsize(dendrite_path), "sha256": _sha256(dendrite_path)}
-    config = getattr(dm.model, "config", None)
     payload = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "library_version": library_version(),
-        "dendrite_config": dm.dendrite_config.to_dict(),
-        "layers": dm.dendrite_counts(),
-        "growth_count": int(dm.growth_count),
-        "base_model": {
-            "architecture": type(dm.model).__name__,
-            "model_type": getattr(config, "model_type", None),
-            # A Hub id only: a local path means nothing elsewhere (and would leak into pushed files).
-            "name_or_path": _hub_model_id(getattr(config, "_name_or_path", None)),
-        },
+        "dendrite_config": dendrite_config,
+        "layers": dict(layers),
+        "growth_count": int(growth_count),
+        "base_model": base_model,
         "files": files,
     }
     if training_summary is not None:
         payload["training_summary"] = training_summary
-    atomic_write_text(
-        os.path.join(save_directory, DENDRITE_CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    )
-    logger.info(
-        "Saved dendritic model (%d dendrites in %d layers) to %s",
-        summary.num_dendrites,
-        len(summary.layers),
-        save_directory,
-    )
-    return save_directory
+    path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -336,7 +281,7 @@ def read_checkpoint_metadata(directory: Union[str, os.PathLike], *, check_files:
         raise CheckpointError(
             f"{path} lacks the 'files' manifest or 'base_model' entry; the file is damaged, save the model again."
         )
-    strange = sorted(n for n in files if not (_BASE_WEIGHT_FILE_RE.fullmatch(n) or n == DENDRITE_WEIGHTS_NAME))
+    strange = sorted(n for n in files if not (BASE_WEIGHT_FILE_RE.fullmatch(n) or n == DENDRITE_WEIGHTS_NAME))
     if strange:
         raise CheckpointError(
             f"{path} lists unexpected files {strange[:3]} (only safetensors weight files belong there); the file is damaged."
@@ -369,12 +314,28 @@ def _check_manifest(directory: str, payload: dict[str, Any]) -> None:
             )
 
 
-def _dendrite_file_tensors(
+def read_dendrite_tensors(
     directory: str, payload: dict[str, Any], expected: dict[str, dict[str, tuple[int, ...]]]
 ) -> dict[str, torch.Tensor]:
     """Read `dendrite_model.safetensors` after checking its checksum and that it holds exactly the tensors (with
-    the shapes) that the layers' recorded counts need. `expected`: {layer: {param name: shape}}."""
+    the shapes) that the layers' recorded counts need.
+
+    Args:
+        directory: the checkpoint folder.
+        payload: its `read_checkpoint_metadata` (the `layers` counts and the file manifest).
+        expected: {layer name: {parameter name: shape}} for the recorded counts (from each dendritic layer's
+            `expected_dendrite_shapes(count)`).
+
+    Returns:
+        {"<layer>.<parameter>": tensor} on the CPU. Any missing, unexpected or mis-shaped tensor raises
+        `CheckpointError` naming the file and the layer.
+    """
     path = os.path.join(directory, DENDRITE_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint in {directory} is incomplete (interrupted copy or download); save or "
+            "download it again."
+        )
     recorded = payload["files"][DENDRITE_WEIGHTS_NAME].get("sha256")
     if recorded is not None and _sha256(path) != recorded:
         raise CheckpointError(
@@ -416,66 +377,52 @@ def _dendrite_file_tensors(
     return tensors
 
 
-def _check_layers(dm: "DendriticModel", payload: dict[str, Any], directory: str) -> None:
-    have = {name for name, _ in dm.dendritic_layers()}
+def check_layer_names(directory: str, payload: dict[str, Any], layer_names: set[str], architecture: str) -> None:
+    """The model's dendritic layers (`layer_names`, of a model of class `architecture`) are the checkpoint's."""
     want = set(payload["layers"])
-    if have != want:
-        missing, extra = sorted(want - have), sorted(have - want)
+    if layer_names != want:
+        missing, extra = sorted(want - layer_names), sorted(layer_names - want)
         path = os.path.join(directory, DENDRITE_CONFIG_NAME)
         detail = []
         if missing:
             detail.append(f"the checkpoint has dendritic layer(s) the model lacks, e.g. {missing[:3]}")
         if extra:
             detail.append(f"the model has dendritic layer(s) the checkpoint lacks, e.g. {extra[:3]}")
+        saved = payload["base_model"].get("architecture")
         raise CheckpointError(
             f"{path}: the dendritic layers do not match the model ({'; '.join(detail)}). The base model "
-            f"({type(dm.model).__name__}) does not match the one the checkpoint was saved from "
-            f"({payload['base_model'].get('architecture')})."
+            f"({architecture}) does not match the one the checkpoint was saved from ({saved}), or the model was "
+            "converted with other `target_modules`."
         )
 
 
-def _load_dendrites(dm: "DendriticModel", directory: str, payload: dict[str, Any]) -> None:
-    """Resize the layers to the recorded counts and copy the saved dendrite tensors in (strict)."""
-    _check_layers(dm, payload, directory)
-    layers = dict(dm.dendritic_layers())
-    counts = payload["layers"]
-    expected = {name: layers[name].expected_dendrite_shapes(k) for name, k in counts.items()}
-    tensors = _dendrite_file_tensors(directory, payload, expected)
-    dm.set_dendrite_counts(counts)
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            layer_name, _, pname = name.rpartition(".")
-            param = getattr(layers[layer_name], pname)
-            if param.device.type == "meta":
-                raise CheckpointError(
-                    f"Cannot load {name} into layer {layer_name!r}: the layer is offloaded (meta device). Load with a "
-                    "device_map that keeps every dendritic layer on a device (no 'disk' offload)."
-                )
-            param.copy_(tensor)
-    dm.growth_count = int(payload.get("growth_count", 0))
+def check_dendrite_kind(directory: str, payload: dict[str, Any], current: DendriteConfig) -> None:
+    """The dendrites of `current` compute what the checkpoint's did (same activation, rank and cascade)."""
+    saved = DendriteConfig.from_dict(payload["dendrite_config"])
+    path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+    for field_name in ("activation", "rank", "cascade"):
+        if getattr(saved, field_name) != getattr(current, field_name):
+            raise CheckpointError(
+                f"{path} was saved with {field_name}={getattr(saved, field_name)!r}, but the model has "
+                f"{field_name}={getattr(current, field_name)!r}; build the model with the checkpoint's DendriteConfig "
+                "(`DendriteConfig.from_pretrained(folder)`) or load it with `DendriticModel.from_pretrained`."
+            )
+
+
+def training_summary_from_metadata(directory: str, payload: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The checkpoint's training summary, its `curve_png` made a path into `directory` (None when the file is gone)."""
     summary = payload.get("training_summary")
-    if isinstance(summary, dict):
-        summary = dict(summary)
-        curve = summary.get("curve_png")
-        summary["curve_png"] = (
-            os.path.join(directory, curve) if curve and os.path.isfile(os.path.join(directory, curve)) else None
-        )
-    dm.training_summary = summary
+    if not isinstance(summary, dict):
+        return None
+    summary = dict(summary)
+    curve = summary.get("curve_png")
+    path = os.path.join(directory, curve) if curve else None
+    summary["curve_png"] = path if path and os.path.isfile(path) else None
+    return summary
 
 
-# ---------------------------------------------------------------------------------------------- in-place load
-def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
-    """For every state name, the other names of the same tensor (tied weights)."""
-    by_id: dict[int, list[str]] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-        model.named_buffers(remove_duplicate=False)
-    ):
-        by_id.setdefault(id(tensor), []).append(name)
-    return {name: set(names) - {name} for names in by_id.values() for name in names}
-
-
-def _read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
-    """{state name: (file, tensor)} for the base weight files listed in the manifest."""
+def read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
+    """{state name: (file, tensor)} for the base weight files listed in the manifest (safetensors only)."""
     names = [n for n in payload["files"] if n != DENDRITE_WEIGHTS_NAME and not n.endswith(".json")]
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for name in sorted(names):
@@ -491,88 +438,71 @@ def _read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tup
     return out
 
 
-def load_dendritic_state(dm: "DendriticModel", directory: Union[str, os.PathLike]) -> None:
-    """Load a checkpoint folder into an existing `DendriticModel`, in place and strictly.
+def check_base_tensors(
+    directory: str,
+    base: dict[str, tuple[str, torch.Tensor]],
+    model_state: dict[str, torch.Tensor],
+    *,
+    dendrite_keys: set[str],
+    tied_aliases: dict[str, set[str]],
+    ignore_patterns: list[str],
+    architecture: str,
+) -> None:
+    """Check base tensors read by `read_base_tensors` against a model's state before anything is copied.
 
-    Resizes every dendritic layer to the count recorded in the folder's `dendrite_config.json` (truncating or
-    growing; a layer whose count already matches keeps its Parameter objects), then copies the base weights and the
-    dendrite weights in and restores `growth_count` and `training_summary`. Used by `DendriticTrainer` to resume
-    from a checkpoint and for `load_best_model_at_end`: rebuild the optimizer afterwards when counts changed.
-
-    The model must have the same dendritic layers (same base architecture and `target_modules`) and the same
-    dendrite kind (activation, rank, cascade) as the checkpoint. Any missing, unexpected or mis-shaped tensor,
-    a truncated / corrupt file or an incomplete folder raises `CheckpointError` naming the file and the layer;
-    the model is only modified once every check has passed.
+    Args:
+        model_state: the wrapped model's `state_dict()`.
+        dendrite_keys: its dendrite entries (now and after resizing to the checkpoint's counts): not base weights.
+        tied_aliases: for every state name, the other names of the same tensor (a tied weight is saved once).
+        ignore_patterns: the model class's `_keys_to_ignore_on_save` (regexes of entries transformers never saves).
+        architecture: the model's class name, for the messages.
     """
-    directory = os.fspath(directory)
-    payload = read_checkpoint_metadata(directory)
-    path = os.path.join(directory, DENDRITE_CONFIG_NAME)
-    saved = DendriteConfig.from_dict(payload["dendrite_config"])
-    current = dm.dendrite_config
-    for field_name in ("activation", "rank", "cascade"):
-        if getattr(saved, field_name) != getattr(current, field_name):
-            raise CheckpointError(
-                f"{path} was saved with {field_name}={getattr(saved, field_name)!r}, but the model has "
-                f"{field_name}={getattr(current, field_name)!r}; build the model with the checkpoint's DendriteConfig "
-                "(`DendriteConfig.from_pretrained(folder)`) or load it with `DendriticModel.from_pretrained`."
-            )
-    _check_layers(dm, payload, directory)
-
-    # Check the base tensors against the model before touching it.
-    base = _read_base_tensors(directory, payload)
-    state = dm.model.state_dict()
-    layers = dict(dm.dendritic_layers())
-    dendrite_keys = set(dm.dendrite_state_dict()) | {
-        f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
-    }
-    base_keys = {k for k in state if k not in dendrite_keys}
+    base_keys = {k for k in model_state if k not in dendrite_keys}
     unexpected = sorted(set(base) - base_keys)
     if unexpected:
         file = base[unexpected[0]][0]
         raise CheckpointError(
             f"{file} holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:3]}: the base "
-            f"checkpoint does not match {type(dm.model).__name__}."
+            f"checkpoint does not match {architecture}."
         )
-    aliases = _tied_aliases(dm.model)
-    ignore = [re.compile(p) for p in (getattr(dm.model, "_keys_to_ignore_on_save", None) or [])]
+    ignore = [re.compile(p) for p in ignore_patterns]
     missing = sorted(
         k
         for k in base_keys - set(base)
-        if not (aliases.get(k, set()) & set(base)) and not any(p.search(k) for p in ignore)
+        if not (tied_aliases.get(k, set()) & set(base)) and not any(p.search(k) for p in ignore)
     )
     if missing:
         raise CheckpointError(
-            f"The base weights in {directory} lack {len(missing)} tensor(s) of {type(dm.model).__name__}, e.g. "
-            f"{missing[:3]}: the base checkpoint does not match the model."
+            f"The base weights in {directory} lack {len(missing)} tensor(s) of {architecture}, e.g. {missing[:3]}: the "
+            "base checkpoint does not match the model."
         )
     for key, (file, tensor) in sorted(base.items()):
-        if tuple(tensor.shape) != tuple(state[key].shape):
+        if tuple(tensor.shape) != tuple(model_state[key].shape):
             raise CheckpointError(
-                f"{file}: {key} has shape {tuple(tensor.shape)}, but the model's has {tuple(state[key].shape)}: the base "
-                "checkpoint does not match the model."
+                f"{file}: {key} has shape {tuple(tensor.shape)}, but the model's has {tuple(model_state[key].shape)}: "
+                "the base checkpoint does not match the model."
             )
-        if state[key].device.type == "meta":
-            raise CheckpointError(
-                f"Cannot load {key} from {file} in place: the model keeps it offloaded (meta device)."
-            )
+        if model_state[key].device.type == "meta":
+            raise CheckpointError(f"Cannot load {key} from {file} in place: the model keeps it offloaded (meta device).")
 
-    _load_dendrites(dm, directory, payload)
-    with torch.no_grad():
-        state = dm.model.state_dict(keep_vars=True)
-        for key, (_, tensor) in base.items():
-            state[key].copy_(tensor)
-    logger.info("Loaded dendritic checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
+
+def load_dendritic_state(model: Any, directory: Union[str, os.PathLike]) -> None:
+    """Load a checkpoint folder into an existing `DendriticModel`, in place and strictly.
+
+    The same as `model.load_dendritic_state(directory)` (see `DendriticModel.load_dendritic_state`).
+    """
+    model.load_dendritic_state(directory)
 
 
 # ---------------------------------------------------------------------------------------------- from_pretrained
-def _resolve_checkpoint_dir(
+def resolve_checkpoint_dir(
     path_or_repo_id: Union[str, os.PathLike],
     *,
-    revision: Optional[str],
-    token: Optional[Union[str, bool]],
-    cache_dir: Optional[str],
-    force_download: bool,
-    local_files_only: bool,
+    revision: Optional[str] = None,
+    token: Optional[Union[str, bool]] = None,
+    cache_dir: Optional[str] = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
 ) -> str:
     """A local folder as it is, or a Hub repo downloaded into the cache: first the JSON configs, then exactly the
     weight files that `dendrite_config.json` lists, from the same commit. Nothing else (no pickle) is fetched."""
@@ -596,44 +526,32 @@ def _resolve_checkpoint_dir(
     return snapshot_download(path, revision=commit, allow_patterns=weights, **kwargs)
 
 
-def load_dendritic_model(
-    pretrained_model_name_or_path: Union[str, os.PathLike],
-    *,
-    model_class: Any = None,
-    revision: Optional[str] = None,
-    dtype: Any = None,
-    device_map: Any = None,
-    token: Optional[Union[str, bool]] = None,
-    cache_dir: Optional[str] = None,
-    force_download: bool = False,
-    local_files_only: bool = False,
-    **model_kwargs: Any,
-) -> "DendriticModel":
-    """Rebuild a `DendriticModel` from a checkpoint folder or a Hub repo (this is `DendriticModel.from_pretrained`).
+def base_model_class(directory: str, payload: dict[str, Any]) -> Any:
+    """The transformers class to rebuild the base model with: the one the checkpoint was saved from, which must
+    agree with `config.json`'s `architectures`."""
+    config_path = os.path.join(directory, CONFIG_NAME)
+    base_config = read_json_file(config_path, CheckpointError, "the checkpoint is damaged")
+    saved_arch = payload["base_model"].get("architecture")
+    architectures = base_config.get("architectures") or []
+    if architectures and saved_arch and architectures[0] != saved_arch:
+        raise CheckpointError(
+            f"{config_path} describes a {architectures[0]}, but {DENDRITE_CONFIG_NAME} was saved from a "
+            f"{saved_arch}: the base checkpoint does not match the dendrites."
+        )
+    arch = saved_arch or (architectures[0] if architectures else None)
+    import transformers
 
-    The base model is loaded by transformers (`model_class`, default: the class named in `config.architectures`)
-    from the safetensors files only, converted with the saved `DendriteConfig`, each layer is grown to its saved
-    count and the dendrites are loaded: no training is replayed, and the outputs are bit-identical to those of the
-    saved model. `dtype`, `device_map` and other keyword arguments (e.g. `attn_implementation`) go to the
-    transformers `from_pretrained`; dendrites follow the dtype and device of their layer.
+    model_class = getattr(transformers, arch, None) if arch else None
+    if model_class is None:
+        raise ValueError(
+            f"Cannot tell which transformers class to build for {directory} (architecture {arch!r}); pass "
+            "`model_class=` (e.g. transformers.AutoModelForSequenceClassification or your own class)."
+        )
+    return model_class
 
-    From the Hub only JSON configs and safetensors files are downloaded (`revision`, `token`, `cache_dir`,
-    `force_download` and `local_files_only` as in `huggingface_hub.snapshot_download`).
-    """
-    from .model import get_dendritic_model
 
-    if model_kwargs.get("use_safetensors") is False:
-        raise ValueError("hf_dendrites loads safetensors only; do not pass use_safetensors=False.")
-    model_kwargs.pop("use_safetensors", None)
-    directory = _resolve_checkpoint_dir(
-        pretrained_model_name_or_path,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        force_download=force_download,
-        local_files_only=local_files_only,
-    )
-    payload = read_checkpoint_metadata(directory)
+def check_base_folder(directory: str) -> None:
+    """The folder has the base model's config and nothing that hf_dendrites never writes (a PEFT adapter)."""
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path} is missing: the base model's config is needed to rebuild the model.")
@@ -642,29 +560,10 @@ def load_dendritic_model(
             f"{directory} contains {ADAPTER_CONFIG_NAME} (a PEFT adapter), which hf_dendrites checkpoints never hold; "
             "refusing to load it (adapter files may be pickles)."
         )
-    base_config = read_json_file(config_path, CheckpointError, "the checkpoint is damaged")
-    saved_arch = payload["base_model"].get("architecture")
-    architectures = base_config.get("architectures") or []
-    if model_class is None:
-        if architectures and saved_arch and architectures[0] != saved_arch:
-            raise CheckpointError(
-                f"{config_path} describes a {architectures[0]}, but {DENDRITE_CONFIG_NAME} was saved from a "
-                f"{saved_arch}: the base checkpoint does not match the dendrites."
-            )
-        arch = saved_arch or (architectures[0] if architectures else None)
-        import transformers
 
-        model_class = getattr(transformers, arch, None) if arch else None
-        if model_class is None:
-            raise ValueError(
-                f"Cannot tell which transformers class to build for {directory} (architecture {arch!r}); pass "
-                "`model_class=` (e.g. transformers.AutoModelForSequenceClassification or your own class)."
-            )
-    if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    if device_map is not None:
-        model_kwargs["device_map"] = device_map
-    model, info = model_class.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **model_kwargs)
+
+def check_loading_info(directory: str, payload: dict[str, Any], info: dict[str, Any], architecture: str) -> None:
+    """transformers' `output_loading_info` of the base model: any missing / unexpected / mismatched key is an error."""
     problems = {
         key: info.get(key)
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
@@ -674,13 +573,73 @@ def load_dendritic_model(
         files = ", ".join(n for n in sorted(payload["files"]) if n != DENDRITE_WEIGHTS_NAME)
         detail = "; ".join(f"{key}: {sorted(map(str, value))[:5]}" for key, value in problems.items())
         raise CheckpointError(
-            f"The base weights ({files} in {directory}) do not match {type(model).__name__}: {detail}. The base "
+            f"The base weights ({files} in {directory}) do not match {architecture}: {detail}. The base "
             "checkpoint does not belong to these dendrites, or `model_class` is wrong."
         )
-    if getattr(model, "config", None) is not None:
-        # What the user asked for (repo id or folder), as transformers records it, not the cache folder.
-        model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
-    dm = get_dendritic_model(model, DendriteConfig.from_dict(payload["dendrite_config"]))
-    _load_dendrites(dm, directory, payload)
-    dm.train(model.training)
-    return dm
+
+
+def find_dendritic_checkpoint(name_or_path: Optional[str], *, revision: Optional[str] = None) -> Optional[str]:
+    """The folder holding the dendrites of the checkpoint a model was loaded from, or None for a plain model.
+
+    `name_or_path` is what transformers records as the model's source (`config._name_or_path`). A local folder is
+    a dendritic checkpoint when it holds `dendrite_config.json` with layer counts; a Hub repo id when that file and
+    `dendrite_model.safetensors` are in the local cache or, unless offline, can be downloaded (only those two
+    files, at `revision`: the commit the model came from). A folder with dendrite weights but no
+    `dendrite_config.json` (an interrupted save) and a repo that cannot be checked are logged as warnings.
+    """
+    if not name_or_path:
+        return None
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        marker = os.path.join(path, DENDRITE_CONFIG_NAME)
+        if os.path.isfile(marker):
+            payload = read_json_file(marker, CheckpointError, "the checkpoint is damaged")
+            return path if isinstance(payload, dict) and "layers" in payload else None  # else: a DendriteConfig alone
+        if os.path.isfile(os.path.join(path, DENDRITE_WEIGHTS_NAME)):
+            logger.warning(
+                "%s holds %s but no %s (an interrupted save?): the model is converted without its dendrites.",
+                path, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME,
+            )
+        return None
+    if os.path.isabs(path) or path.startswith("."):
+        return None
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(path, DENDRITE_CONFIG_NAME, revision=revision)
+    except HFValidationError:
+        return None  # neither a folder nor a repo id
+    if cached is not None and not isinstance(cached, str):
+        return None  # the cache knows the repo has no such file
+    if cached is None and hub_constants.HF_HUB_OFFLINE:
+        logger.info(
+            "Offline: cannot tell whether the Hub repo %s holds dendrites (%s is not in the local cache).",
+            path, DENDRITE_CONFIG_NAME,
+        )
+        return None
+    try:
+        marker = hf_hub_download(path, DENDRITE_CONFIG_NAME, revision=revision)
+    except EntryNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # network, authentication, missing repo
+        logger.warning(
+            "Could not check whether the Hub repo %s holds dendrites (%s); the model is converted without them. Load "
+            "it with DendriticModel.from_pretrained to be sure.",
+            path, err,
+        )
+        return None
+    payload = read_json_file(marker, CheckpointError, "the checkpoint is damaged")
+    if not (isinstance(payload, dict) and "layers" in payload):
+        return None
+    folder = os.path.dirname(marker)  # the cache snapshot of the commit the marker came from
+    try:
+        hf_hub_download(path, DENDRITE_WEIGHTS_NAME, revision=os.path.basename(folder))
+    except (OSError, ValueError, EntryNotFoundError) as err:
+        raise CheckpointError(
+            f"The Hub repo {path} is a dendritic checkpoint ({DENDRITE_CONFIG_NAME}), but its {DENDRITE_WEIGHTS_NAME} "
+            f"could not be fetched ({err}). Connect to the Hub (or download the repo) to restore its dendrites, or "
+            "pass restore_dendrites=False to get_dendritic_model to start from zero dendrites."
+        ) from err
+    return folder

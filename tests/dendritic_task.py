@@ -7,7 +7,7 @@ tiny BERT learns in a few dozen steps), with 10 % of labels flipped so that the 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import transformers
@@ -49,27 +49,27 @@ def all_linear() -> DendriteConfig:
 
 def make_args(output_dir: str, **overrides: Any) -> DendriticTrainingArguments:
     """Fast CPU arguments: evaluation (and checkpoint) every 4 steps, no reporting, no progress bar."""
-    kwargs: dict[str, Any] = dict(
-        output_dir=output_dir,
-        eval_strategy="steps",
-        eval_steps=4,
-        save_strategy="no",
-        logging_steps=4,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        num_train_epochs=100,
-        dendrite_patience=[2],
-        dendrite_improvement_threshold=[0.01],
-        max_dendrite_cycles=2,
-        max_dendrite_tries=2,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "eval_strategy": "steps",
+        "eval_steps": 4,
+        "save_strategy": "no",
+        "logging_steps": 4,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 64,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "constant",
+        "num_train_epochs": 100,
+        "dendrite_patience": [2],
+        "dendrite_improvement_threshold": [0.01],
+        "max_dendrite_cycles": 2,
+        "max_dendrite_tries": 2,
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
     kwargs.update(overrides)
     return DendriticTrainingArguments(**kwargs)
 
@@ -90,5 +90,5 @@ class ScriptedMetric:
         return {"scripted": float(next(self._it))}
 
 
-def state_of(model: torch.nn.Module, prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
+def state_of(model: torch.nn.Module, prefix: str | None = None) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if prefix is None or k.startswith(prefix)}

@@ -18,7 +18,7 @@ def test_defaults_and_help_texts():
 @pytest.mark.parametrize(
     "kwargs, error, fragment",
     [
-        ({"dendrites_per_cycle": 0}, ValueError, "dendrites_per_cycle"),
+        ({"dendrites_per_cycle": 0}, ValueError, "dendrites_per_cycle.*dendrite_restarts_only=True"),
         ({"dendrites_per_cycle": 1.5}, ValueError, "dendrites_per_cycle"),
         ({"activation": "softplus"}, ValueError, "activation"),
         ({"init_scale": 0}, ValueError, "init_scale"),

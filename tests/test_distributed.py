@@ -1,34 +1,14 @@
 """DendriticTrainer under DDP: two real CPU processes (gloo) launched with torch.distributed.run."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
+
+from conftest import run_two_processes
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "ddp_train.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_processes(script: str, tmp_path) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), script, str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-
-
 def test_two_processes_decide_together_and_stay_identical(tmp_path):
-    results = _run_two_processes(SCRIPT, tmp_path)
+    results = run_two_processes(SCRIPT, tmp_path)
 
     for res in results:
         assert res["world_size"] == 2 and res["distributed_type"].endswith("MULTI_CPU")
@@ -54,7 +34,7 @@ def test_two_processes_decide_together_and_stay_identical(tmp_path):
 
 
 def test_correlation_rule_on_two_processes_installs_identical_candidates(tmp_path):
-    results = _run_two_processes(os.path.join(os.path.dirname(SCRIPT), "ddp_correlation.py"), tmp_path)
+    results = run_two_processes(os.path.join(os.path.dirname(SCRIPT), "ddp_correlation.py"), tmp_path)
     for res in results:
         assert res["world_size"] == 2
         assert "install" in res["decisions"]  # at least one candidate phase ran to installation

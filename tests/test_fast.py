@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import make_tiny, tiny_inputs
 from torch import nn
 from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel
 from transformers.pytorch_utils import Conv1D
 
-from conftest import make_tiny, tiny_inputs
 from hf_dendrites import DendriteConfig, get_dendritic_model
 from hf_dendrites.layers import DENDRITIC_LAYER_CLASSES
 

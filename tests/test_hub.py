@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from test_saving import PNG_1X1, dendritic, outputs, training_summary
 
-from hf_dendrites import CheckpointError, DendriticModel
+from hf_dendrites import CheckpointError, DendriticModel, get_dendritic_model
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which httpx deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -82,7 +82,7 @@ LOAD_SCRIPT = textwrap.dedent(
 
     import torch
     from safetensors.torch import load_file, save_file
-    from hf_dendrites import CheckpointError, DendriticModel
+    from hf_dendrites import CheckpointError, DendriticModel, get_dendritic_model
 
     repo_id, revision, inputs_path, out_path, token = sys.argv[1:6]
     dm = DendriticModel.from_pretrained(repo_id, revision=None if revision == "-" else revision, token=token)
@@ -252,3 +252,20 @@ def test_hub_errors(hub, hub_env, tmp_path):
     HfApi(token=TOKEN).upload_folder(folder_path=plain, repo_id="tester/plain-bert")
     with pytest.raises(CheckpointError, match="tester/plain-bert.*not a complete hf_dendrites checkpoint"):
         DendriticModel.from_pretrained("tester/plain-bert", token=TOKEN, cache_dir=cache)
+
+
+def test_get_dendritic_model_restores_a_hub_checkpoint(hub, hub_env, tmp_path):
+    """A script that loads a dendritic repo with `AutoModelFor...` and converts it keeps the dendrites."""
+    repo = "tester/dendritic-for-scripts"
+    dm = dendritic("bert", grow=(1, 1))
+    dm.push_to_hub(repo, token=TOKEN)
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(repo).eval()
+    restored = get_dendritic_model(plain)
+    assert restored.dendrite_counts() == dm.dendrite_counts() and restored.growth_count == 2
+    assert torch.equal(outputs(restored), outputs(dm))
+    # A plain transformers repo stays plain.
+    HfApi(token=TOKEN).create_repo("tester/plain-for-scripts")
+    make_tiny("bert").save_pretrained(tmp_path / "plain")
+    HfApi(token=TOKEN).upload_folder(folder_path=tmp_path / "plain", repo_id="tester/plain-for-scripts")
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained("tester/plain-for-scripts")
+    assert set(get_dendritic_model(plain).dendrite_counts().values()) == {0}

@@ -1,4 +1,4 @@
-"""Each dendritic layer kind against a plain-loop reference of ALGORITHM.md section 1."""
+"""Each dendritic layer kind against a plain-loop reference of docs/dendritic_layer.md."""
 
 import math
 
@@ -10,8 +10,8 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_dendrites.layers import (
     DENDRITE_PARAM_NAMES,
-    DendriticConv1d,
     DendriticConv1D,
+    DendriticConv1d,
     DendriticConv2d,
     DendriticLinear,
     dendritic_class_for,

@@ -19,7 +19,10 @@ EXPECTED_DEFAULT_SUFFIXES = {
     "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
     "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
     "t5": {"q", "k", "v", "o", "wi", "wo"},
-    "vit": {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"},
+    # transformers >= 5.9 names ViT layers q_proj/k_proj/v_proj/o_proj/fc1/fc2; older 5.x releases query/key/value/
+    # attention.output.dense/intermediate.dense/output.dense (the lowest-versions CI job runs those).
+    "vit": {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "query", "key", "value", "attention.output.dense",
+            "intermediate.dense", "output.dense"},
 }
 LAYERS_PER_BLOCK = {"bert": 6, "gpt2": 4, "llama": 7, "t5": None, "vit": 6}
 
@@ -94,6 +97,40 @@ def test_no_match_error_lists_candidates():
         get_dendritic_model(make_tiny("bert"), DendriteConfig(target_modules=["does_not_exist"]))
 
 
+def tiny_resnet():
+    """A real transformers model whose only nn.Linear is its classification head (`classifier.1`)."""
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=3)
+    return transformers.ResNetForImageClassification(config).eval()
+
+
+def test_all_linear_error_names_the_rule_that_excluded_the_head():
+    model = tiny_resnet()
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] == ["classifier.1"]
+    with pytest.raises(ValueError) as err:
+        get_dendritic_model(model, DendriteConfig(target_modules="all-linear"))
+    message = str(err.value)
+    assert "`classifier.1` is a task head" in message and "'all-linear' never targets" in message
+    assert "pass target_modules=['classifier.1'] to target it" in message
+    assert "Supported layers" not in message  # the head is not offered as a candidate 'all-linear' could match
+    # Following the advice works.
+    dm = get_dendritic_model(model, DendriteConfig(target_modules=["classifier.1"]))
+    assert dm.dendrite_counts() == {"classifier.1": 0}
+
+
+def test_all_linear_error_names_the_output_embedding():
+    """A causal LM whose only Linear outside its blocks is the output embedding, blocks excluded by the user."""
+    model = make_tiny("llama")
+    cfg = DendriteConfig(target_modules=["lm_head", "down_proj"], exclude_modules=["down_proj", "lm_head"])
+    with pytest.raises(ValueError, match=r"once exclude_modules=\['down_proj', 'lm_head'\] is applied.*`lm_head`"):
+        resolve_target_modules(model, cfg)
+    mlp_only = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=99, hidden_size=8, intermediate_size=8, num_hidden_layers=0, num_attention_heads=2)
+    )
+    with pytest.raises(ValueError, match=r"`lm_head` is the output embedding.*target_modules=\['lm_head'\] to target it"):
+        resolve_target_modules(mlp_only, DendriteConfig(target_modules="all-linear"))
+
+
 def test_unsupported_target_kind_is_an_error():
     with pytest.raises(TypeError, match="word_embeddings.*not a supported layer kind"):
         get_dendritic_model(make_tiny("bert"), DendriteConfig(target_modules=["word_embeddings"]))
@@ -145,10 +182,10 @@ def test_passthrough_config_generate_and_signature():
     assert out.loss is not None
 
 
-def test_trainer_keeps_dataset_columns():
+def test_trainer_keeps_dataset_columns(tmp_path):
     """transformers.Trainer drops dataset columns that the forward signature does not name."""
     dm = get_dendritic_model(make_tiny("bert"))
-    args = transformers.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "unused"), report_to=[], use_cpu=True)
     trainer = transformers.Trainer(model=dm, args=args)
     trainer._set_signature_columns_if_needed()
     assert {"input_ids", "attention_mask", "labels"} <= set(trainer._signature_columns)

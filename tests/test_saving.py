@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import hf_dendrites.saving as saving
 from hf_dendrites import CheckpointError, DendriteConfig, DendriticModel, get_dendritic_model, load_dendritic_state
+from hf_dendrites.layers import DendriticLayerMixin
 
 # A valid 1x1 PNG (the training curve a DendriticTrainer would have drawn).
 PNG_1X1 = bytes.fromhex(
@@ -39,14 +40,32 @@ def outputs(model, name="bert"):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def training_summary(curve_png=None):
+def training_summary(curve_png=None, dendrites_only_phase=False):
+    """A `DendriticModel.training_summary` as DendriticTrainer sets it: one kept, one discarded, one cut-short try."""
+    def row(cycle, try_, k, params, score, step, status):
+        return {"cycle": cycle, "try": try_, "num_dendrites": k, "params": params, "best_score": score,
+                "best_step": step, "status": status}
+
     return {
         "metric": "eval_accuracy",
         "greater_is_better": True,
+        "completed": False,
+        "stopped_by_cap": True,
         "cycles": [
-            {"cycle": 0, "num_dendrites": 0, "params": 20044, "best_score": 0.71},
-            {"cycle": 1, "num_dendrites": 13, "params": 34848, "best_score": 0.7525},
+            row(0, 0, 0, 20044, 0.71, 20, "kept"),
+            row(1, 0, 13, 34848, 0.7525, 40, "kept"),
+            row(2, 0, 26, 49652, 0.74, 60, "discarded"),
+            row(2, 1, 26, 49652, 0.745, 80, "cut short"),
         ],
+        "schedule": {
+            "patience": 2, "improvement_threshold": 0.0, "epsilon": 1e-4, "max_cycles": 5, "max_tries": 2,
+            "dendrites_only_phase": dendrites_only_phase, "learning_rule": "gd", "dendrites_per_cycle": 1,
+            "dendrite_lr_schedule": None,
+        },
+        "hyperparameters": {
+            "learning_rate": 5e-05, "train_batch_size": 8, "eval_batch_size": 16, "seed": 42,
+            "optimizer": "adamw_torch", "lr_scheduler_type": "linear", "num_epochs": 10,
+        },
         "curve_png": curve_png,
         "eval_results": {"eval_accuracy": 0.7525, "eval_loss": 0.51},
     }
@@ -199,7 +218,6 @@ def test_model_card_with_training_summary(tmp_path):
     text = (tmp_path / "ckpt" / "README.md").read_text()
     assert (tmp_path / "ckpt" / "training_curve.png").read_bytes() == PNG_1X1
     assert "![Training curve](training_curve.png)" in text
-    assert "| 1 | 13 | 34,848 | 0.7525 |" in text  # per-cycle table
     summary = dm.dendrite_summary()
     assert f"| dendrites | {summary.dendrite_params:,} " in text and f"| base model | {summary.base_params:,} |" in text
     assert "DendriticModel.from_pretrained(" in text and "`activation` | `tanh`" in text
@@ -219,6 +237,92 @@ def test_model_card_with_training_summary(tmp_path):
     loaded = DendriticModel.from_pretrained(tmp_path / "ckpt")
     assert loaded.training_summary["cycles"] == dm.training_summary["cycles"]
     assert loaded.training_summary["curve_png"] == str(tmp_path / "ckpt" / "training_curve.png")
+
+    # Saved again without a training curve: the old curve goes, and the card no longer shows one. The base model's
+    # Hub id, recorded in the checkpoint, survives the trip through a local folder.
+    loaded.training_summary = None
+    loaded.save_pretrained(tmp_path / "ckpt")
+    assert ModelCard.load(tmp_path / "ckpt" / "README.md").data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert not (tmp_path / "ckpt" / "training_curve.png").exists()
+    assert "Training curve" not in (tmp_path / "ckpt" / "README.md").read_text()
+    assert "training_summary" not in json.loads((tmp_path / "ckpt" / "dendrite_config.json").read_text())
+
+
+def test_resaving_a_loaded_model_keeps_its_curve(tmp_path):
+    curve = tmp_path / "curve.png"
+    curve.write_bytes(PNG_1X1)
+    dm = dendritic("bert")
+    dm.training_summary = training_summary(str(curve))
+    dm.save_pretrained(tmp_path / "ckpt")
+    loaded = DendriticModel.from_pretrained(tmp_path / "ckpt")  # its curve_png points into the folder itself
+    loaded.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "training_curve.png").read_bytes() == PNG_1X1
+    assert "![Training curve](training_curve.png)" in (tmp_path / "ckpt" / "README.md").read_text()
+
+
+def _card_rows(text):
+    """The per-cycle table of a card: {(cycle, try): [status, dendrites, parameters, best score, best step]}."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].isdigit() and cells[1].isdigit():
+            rows[(int(cells[0]), int(cells[1]))] = cells[2:]
+    return rows
+
+
+def test_model_card_tells_the_truth_about_the_run(tmp_path):
+    dm = dendritic("bert", grow=(1,))  # the saved model: the kept cycles' dendrites only
+    dm.model.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    dm.training_summary = training_summary()
+    dm.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    text = card.text
+
+    assert _card_rows(text) == {
+        (0, 0): ["kept", "0", "20,044", "0.7100", "20"],
+        (1, 0): ["kept", "13", "34,848", "0.7525", "40"],
+        (2, 0): ["discarded", "26", "49,652", "0.7400", "60"],
+        (2, 1): ["cut short", "26", "49,652", "0.7450", "80"],
+    }
+    summary = dm.dendrite_summary()
+    assert f"which holds {summary.num_dendrites} dendrites" in " ".join(text.split())
+    assert f"{summary.num_dendrites} dendrites in\n{len(summary.layers)} layers" in text
+    assert "before the schedule completed" in text
+    # dendrites_only_phase=False: no claim of alternating phases
+    assert "alternates" not in text and "no dendrite-only phase" in text
+    assert "- learning_rate: 5e-05" in text and "- lr_scheduler_type: linear" in text
+    assert "| `dendrites_only_phase` | `False` |" in text and "| `patience` | `2` |" in text
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+
+    dm.training_summary = dict(training_summary(dendrites_only_phase=True), completed=True, stopped_by_cap=False)
+    dm.save_pretrained(tmp_path)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "alternates neuron phases with dendrite phases" in text
+    assert "The schedule completed" in text and "before the schedule completed" not in text
+
+
+def test_model_card_reads_older_training_summaries(tmp_path):
+    """Summaries written before per-try statuses: kept cycles under "cycles", every try under "tries"."""
+    dm = dendritic("bert")
+    dm.training_summary = {
+        "metric": "eval_loss",
+        "greater_is_better": False,
+        "cycles": [{"cycle": 0, "try": 0, "num_dendrites": 0, "params": 100, "best_score": 0.5, "status": "accepted"}],
+        "tries": [
+            {"cycle": 0, "try": 0, "num_dendrites": 0, "params": 100, "best_score": 0.5, "best_step": 4, "status": "accepted"},
+            {"cycle": 1, "try": 0, "num_dendrites": 13, "params": 200, "best_score": 0.6, "best_step": 8, "status": "discarded"},
+            {"cycle": 1, "try": 1, "num_dendrites": 13, "params": 200, "best_score": None, "best_step": None, "status": "stopped"},
+        ],
+        "completed": False,
+    }
+    dm.save_pretrained(tmp_path)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert _card_rows(text) == {
+        (0, 0): ["kept", "0", "100", "0.5000", "4"],
+        (1, 0): ["discarded", "13", "200", "0.6000", "8"],
+        (1, 1): ["cut short", "13", "200", "", ""],
+    }
+    assert "alternates" not in text
 
 
 def test_model_card_without_training_summary(tmp_path):
@@ -493,3 +597,84 @@ def test_loading_never_unpickles(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="safetensors only"):
         DendriticModel.from_pretrained(checkpoint, use_safetensors=False)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- other entry points
+def test_get_dendritic_model_restores_a_checkpoint_loaded_with_transformers(tmp_path, caplog):
+    """What an unmodified fine-tuning script does with `--model_name_or_path <dendritic checkpoint>`."""
+    dm = dendritic("bert", grow=(1, 1))
+    dm.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForSequenceClassification
+
+    with caplog.at_level("INFO", logger="hf_dendrites"):
+        restored = get_dendritic_model(auto.from_pretrained(tmp_path).eval())
+    assert restored.dendrite_counts() == dm.dendrite_counts() and all(k == 2 for k in dm.dendrite_counts().values())
+    assert restored.dendrite_config == dm.dendrite_config and restored.growth_count == 2
+    assert torch.equal(outputs(restored), outputs(dm))
+    assert any("is a dendritic checkpoint: restored its" in r.getMessage() for r in caplog.records)
+
+    # An explicit config that selects the same layers with the same dendrites: restored, its growth settings used.
+    same = DendriteConfig(target_modules="all-linear", dendrites_per_cycle=2, dendrite_seed=0)
+    restored = get_dendritic_model(auto.from_pretrained(tmp_path).eval(), same)
+    assert torch.equal(outputs(restored), outputs(dm)) and restored.dendrite_config.dendrites_per_cycle == 2
+
+    # A config that leaves the layer selection and dendrite kind at their defaults (what a script that always
+    # parses a DendriteConfig from its command line passes when no dendrite flag is set) takes the checkpoint's.
+    parsed = DendriteConfig(dendrites_per_cycle=3)
+    restored = get_dendritic_model(auto.from_pretrained(tmp_path).eval(), parsed)
+    assert torch.equal(outputs(restored), outputs(dm)) and restored.dendrite_counts() == dm.dendrite_counts()
+    assert restored.dendrite_config.target_modules == "all-linear" and restored.dendrite_config.dendrites_per_cycle == 3
+    assert parsed.target_modules is None  # the caller's object is left alone
+
+    # A conflicting config is an error that says how to proceed; the model is left unconverted.
+    plain = auto.from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match=r"activation='tanh'.*activation='relu'.*restore_dendrites=False"):
+        get_dendritic_model(plain, DendriteConfig(target_modules="all-linear", activation="relu"))
+    with pytest.raises(ValueError, match=r"other layers.*DendriteConfig.from_pretrained"):
+        get_dendritic_model(plain, DendriteConfig(target_modules=["query"]))
+    assert not any(isinstance(m, DendriticLayerMixin) for m in plain.modules())
+    fresh = get_dendritic_model(plain, DendriteConfig(target_modules=["query"]), restore_dendrites=False)
+    assert set(fresh.dendrite_counts().values()) == {0}
+
+    # Loaded as another class (the bare encoder): its layer names differ, and the error says what to load it with.
+    with pytest.raises(CheckpointError, match=r"saved on a BertForSequenceClassification.*loaded as a BertModel"):
+        get_dendritic_model(transformers.AutoModel.from_pretrained(tmp_path))
+
+
+def test_get_dendritic_model_refuses_a_damaged_checkpoint(checkpoint):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    os.remove(checkpoint / "dendrite_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"dendrite_model\.safetensors is missing"):
+        get_dendritic_model(model)
+    assert not any(isinstance(m, DendriticLayerMixin) for m in model.modules())  # left as it was
+
+
+def test_get_dendritic_model_ignores_plain_and_config_only_folders(tmp_path):
+    make_tiny("bert").save_pretrained(tmp_path)
+    DendriteConfig(target_modules=["query"]).save_pretrained(tmp_path)  # a config alone: nothing to restore
+    dm = get_dendritic_model(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path))
+    assert set(dm.dendrite_counts().values()) == {0} and dm.dendrite_config == DendriteConfig()
+
+
+def test_loading_never_draws_random_dendrite_weights(tmp_path, monkeypatch):
+    """from_pretrained / load_dendritic_state create the dendrites they load uninitialised, not randomly."""
+    dm = dendritic("gpt2", DendriteConfig(rank=2), grow=(2,))
+    dm.save_pretrained(tmp_path)
+    draws = []
+    real_random = DendriticLayerMixin._random
+
+    def recording(self, shape, std, generator, initialize=True):
+        draws.append(initialize)
+        return real_random(self, shape, std, generator, initialize)
+
+    monkeypatch.setattr(DendriticLayerMixin, "_random", recording)
+    loaded = DendriticModel.from_pretrained(tmp_path)
+    assert draws and not any(draws)
+    assert torch.equal(outputs(loaded, "gpt2"), outputs(dm, "gpt2"))
+
+    target = get_dendritic_model(make_tiny("gpt2"), DendriteConfig(rank=2))
+    draws.clear()
+    rng = torch.random.get_rng_state()
+    load_dendritic_state(target, tmp_path)
+    assert draws and not any(draws) and torch.equal(torch.random.get_rng_state(), rng)
+    assert torch.equal(outputs(target, "gpt2"), outputs(dm, "gpt2"))

@@ -1,11 +1,18 @@
-"""The phase state machine alone (ALGORITHM.md section 2), without torch or training."""
+"""The phase state machine alone (docs/schedule.md), without torch or training."""
 
 import json
 import math
 
 import pytest
 
-from hf_dendrites.schedule import PHASE_DENDRITE, PHASE_NEURON, Action, Decision, DendriteSchedule, ScheduleSettings
+from hf_dendrites.schedule import (
+    PHASE_DENDRITE,
+    PHASE_NEURON,
+    Action,
+    Decision,
+    DendriteSchedule,
+    ScheduleSettings,
+)
 
 
 def run(schedule, scores, start=0, every=10):
@@ -178,7 +185,62 @@ def test_state_from_a_newer_library_is_refused():
 
 
 def test_module_has_no_torch_dependency():
-    import hf_dendrites.schedule as schedule
+    from pathlib import Path
 
-    source = open(schedule.__file__, encoding="utf-8").read()
+    from hf_dendrites import schedule
+
+    source = Path(schedule.__file__).read_text(encoding="utf-8")
     assert "import torch" not in source and "from torch" not in source
+
+
+def test_replayed_restart_steps_end_cycles_at_those_steps_only():
+    s = DendriteSchedule(ScheduleSettings(patience=1, max_cycles=1, max_tries=1, restart_steps=[30, 60]))
+    # No plateau ends a cycle (patience 1, constant scores), max_cycles / max_tries do not stop the replay.
+    assert run(s, [1.0, 0.9, 0.9, 0.95, 0.95, 0.95]) == ["continue", "continue", "grow", "continue", "continue", "retry"]
+    assert (s.cycle, s.attempt, s.accepted_best, s.done) == (1, 2, 0.9, False)
+    assert s.step(0.8, 70).action is Action.CONTINUE
+    final = s.step(0.85, 80, final=True)  # the end of training judges the last cycle
+    assert final.action is Action.COMPLETE and final.cycle_accepted and s.done and s.accepted_best == 0.8
+    assert [(h.cycle, h.attempt, h.accepted, h.end_step) for h in s.history] == [(0, 1, True, 30), (1, 1, False, 60), (1, 2, True, 80)]
+    # a final step without improvement completes with the model accepted before
+    t = DendriteSchedule(ScheduleSettings(restart_steps=[10]))
+    assert [t.step(v, k).action.value for k, v in ((10, 1.0), (20, 2.0))] == ["grow", "continue"]
+    assert t.step(2.0, 30, final=True).cycle_accepted is False and t.done and t.accepted_best == 1.0
+
+
+def test_lr_search_probes_every_candidate_then_keeps_the_best():
+    s = DendriteSchedule(ScheduleSettings(patience=1, max_cycles=2, lr_search=[1.0, 0.1, 0.01]))
+    assert run(s, [1.0, 1.0]) == ["continue", "grow"] and s.lr_factor == 1.0
+    # candidate 0 best 0.7, candidate 1 best 0.6 (the best), candidate 2 best 0.65
+    d0 = [s.step(v, k) for k, v in ((30, 0.7), (40, 0.7))]
+    assert [d.action for d in d0] == [Action.CONTINUE, Action.NEXT_LR] and d0[1].lr_best_so_far
+    assert s.lr_index == 1 and s.lr_factor == 0.1 and s.cycle_best is None and s.cycle == 1 and s.attempt == 1
+    d1 = [s.step(v, k) for k, v in ((50, 0.6), (60, 0.6))]
+    assert d1[1].action is Action.NEXT_LR and d1[1].lr_best_so_far and s.lr_factor == 0.01
+    d2 = [s.step(v, k) for k, v in ((70, 0.65), (80, 0.65))]
+    assert d2[1].action is Action.GROW and d2[1].lr_pick == 1 and d2[1].cycle_accepted
+    assert "keeping 0.1" in d2[1].message and s.accepted_best == 0.6 and s.accepted_best_step == 50
+    record = s.history[1]
+    assert (record.start_step, record.end_step, record.best_score, record.best_step, record.lr_pick) == (20, 80, 0.6, 50, 1)
+    assert [c["factor"] for c in record.lr_candidates] == [1.0, 0.1, 0.01]
+    assert (s.cycle, s.lr_index, s.lr_factor, s.lr_results) == (2, 0, 1.0, [])
+    # cycle 0 never searches; a JSON round trip mid-search takes the same decisions
+    s.step(0.5, 90)
+    s.step(0.5, 100)
+    copy = DendriteSchedule.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert copy == s and copy.lr_index == 1 and copy.lr_results == s.lr_results
+    assert copy.step(0.55, 110).to_dict() == s.step(0.55, 110).to_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"restart_steps": [0]}, "restart_steps"),
+        ({"restart_steps": [10, 10]}, "distinct"),
+        ({"lr_search": [1.0, 0.0]}, "lr_search"),
+        ({"lr_search": [1.0], "restart_steps": [10]}, "cannot be combined"),
+    ],
+)
+def test_invalid_recipe_settings_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleSettings(**kwargs)

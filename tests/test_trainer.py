@@ -2,16 +2,30 @@
 
 import csv
 import json
+import logging
 import os
 import types
 
 import pytest
 import torch
 import transformers
-from dendritic_task import ScriptedMetric, all_linear, make_args, state_of, task_data, tiny_bert
+from dendritic_task import (
+    ScriptedMetric,
+    all_linear,
+    make_args,
+    state_of,
+    task_data,
+    tiny_bert,
+)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_dendrites import DendriteConfig, DendriticModel, DendriticTrainer, DendriticTrainingArguments, get_dendritic_model
+from hf_dendrites import (
+    DendriteConfig,
+    DendriticModel,
+    DendriticTrainer,
+    DendriticTrainingArguments,
+    get_dendritic_model,
+)
 from hf_dendrites.constants import (
     DENDRITE_CONFIG_NAME,
     DENDRITE_CURVE_NAME,
@@ -19,6 +33,7 @@ from hf_dendrites.constants import (
     DENDRITE_SCHEDULE_NAME,
     DENDRITE_SCHEDULE_WEIGHTS_NAME,
 )
+from hf_dendrites.logging_utils import follow_transformers_verbosity
 from hf_dendrites.plotting import EVAL_CSV_FIELDS
 from hf_dendrites.saving import load_dendritic_state
 from hf_dendrites.trainer import _check_args_supported
@@ -38,7 +53,7 @@ def make_trainer(output_dir, model=None, callbacks=None, compute_metrics=None, t
 
 def scripted(output_dir, scores, **overrides):
     """A trainer whose schedule sees `scores` (one per evaluation) instead of the real loss."""
-    kwargs = dict(metric_for_best_model="scripted", greater_is_better=False, dendrite_improvement_threshold=[0.01])
+    kwargs = {"metric_for_best_model": "scripted", "greater_is_better": False, "dendrite_improvement_threshold": [0.01]}
     kwargs.update(overrides)
     return make_trainer(output_dir, compute_metrics=ScriptedMetric(scores), **kwargs)
 
@@ -48,9 +63,7 @@ def decisions(trainer):
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def test_arguments_require_evaluations_and_default_to_eval_loss(tmp_path):
-    with pytest.raises(ValueError, match="eval_strategy='steps'"):
-        DendriticTrainingArguments(output_dir=str(tmp_path), eval_strategy="no")
+def test_arguments_default_to_eval_loss(tmp_path):
     args = DendriticTrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch", dendrite_patience=4, dendrite_improvement_threshold=0.05)
     assert args.metric_for_best_model == "loss" and args.greater_is_better is False
     assert args.dendrite_patience == [4] and args.dendrite_improvement_threshold == [0.05]
@@ -66,6 +79,21 @@ def test_arguments_require_evaluations_and_default_to_eval_loss(tmp_path):
     for f in DendriticTrainingArguments.__dataclass_fields__.values():
         if "dendrite" in f.name:
             assert f.metadata.get("help"), f.name
+
+
+def test_evaluate_and_predict_only_runs_need_no_evaluation_strategy(tmp_path):
+    """Issue 13: a script run with --do_eval / --do_predict and no --do_train must work; training still needs
+    evaluations, and says so when it starts."""
+    args = DendriticTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", use_cpu=True, report_to=[])
+    evals = task_data(16, 2)
+    trainer = DendriticTrainer(tiny_bert(), args, eval_dataset=evals, dendrite_config=all_linear())
+    assert trainer.evaluate()["eval_loss"] > 0
+    prediction = trainer.predict(evals)
+    assert prediction.predictions.shape == (16, 2) and prediction.metrics["test_loss"] > 0
+    assert trainer.dendrite_history == [] and trainer.dendrite_best_score is None  # outside train(): no schedule step
+    trainer.train_dataset = task_data(16, 1)
+    with pytest.raises(ValueError, match="eval_strategy='steps'"):
+        trainer.train()
 
 
 def test_hf_argument_parser_reads_the_dendrite_fields(tmp_path):
@@ -85,13 +113,13 @@ def test_plain_training_arguments_are_converted(tmp_path):
 
 
 def test_unsupported_setups_fail_with_a_clear_error(tmp_path):
-    data = dict(train_dataset=task_data(16, 1), eval_dataset=task_data(16, 2))
+    data = {"train_dataset": task_data(16, 1), "eval_dataset": task_data(16, 2)}
     model = tiny_bert()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         DendriticTrainer(model, make_args(str(tmp_path)), optimizers=(opt, None), **data)
     with pytest.raises(ValueError, match="model_init"):
-        DendriticTrainer(None, make_args(str(tmp_path)), model_init=tiny_bert, **data)
+        DendriticTrainer(None, make_args(str(tmp_path)), **data)
     with pytest.raises(NotImplementedError, match="FSDP"):
         DendriticTrainer(tiny_bert(), make_args(str(tmp_path), fsdp=True), dendrite_config=all_linear(), **data)
     with pytest.raises(NotImplementedError, match="DeepSpeed"):
@@ -147,10 +175,10 @@ def _lm_data(n, seed):
 def test_same_losses_and_weights_as_the_plain_trainer_with_gradient_accumulation(tmp_path):
     """No growth happens in 8 steps; with gradient accumulation over batches of different token counts, a
     dendritic model (zero dendrites) must log the same losses and end with the same weights as the plain model."""
-    common = dict(
-        eval_strategy="steps", eval_steps=4, logging_steps=1, max_steps=8, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
-    )
+    common = {
+        "eval_strategy": "steps", "eval_steps": 4, "logging_steps": 1, "max_steps": 8, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "use_cpu": True, "report_to": [], "disable_tqdm": True, "seed": 0,
+    }
     train, evals = _lm_data(64, 1), _lm_data(16, 2)
     plain = Trainer(_tiny_gpt2(), TrainingArguments(output_dir=str(tmp_path / "plain"), **common), train_dataset=train, eval_dataset=evals)
     plain.train()
@@ -173,7 +201,7 @@ def test_same_losses_and_weights_as_the_plain_trainer_with_gradient_accumulation
 
 
 def test_label_smoothing_shifts_causal_lm_labels_like_the_plain_trainer(tmp_path):
-    common = dict(eval_strategy="steps", eval_steps=4, label_smoothing_factor=0.1, use_cpu=True, report_to=[])
+    common = {"eval_strategy": "steps", "eval_steps": 4, "label_smoothing_factor": 0.1, "use_cpu": True, "report_to": []}
     evals = _lm_data(4, 2)
     plain = Trainer(_tiny_gpt2(), TrainingArguments(output_dir=str(tmp_path / "p"), **common), eval_dataset=evals)
     dendritic = DendriticTrainer(
@@ -228,7 +256,12 @@ def test_end_to_end_grows_twice_and_completes_before_the_cap(tmp_path):
     meta = json.loads((tmp_path / "final" / DENDRITE_CONFIG_NAME).read_text())
     summary = meta["training_summary"]
     assert summary["metric"] == "eval_loss" and summary["completed"] and summary["curve_png"]
-    assert [c["cycle"] for c in summary["cycles"]] == sorted({c["cycle"] for c in summary["cycles"]})
+    # One entry per cycle try, in order; cycle 0 and every accepted cycle are kept, rejected tries discarded.
+    tries = [(h.cycle, h.attempt, h.accepted) for h in schedule.history]
+    assert [(c["cycle"], c["try"], c["status"] == "kept") for c in summary["cycles"]] == tries
+    assert {c["status"] for c in summary["cycles"]} <= {"kept", "discarded"} and not summary["stopped_by_cap"]
+    assert summary["schedule"]["max_cycles"] == 2 and summary["schedule"]["learning_rule"] == "gd"
+    assert summary["hyperparameters"]["learning_rate"] == 3e-3 and summary["hyperparameters"]["seed"] == 0
     assert summary["eval_results"]["eval_loss"] == pytest.approx(schedule.accepted_best)
     assert "dendrite" in (tmp_path / "final" / "README.md").read_text().lower()
     reloaded = DendriticModel.from_pretrained(str(tmp_path / "final"))
@@ -255,7 +288,7 @@ class _CrashAfterFirstGrowth(TrainerCallback):
 
 
 def test_resume_after_a_growth_takes_the_same_decisions_and_ends_with_the_same_weights(tmp_path):
-    common = dict(save_strategy="steps", save_steps=4, lr_scheduler_type="linear", warmup_steps=2)
+    common = {"save_strategy": "steps", "save_steps": 4, "lr_scheduler_type": "linear", "warmup_steps": 2}
     reference = make_trainer(tmp_path / "uninterrupted", **common)
     reference.train()
     assert sum(a in ("grow", "retry") for _, a in decisions(reference)) >= 2
@@ -274,7 +307,14 @@ def test_resume_after_a_growth_takes_the_same_decisions_and_ends_with_the_same_w
     assert set(meta["layers"].values()) == {1}
     saved = json.loads((checkpoint / DENDRITE_SCHEDULE_NAME).read_text())
     assert saved["schedule"]["state"]["cycle"] == 1 and saved["snapshots"]["accepted"] is not None
-    assert (checkpoint / DENDRITE_SCHEDULE_WEIGHTS_NAME).is_file()
+    # Cycle 0's best score came at the growth step itself: those weights (without the new dendrites) are in no
+    # checkpoint's model files, so this checkpoint writes them once.
+    accepted = saved["snapshots"]["accepted"]
+    assert accepted["step"] == first_growth
+    assert accepted["stored"] == {"kind": "tensors", "path": os.path.join("dendrite_snapshots", "accepted.safetensors")}
+    assert not (checkpoint / DENDRITE_SCHEDULE_WEIGHTS_NAME).exists()  # the format-1 file with both snapshots
+    # The optimizer was rebuilt at the growth: the checkpoint's optimizer state is empty (and resuming is exact).
+    assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"] == {}
 
     # A new process: a fresh model (other init) resumes from the last checkpoint.
     resumed = make_trainer(tmp_path / "run", model=tiny_bert(seed=123), **common)
@@ -290,6 +330,10 @@ def test_resume_after_a_growth_takes_the_same_decisions_and_ends_with_the_same_w
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
     assert resumed.state.global_step == reference.state.global_step
+    # The next checkpoint (written by the resumed run) hard-links that snapshot instead of writing it again.
+    later = tmp_path / "run" / f"checkpoint-{first_growth + 4}"
+    stored = json.loads((later / DENDRITE_SCHEDULE_NAME).read_text())["snapshots"]["accepted"]["stored"]
+    assert (later / stored["path"]).stat().st_ino == (checkpoint / accepted["stored"]["path"]).stat().st_ino
 
     # Relaunching the finished job resumes from the checkpoint written at completion and trains no more.
     last = resumed.state.global_step
@@ -317,7 +361,19 @@ def test_load_best_model_at_end_rebuilds_the_best_checkpoints_architecture(tmp_p
         torch.testing.assert_close(trainer.model.state_dict()[name], value)
 
 
-def test_completed_schedule_keeps_its_own_best_over_a_discarded_cycles_raw_best(tmp_path):
+@pytest.fixture
+def info_logs(caplog):
+    """hf_dendrites' log messages at info and above, with transformers' verbosity at info (as a script sets it)."""
+    transformers.logging.set_verbosity_info()
+    caplog.set_level(logging.INFO)
+    try:
+        yield lambda: [r.getMessage() for r in caplog.records if r.name.startswith("hf_dendrites")]
+    finally:
+        transformers.logging.set_verbosity_error()
+        follow_transformers_verbosity()
+
+
+def test_completed_schedule_keeps_its_own_best_over_a_discarded_cycles_raw_best(tmp_path, info_logs):
     # Cycle 1 reaches 0.995 (the Trainer's best) but not 1 % better than cycle 0's 1.0: it is discarded, so is the
     # retry, and the schedule restores cycle 0's model, which load_best_model_at_end must not overwrite.
     trainer = scripted(
@@ -329,6 +385,15 @@ def test_completed_schedule_keeps_its_own_best_over_a_discarded_cycles_raw_best(
     assert trainer.state.best_metric == 0.995
     assert set(trainer.model.dendrite_counts().values()) == {0}
     assert [c.accepted for c in trainer.dendrite_schedule.history] == [True, False, False]
+    # Every decision is logged with its reason, and so is which weights were restored.
+    text = "\n".join(info_logs())
+    assert "without beating the accepted best 1 of cycle 0: discarding it, try 2 with fresh dendrites" in text
+    assert "without beating the accepted best 1 of cycle 0 after 2 tries: training complete" in text
+    assert text.count("Restored the last accepted best model: the weights of step 4") == 3  # grow, retry, complete
+    assert "The dendrite schedule completed and restored its best model; not loading" in text
+    summary = trainer.model.training_summary
+    assert [(c["cycle"], c["try"], c["status"]) for c in summary["cycles"]] == [(0, 1, "kept"), (1, 1, "discarded"), (1, 2, "discarded")]
+    assert summary["completed"] and not summary["stopped_by_cap"]
 
 
 class _PhaseRecorder(TrainerCallback):
@@ -416,3 +481,93 @@ def test_checkpoints_are_dendritic_and_save_model_writes_a_model_card(tmp_path):
     plain = transformers.BertForSequenceClassification.from_pretrained(str(after))
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(value, trainer.model.model.state_dict()[name])
+
+
+# ---------------------------------------------------------------------------------------------- logging, summary, hooks
+def test_schedule_decisions_are_logged_at_info_and_the_step_cap_warns(tmp_path, caplog, info_logs):
+    """Issue 13: with transformers' logging at info a script sees every decision and its reason, and a warning
+    names the flag to raise when the step cap stops training before the schedule completes."""
+    trainer = scripted(tmp_path, [1.0, 2.0, 2.0, 3.0, 3.0], max_steps=20)
+    trainer.train()
+    text = "\n".join(info_logs())
+    assert "plateaued after 2 evaluation(s) without improvement (best 1 at step 4): growing dendrites for cycle 1" in text
+    assert "Restored the last accepted best model: the weights of step 4 (eval_scripted=1.0, 0 dendrites)" in text
+    assert "Grew 1 dendrite(s) in each of 7 layers" in text
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("hf_dendrites") and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "the `max_steps` cap" in warnings[0] and "Raise `max_steps`" in warnings[0]
+
+    summary = trainer.model.training_summary
+    assert summary["stopped_by_cap"] and not summary["completed"]
+    assert [(c["cycle"], c["try"], c["status"]) for c in summary["cycles"]] == [(0, 1, "kept"), (1, 1, "cut short")]
+    assert summary["cycles"][0]["best_step"] == 4 and summary["cycles"][1]["num_dendrites"] == 7
+    assert summary["hyperparameters"]["training_steps"] == 20
+
+    # At transformers' verbosity for tests (error), the library's info lines are off again.
+    transformers.logging.set_verbosity_error()
+    follow_transformers_verbosity()
+    assert logging.getLogger("hf_dendrites").getEffectiveLevel() == logging.ERROR
+
+
+def test_model_init_and_the_hooks_for_hyperparameter_search(tmp_path):
+    trainer = DendriticTrainer(
+        args=make_args(str(tmp_path), metric_for_best_model="scripted", greater_is_better=False, max_dendrite_cycles=1),
+        model_init=lambda: tiny_bert(), train_dataset=task_data(128, 1), eval_dataset=task_data(64, 2), dendrite_config=all_linear(),
+        compute_metrics=ScriptedMetric([1.0, 1.0, 1.0, 0.9, 0.9, 0.9]),
+    )
+    assert isinstance(trainer.model, DendriticModel) and trainer.dendrite_config == all_linear()
+    assert trainer.dendrite_best_score is None
+    trainer.train()  # model_init builds a fresh model, converted with dendrite_config
+    assert [a for _, a in decisions(trainer) if a != "continue"] == ["grow", "complete"]
+    assert trainer.dendrite_best_score == 0.9 and set(trainer.model.dendrite_counts().values()) == {1}
+
+    unseeded = DendriticTrainer(
+        tiny_bert(), make_args(str(tmp_path / "b"), seed=5), train_dataset=task_data(16, 1), eval_dataset=task_data(16, 2),
+        dendrite_config=DendriteConfig(target_modules="all-linear"),
+    )
+    converted = unseeded.to_dendritic_model(tiny_bert(seed=1))
+    assert isinstance(converted, DendriticModel) and converted.dendrite_config.dendrite_seed == 5
+    assert unseeded.to_dendritic_model(converted) is converted
+
+    trainer.reset_dendrite_schedule()
+    assert trainer.dendrite_history == [] and trainer.dendrite_schedule.num_evaluations == 0
+    assert trainer.dendrite_best_score is None and trainer.dendrite_callback.accepted is None
+
+
+def test_several_evaluation_sets_feed_the_schedule_from_the_one_the_metric_names(tmp_path):
+    # The Trainer evaluates each set separately (one `on_evaluate` each); only set "b" carries the score.
+    trainer = DendriticTrainer(
+        tiny_bert(), make_args(str(tmp_path), max_steps=8, metric_for_best_model="eval_b_loss"),
+        train_dataset=task_data(64, 1), eval_dataset={"a": task_data(16, 2), "b": task_data(16, 3)},
+        dendrite_config=all_linear(),
+    )
+    trainer.train()
+    assert [r["step"] for r in trainer.dendrite_history] == [4, 8]
+    b_losses = [e["eval_b_loss"] for e in trainer.state.log_history if "eval_b_loss" in e]
+    assert [r["score"] for r in trainer.dendrite_history] == pytest.approx(b_losses)
+
+
+def test_each_search_trial_writes_its_report_into_its_own_run_folder(tmp_path):
+    """Issue 11: the evaluation CSV and curve of a trial go to output_dir/run-<n>, not over the previous trial's."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    scores = {0: [1.0, 1.0, 1.0, 0.9, 0.9, 0.9], 1: [2.0, 2.0, 2.0]}
+    trial_scores = []
+
+    def model_init(trial):
+        trial_scores.append(ScriptedMetric(scores[len(trial_scores) % 2]))
+        return tiny_bert()
+
+    trainer = DendriticTrainer(
+        args=make_args(str(tmp_path), metric_for_best_model="scripted", greater_is_better=False, max_dendrite_cycles=1),
+        model_init=model_init, train_dataset=task_data(128, 1), eval_dataset=task_data(64, 2),
+        dendrite_config=all_linear(), compute_metrics=lambda pred: trial_scores[-1](pred),
+    )
+    trial_scores.clear()  # the first model_init call (in __init__) is not a trial
+    trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2)}, n_trials=2)
+    assert not (tmp_path / DENDRITE_EVAL_CSV_NAME).exists()
+    reports = {}
+    for number in (0, 1):
+        with open(tmp_path / f"run-{number}" / DENDRITE_EVAL_CSV_NAME, newline="") as handle:
+            reports[number] = [float(r["score"]) for r in csv.DictReader(handle)]
+        assert (tmp_path / f"run-{number}" / DENDRITE_CURVE_NAME).is_file()
+    assert reports[0] == scores[0] and set(reports[1]) == {2.0}

@@ -10,9 +10,13 @@ from dendritic_task import make_args, state_of, task_data, tiny_bert
 from transformers import TrainerCallback
 
 from hf_dendrites import DendriteConfig, DendriticModel, DendriticTrainer
-from hf_dendrites.constants import DENDRITE_CONFIG_NAME, DENDRITE_EVAL_CSV_NAME, DENDRITE_SCHEDULE_NAME
+from hf_dendrites.constants import (
+    DENDRITE_CONFIG_NAME,
+    DENDRITE_EVAL_CSV_NAME,
+    DENDRITE_SCHEDULE_NAME,
+)
 from hf_dendrites.learning_rules import CandidateOptimizer
-from hf_dendrites.trainer import DENDRITE_CANDIDATES_NAME
+from hf_dendrites.trainer_state import DENDRITE_CANDIDATES_NAME
 
 
 def correlation_config(**overrides):
@@ -20,7 +24,7 @@ def correlation_config(**overrides):
 
 
 def make_trainer(output_dir, model=None, callbacks=None, **overrides):
-    kwargs = dict(correlation_patience=1, max_dendrite_cycles=2, candidate_learning_rate=0.02)
+    kwargs = {"correlation_patience": 1, "max_dendrite_cycles": 2, "candidate_learning_rate": 0.02}
     kwargs.update(overrides)
     return DendriticTrainer(
         tiny_bert() if model is None else model,
@@ -43,7 +47,7 @@ class _PhaseProbe(TrainerCallback):
         t = self.trainer
         self.steps.append(
             {
-                "candidate_phase": t._correlation is not None,
+                "candidate_phase": t.dendrite_callback.correlation is not None,
                 "candidate_optimizer": isinstance(getattr(t.optimizer, "optimizer", t.optimizer), CandidateOptimizer),
                 "model_trainable": sum(p.numel() for p in t.model.parameters() if p.requires_grad),
             }
@@ -81,7 +85,7 @@ def test_correlation_rule_end_to_end(tmp_path):
                 assert not layer.dendrite_weight.requires_grad and not layer.dendrite_bias.requires_grad
                 assert layer.dendrite_out.requires_grad
         assert any(layer.dendrite_out.abs().sum() > 0 for _, layer in layers if layer.num_dendrites)
-    assert trainer._correlation is None and not any(layer._forward_hooks for _, layer in layers)
+    assert trainer.dendrite_callback.correlation is None and not any(layer._forward_hooks for _, layer in layers)
 
     # The CSV has the candidates' S and the plot was written; the saved model records the rule.
     with open(tmp_path / DENDRITE_EVAL_CSV_NAME, newline="") as handle:
@@ -105,13 +109,13 @@ class _CrashInCandidatePhase(TrainerCallback):
         self.crashed_at = None
 
     def on_save(self, args, state, control, **kwargs):
-        if self.trainer._correlation is not None and self.trainer._correlation.history:
+        if self.trainer.dendrite_callback.correlation is not None and self.trainer.dendrite_callback.correlation.history:
             self.crashed_at = state.global_step
             raise _Interrupted()
 
 
 def test_resume_in_the_middle_of_a_candidate_phase(tmp_path):
-    common = dict(save_strategy="steps", save_steps=4, correlation_patience=2, max_dendrite_cycles=1)
+    common = {"save_strategy": "steps", "save_steps": 4, "correlation_patience": 2, "max_dendrite_cycles": 1}
     reference = make_trainer(tmp_path / "uninterrupted", **common)
     reference.train()
 
@@ -142,7 +146,7 @@ def test_resume_in_the_middle_of_a_candidate_phase(tmp_path):
 def test_candidate_phase_cut_short_by_the_step_budget_leaves_a_clean_model(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=12, correlation_patience=50, dendrite_patience=[1])
     trainer.train()
-    assert trainer._correlation is None
+    assert trainer.dendrite_callback.correlation is None
     dm = trainer.model
     assert not any(layer._forward_hooks for _, layer in dm.dendritic_layers())
     assert all(p.requires_grad for p in dm.parameters())
@@ -150,7 +154,7 @@ def test_candidate_phase_cut_short_by_the_step_budget_leaves_a_clean_model(tmp_p
 
 
 def test_correlation_arguments_are_checked(tmp_path):
-    for bad in (dict(candidate_learning_rate=0.0), dict(correlation_patience=0), dict(correlation_improvement_threshold=-1.0)):
+    for bad in ({"candidate_learning_rate": 0.0}, {"correlation_patience": 0}, {"correlation_improvement_threshold": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             make_args(str(tmp_path), **bad)
     assert dataclasses.fields(make_args(str(tmp_path)))  # defaults are valid

@@ -16,10 +16,10 @@ import transformers
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dendritic_task import make_args, task_data, tiny_bert  # noqa: E402
-from ddp_train import digest, same_on_all_ranks  # noqa: E402
+from ddp_train import digest, same_on_all_ranks
+from dendritic_task import make_args, task_data, tiny_bert
 
-from hf_dendrites import DendriteConfig, DendriticTrainer  # noqa: E402
+from hf_dendrites import DendriteConfig, DendriticTrainer
 
 
 class Probe(TrainerCallback):
@@ -30,7 +30,7 @@ class Probe(TrainerCallback):
         self.events = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        rule = self.trainer._correlation
+        rule = self.trainer.dendrite_callback.correlation
         if rule is not None:
             self.candidate_steps += 1
             tensors = sorted((f"{n}/{k}", v) for n, pool in rule.pools.items() for k, v in pool.state_dict().items())

@@ -25,9 +25,9 @@ import transformers
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dendritic_task import ScriptedMetric, all_linear, make_args, task_data, tiny_bert  # noqa: E402
+from dendritic_task import ScriptedMetric, all_linear, make_args, task_data, tiny_bert
 
-from hf_dendrites import DendriticTrainer  # noqa: E402
+from hf_dendrites import DendriticTrainer
 
 # Cycle 0 plateaus -> grow; cycle 1 dendrite phase -> switch; cycle 1 neuron phase beats cycle 0 -> grow;
 # cycle 2 does not beat cycle 1 -> retry; cycle 2 try 2 beats it -> complete (max_dendrite_cycles=2).
@@ -54,14 +54,21 @@ class CheckingTrainer(DendriticTrainer):
     growth_checks: list
     stale_wrapper_steps = 0
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.growth_checks = []
+        grow = self.dendrite_callback.grow_dendrites
+
+        def checked_grow():
+            grow()
+            self.growth_checks.append(same_on_all_ranks(digest(sorted(self.model.dendrite_state_dict().items()))))
+
+        self.dendrite_callback.grow_dendrites = checked_grow
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Micro-batches the epoch loop still hands the wrapper it started with (a growth happened mid-epoch).
         self.stale_wrapper_steps += model is not self.model_wrapped
         return super().training_step(model, inputs, num_items_in_batch)
-
-    def _grow_dendrites(self):
-        super()._grow_dendrites()
-        self.growth_checks.append(same_on_all_ranks(digest(sorted(self.model.dendrite_state_dict().items()))))
 
 
 class EventChecker(TrainerCallback):
@@ -123,7 +130,6 @@ def main(output_dir: str) -> None:
         compute_metrics=ScriptedMetric(SCORES),
         callbacks=[checker],
     )
-    trainer.growth_checks = []
     checker.trainer = trainer
     output = trainer.train()
     rank = dist.get_rank()

@@ -1,0 +1,434 @@
+"""Running the arms of `compare`: the shared context, one run per (arm, seed), resume and worker processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..utils import atomic_write_text, library_version, read_json_file
+from . import models as M
+from .data import Splits, load_splits, preprocess
+from .settings import ARMS, CompareSettings
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_NAME = "compare_settings.json"
+RUNS_DIR = "runs"
+RESTARTS_FIELD = "dendrite_restarts_only"
+# baseline-restarts replays the growth / retry steps of this arm's run with the same seed
+REPLAYED_ARM = "dendrites"
+
+
+def supports_restarts_only() -> bool:
+    """Whether the installed `DendriticTrainingArguments` has the restarts-only mode."""
+    from ..trainer import DendriticTrainingArguments
+
+    return RESTARTS_FIELD in {f.name for f in dataclasses.fields(DendriticTrainingArguments)}
+
+
+def run_path(output_dir: str, arm: str, seed: int) -> str:
+    return os.path.join(output_dir, RUNS_DIR, arm, f"seed-{seed}.json")
+
+
+# ---------------------------------------------------------------------------------------------- context
+@dataclass
+class Context:
+    """What every run of one compare shares: settings, data (preprocessed once per process) and the
+    parameter budgets of the matched arms."""
+
+    settings: CompareSettings
+    splits: Splits
+    train: Any
+    validation: Any
+    test: Any
+    processing_class: Any
+    collator: Any
+    arms: list[str]
+    skipped: dict[str, str]  # arm -> why it does not apply (only for the default arm list)
+    budgets: dict[str, Any]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.splits.label_names)
+
+
+def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """(arm -> reason it does not apply, parameter budgets), decided on a weightless (meta) copy of the model.
+
+    Budgets: `wider_units` (MLP units added per block) with the dendrite parameters they match, and
+    `lora_rank` with the frozen-dendrites parameters it matches.
+    """
+    reasons: dict[str, str] = {}
+    budgets: dict[str, Any] = {}
+    meta = M.build_model_on_meta(s, num_labels)
+    try:
+        config = M.dendrite_config(s, meta, seed=0)
+        from ..model import resolve_target_modules
+
+        targets = resolve_target_modules(meta, config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--targets {s.targets!r}: {err}") from err
+    if not supports_restarts_only():
+        reasons["baseline-restarts"] = (
+            f"needs hf_dendrites with {RESTARTS_FIELD} (DendriticTrainingArguments.{RESTARTS_FIELD}); this "
+            f"hf_dendrites {library_version()} lacks it"
+        )
+    if s.rank is not None:
+        reasons["correlation"] = "the correlation rule needs full-shape dendrites; drop --rank"
+    if s.max_cycles == 0:
+        for arm in ("baseline-restarts", "wider", "dendrites", "dendrites-only-phase", "correlation", "frozen-dendrites", "lora"):
+            reasons.setdefault(arm, "--max-cycles 0 adds no dendrites")
+    try:
+        layout = M.find_mlp(meta)
+        added = M.dendrite_params_added(M.build_model_on_meta(s, num_labels), config, s.max_cycles)
+        budgets["dendrite_params"] = added
+        budgets["wider_units"] = M.wider_units(layout, added) if added else 0
+        budgets["wider_params_per_unit"] = layout.params_per_unit
+    except ValueError as err:
+        reasons.setdefault("wider", f"arm does not apply to this model: {err}")
+    if s.from_scratch:
+        for arm in ("frozen-dendrites", "lora"):
+            reasons.setdefault(arm, "a frozen base needs pretrained weights (drop --from-scratch)")
+    if "lora" not in reasons:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            reasons["lora"] = "needs PEFT: pip install peft"
+    if "lora" not in reasons or "frozen-dendrites" not in reasons:
+        frozen_cfg = dataclasses.replace(config, rank=s.frozen_rank)
+        frozen_added = M.dendrite_params_added(M.build_model_on_meta(s, num_labels), frozen_cfg, s.max_cycles)
+        budgets["frozen_dendrite_params"] = frozen_added
+        try:
+            budgets["lora_rank"] = M.lora_rank_for(meta, targets, frozen_added)
+            budgets["lora_targets"] = targets
+        except ValueError as err:
+            reasons.setdefault("lora", f"arm does not apply to this model: {err}")
+    return reasons, budgets
+
+
+def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The arms to run: --arms (each must apply), or every arm that applies."""
+    if s.arms is not None:
+        bad = [a for a in s.arms if a in reasons]
+        if bad:
+            raise ValueError(
+                "Arm(s) that do not apply: " + "; ".join(f"{a}: {reasons[a]}" for a in bad) + ". Leave them out of --arms."
+            )
+        arms = list(dict.fromkeys(s.arms))
+        if "baseline-restarts" in arms and REPLAYED_ARM not in arms:
+            raise ValueError(
+                f"baseline-restarts replays the growth and retry steps of the {REPLAYED_ARM} arm's run with the same "
+                f"seed: add {REPLAYED_ARM} to --arms."
+            )
+        return arms, {}
+    arms = [a for a in ARMS if a not in reasons]
+    return arms, {a: r for a, r in reasons.items()}
+
+
+def check_dependencies() -> None:
+    """compare needs `datasets` (data) and `scipy` (intervals, tests): fail before training, not after it."""
+    import importlib.util
+
+    missing = [name for name in ("datasets", "scipy") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"hf-dendrites compare needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def build_context(s: CompareSettings) -> Context:
+    """Load and check the data and the arms (every bad-input error is raised here, before any training)."""
+    check_dependencies()
+    splits = load_splits(s)
+    reasons, budgets = arm_applicability(s, len(splits.label_names))
+    arms, skipped = choose_arms(s, reasons)
+    train, validation, test, processing_class, collator = preprocess(splits, s, s.model)
+    return Context(s, splits, train, validation, test, processing_class, collator, arms, skipped, budgets)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+class _BestTracker:
+    """Keeps a CPU copy of the weights at the best validation score of a run, for runs that hit --max-steps
+    before the schedule completed (then those weights are scored, as `load_best_model_at_end` would)."""
+
+    def __init__(self, key: str, greater_is_better: bool):
+        from transformers import TrainerCallback
+
+        self.key, self.greater = key, greater_is_better
+        self.best: float | None = None
+        self.state: dict | None = None
+        self.counts: dict | None = None
+        self.trainer = None
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+                outer._seen(metrics or {})
+
+        self.callback = Callback()
+
+    def _seen(self, metrics: dict) -> None:
+        if self.trainer is None or not self.trainer.is_in_train or self.key not in metrics:
+            return
+        score = float(metrics[self.key])
+        if self.best is None or (score > self.best if self.greater else score < self.best):
+            dm = self.trainer.model
+            self.best = score
+            self.counts = dm.dendrite_counts()
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
+
+
+def arm_model(ctx: Context, arm: str, seed: int):
+    """(DendriticModel, training-argument overrides, extra record fields) for one arm and seed.
+
+    The model is built after seeding with `seed`, so every arm starts from the same weights for a seed (the wider
+    arm's extra units aside); the overrides go to `training_arguments`.
+    """
+    from transformers import set_seed
+
+    from ..model import get_dendritic_model
+
+    s, b = ctx.settings, ctx.budgets
+    set_seed(seed)
+    extra: dict[str, Any] = {}
+    restarts = supports_restarts_only()
+    overrides: dict[str, Any] = {}
+    if arm == "wider" and s.from_scratch:
+        model = M.build_model(s, ctx.num_labels, extra_mlp=b["wider_units"])
+    else:
+        model = M.build_model(s, ctx.num_labels)
+    config = M.dendrite_config(s, model, seed)
+    if arm == "baseline":
+        overrides["max_dendrite_cycles"] = 0
+    elif arm == "baseline-restarts":
+        # The control for the dendritic run of this seed: its restarts at its growth / retry steps, its step count.
+        replayed = finished_run(s, REPLAYED_ARM, seed)
+        if replayed is None:
+            raise ValueError(
+                f"baseline-restarts (seed {seed}) replays the {REPLAYED_ARM} arm's run with the same seed, which is "
+                f"not finished in {os.path.join(s.output_dir, RUNS_DIR, REPLAYED_ARM)}: train that arm first."
+            )
+        overrides.update({RESTARTS_FIELD: True, "dendrite_restart_steps": list(replayed["growth_steps"]),
+                          "max_steps": int(replayed["steps"])})
+        extra.update(recipe=f"restarts of the {REPLAYED_ARM} run replayed", replayed_arm=REPLAYED_ARM)
+    elif arm in ("wider", "lora"):
+        if restarts:
+            overrides[RESTARTS_FIELD] = True
+        else:
+            overrides["max_dendrite_cycles"] = 0
+        extra["recipe"] = "restarts" if restarts else "stop at first plateau"
+    if arm == "wider":
+        if not s.from_scratch:
+            M.widen_mlp(model, b["wider_units"], generator=torch.Generator().manual_seed(seed))
+        extra.update(wider_units=b["wider_units"], matched_dendrite_params=b["dendrite_params"])
+    elif arm == "dendrites-only-phase":
+        overrides["dendrites_only_phase"] = True
+    elif arm == "correlation":
+        config = dataclasses.replace(config, learning_rule="correlation")
+    elif arm in ("frozen-dendrites", "lora"):
+        heads = M.head_module_names(model)
+        config = dataclasses.replace(config, rank=s.frozen_rank)
+        if arm == "lora":
+            M.add_lora(model, b["lora_targets"], b["lora_rank"])
+            heads = heads + [n for n, _ in model.named_modules() if n.split(".")[-1] in ("lora_A", "lora_B")]
+            extra.update(lora_rank=b["lora_rank"], matched_dendrite_params=b["frozen_dendrite_params"])
+            # the dendrite wrapper goes on the head only: no dendrites ever grow in this arm
+            config = dataclasses.replace(config, target_modules=M.head_module_names(model))
+        M.freeze_base(model, heads)
+    dm = get_dendritic_model(model, config)
+    return dm, overrides, extra
+
+
+def training_arguments(s: CompareSettings, out: str, seed: int, **overrides):
+    """The `DendriticTrainingArguments` every arm shares (same seed, data order, evaluation points and budget),
+    with the arm's `overrides`. No checkpoints: the schedule keeps its best weights in memory. Dataset columns
+    are prepared by `data.preprocess`, so none is dropped by the model's forward signature (the LoRA and DSN
+    models have other signatures)."""
+    from ..trainer import DendriticTrainingArguments
+
+    kw = dict(
+        output_dir=out, seed=seed, data_seed=seed, learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type,
+        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.eval_batch_size, max_steps=s.max_steps,
+        eval_strategy="steps", eval_steps=s.eval_steps, save_strategy="no", logging_strategy="no", report_to=[],
+        disable_tqdm=True, metric_for_best_model=s.metric, greater_is_better=s.metric == "accuracy",
+        dendrite_patience=s.patience, dendrite_improvement_threshold=s.threshold, dendrite_improvement_epsilon=s.epsilon,
+        max_dendrite_cycles=s.max_cycles, max_dendrite_tries=s.max_tries, remove_unused_columns=False,
+        label_names=["labels"], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="error",
+    )
+    kw.update(overrides)
+    return DendriticTrainingArguments(**kw)
+
+
+def _accuracy(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
+    """Train one arm with one seed and return its record (also written atomically to runs/<arm>/seed-<k>.json)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..trainer import DendriticTrainer
+
+    s = ctx.settings
+    start = time.perf_counter()
+    dm, overrides, extra = arm_model(ctx, arm, seed)
+    scratch = os.path.join(s.output_dir, RUNS_DIR, arm, f"seed-{seed}-trainer")
+    args = training_arguments(s, scratch, seed, **overrides)
+    tracker = _BestTracker(f"eval_{s.metric}", s.metric == "accuracy")
+    trainer = DendriticTrainer(
+        dm, args, train_dataset=ctx.train, eval_dataset=ctx.validation, compute_metrics=_accuracy,
+        processing_class=ctx.processing_class, data_collator=ctx.collator, callbacks=[tracker.callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # no per-step dict printing; compare reports progress itself
+    tracker.trainer = trainer
+    trainer.train()
+    completed = bool(trainer.dendrite_schedule.done)
+    if not completed and tracker.state is not None:
+        # out of steps before the schedule ended: score the best validation checkpoint
+        dm.set_dendrite_counts(tracker.counts)
+        dm.load_state_dict(tracker.state, strict=True)
+    val = trainer.evaluate()
+    test = trainer.evaluate(ctx.test, metric_key_prefix="test") if ctx.test is not None else {}
+    summary = dm.dendrite_summary()
+    trainable = sum(p.numel() for p in {id(p): p for p in dm.parameters() if p.requires_grad}.values())
+    history = trainer.dendrite_history
+    record = {
+        "arm": arm,
+        "seed": seed,
+        "test_score": test.get("test_accuracy"),
+        "test_loss": test.get("test_loss"),
+        "validation_score": val.get("eval_accuracy"),
+        "validation_loss": val.get("eval_loss"),
+        "params": summary.total_params,
+        "trainable_params": trainable,
+        "dendrite_params": summary.dendrite_params,
+        "dendrites_kept": summary.num_dendrites,
+        "steps": int(trainer.state.global_step),
+        "completed": completed,
+        "curve": [{"step": r["step"], "score": r["score"], "cycle": r.get("cycle"), "decision": r.get("decision")} for r in history],
+        "growth_steps": [r["step"] for r in history if r.get("decision") in ("grow", "retry")],
+        "seconds": round(time.perf_counter() - start, 2),
+        "settings_fingerprint": s.fingerprint(),
+        **extra,
+    }
+    path = run_path(s.output_dir, arm, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
+    return record
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def check_output_dir(s: CompareSettings) -> None:
+    """Refuse an output folder that holds runs made with other settings; record this compare's settings."""
+    path = os.path.join(s.output_dir, SETTINGS_NAME)
+    mine = s.run_defining()
+    if os.path.isfile(path):
+        theirs = read_json_file(path).get("settings", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff[:6])
+            raise ValueError(
+                f"{s.output_dir} holds runs made with different settings ({shown}). Use another --output-dir, or "
+                "delete that folder to start over."
+            )
+        return
+    os.makedirs(s.output_dir, exist_ok=True)
+    atomic_write_text(path, json.dumps({"library_version": library_version(), "settings": mine}, indent=1) + "\n")
+
+
+def finished_run(s: CompareSettings, arm: str, seed: int) -> dict[str, Any] | None:
+    """The record of a finished run with these settings, or None (missing, partial or other settings)."""
+    path = run_path(s.output_dir, arm, seed)
+    if not os.path.isfile(path):
+        return None
+    try:
+        record = read_json_file(path)
+    except ValueError:
+        return None
+    return record if record.get("settings_fingerprint") == s.fingerprint() else None
+
+
+# ---------------------------------------------------------------------------------------------- workers
+_WORKER: dict[str, Any] = {}  # per worker process: its Context, built once by _init_worker
+
+
+def _init_worker(settings: dict[str, Any]) -> None:
+    s = CompareSettings(**settings)
+    _configure_threads(s.threads)
+    quiet_libraries()
+    _WORKER["ctx"] = build_context(s)
+
+
+def _work(task: tuple[str, int]) -> dict[str, Any]:
+    return run_one(_WORKER["ctx"], *task)
+
+
+def _configure_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def run_all(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
+    """Train `tasks` (arm, seed), in --jobs worker processes when > 1; logs progress as runs finish.
+
+    baseline-restarts runs replay the finished dendritic run of their seed, so they train after every other run.
+    """
+    records: list[dict[str, Any]] = []
+    for wave in ([t for t in tasks if t[0] != "baseline-restarts"], [t for t in tasks if t[0] == "baseline-restarts"]):
+        if wave:
+            records += _run_wave(ctx, wave, done + len(records), total)
+    return records
+
+
+def _run_wave(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
+    s = ctx.settings
+    records = []
+
+    def report(i: int, r: dict[str, Any]) -> None:
+        score = r["test_score"] if r["test_score"] is not None else r["validation_score"]
+        logger.info("[%d/%d] %s seed %d done: score %.4f, %d steps, %d dendrites (%.0f s)",
+                    i, total, r["arm"], r["seed"], score, r["steps"], r["dendrites_kept"], r["seconds"])
+
+    if s.jobs <= 1 or len(tasks) <= 1:
+        for arm, seed in tasks:
+            logger.info("[%d/%d] training %s, seed %d", done, total, arm, seed)
+            records.append(run_one(ctx, arm, seed))
+            done += 1
+            report(done, records[-1])
+        return records
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")
+    logger.info("Training %d runs in %d worker processes (%s threads each)", len(tasks), s.jobs, s.threads or "default")
+    with mp.Pool(min(s.jobs, len(tasks)), initializer=_init_worker, initargs=(s.to_dict(),)) as pool:
+        for record in pool.imap_unordered(_work, tasks):
+            records.append(record)
+            done += 1
+            report(done, record)
+    return records

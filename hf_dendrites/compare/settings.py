@@ -1,0 +1,175 @@
+"""`CompareSettings`: everything `hf-dendrites compare` takes, one dataclass field per command-line option.
+
+The command line is generated from the fields (`--field-name`, the field's help text), so the Python function
+`compare(...)` and the CLI take the same names and defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# arm name -> one line for --help and the table. Order = table order.
+ARMS: dict[str, str] = {
+    "baseline": "no dendrites, stopped at its first validation plateau (max_dendrite_cycles=0)",
+    "baseline-restarts": (
+        "no dendrites, the dendritic run's recipe replayed: at the steps where the dendrites run of the same seed "
+        "grew or retried, restore the best weights, fresh optimizer, LR restart; the same total steps "
+        "(DendriticTrainingArguments.dendrite_restarts_only + dendrite_restart_steps); needs the dendrites arm"
+    ),
+    "wider": (
+        "no dendrites; every MLP widened by as many neurons as give the parameters the dendrites arm can add "
+        "(dendrite parameters of max_cycles growths); the restarts recipe when the trainer supports it"
+    ),
+    "dendrites": "gd dendrites trained jointly with the network",
+    "dendrites-only-phase": "gd dendrites, each cycle starting with a dendrites-only phase (neurons frozen)",
+    "correlation": "Cascade-Correlation dendrites (learning_rule='correlation'; needs full-shape dendrites)",
+    "frozen-dendrites": "frozen base (the task head trains) with low-rank dendrites of rank --frozen-rank",
+    "lora": (
+        "frozen base (the task head trains) with PEFT LoRA on the same target layers, its rank chosen so its "
+        "trainable parameters match frozen-dendrites (needs `pip install peft`)"
+    ),
+}
+TASKS = ("text-classification", "image-classification")
+# Fields that do not change what a run computes: they may differ between a run and its resumption.
+NOT_RUN_DEFINING = ("output_dir", "arms", "seeds", "seed_list", "threads", "jobs")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class CompareSettings:
+    """Settings of one comparison: model, data, training budget, schedule, arms and seeds.
+
+    Example:
+        >>> s = CompareSettings(model="path/to/bert", train_file="train.csv", test_file="test.csv", seeds=3)
+        >>> s.seed_values()
+        [0, 1, 2]
+    """
+
+    model: str | None = _help("Model to compare: a local folder or a Hub id (offline: the local cache).", default=None)
+    output_dir: str = _help(
+        "Folder for the results: compare.md, compare.json, compare.png, and runs/<arm>/seed-<k>.json (one per "
+        "finished run; a rerun with the same settings skips them).", default="compare_output")
+    task: str = _help(f"What the model learns: one of {', '.join(TASKS)}.", default="text-classification")
+    from_scratch: bool = _help("Initialise the model randomly from its config instead of loading its weights.", default=False)
+    width_scale: float = _help(
+        "With --from-scratch: multiply the hidden and intermediate (MLP) sizes by this factor; head counts are "
+        "lowered where needed so that every head keeps an integer size.", default=1.0)
+    layers: int | None = _help(
+        "Keep only the first N transformer layers. 0 gives the DSN shape: embeddings, no encoder layer, and a "
+        "linear head on the mean of the token (or patch) embeddings; its default dendrite target is that head.",
+        default=None)
+    dataset: str | None = _help("A `datasets` Hub name (read from the local cache when offline).", default=None)
+    dataset_config: str | None = _help("Configuration name of --dataset, if it has several.", default=None)
+    train_file: str | None = _help("Training data: a csv / json / jsonl / parquet file, or an imagefolder directory.", default=None)
+    validation_file: str | None = _help(
+        "Validation data (drives every decision). Without it (and without a validation split in --dataset), a "
+        "stratified --validation-size part of the training data is held out.", default=None)
+    test_file: str | None = _help("Test data: only reported, never used for a decision.", default=None)
+    text_column: str = _help("Column holding the text (text-classification).", default="text")
+    image_column: str = _help("Column holding the image (image-classification).", default="image")
+    label_column: str = _help("Column holding the class label (strings or integers).", default="label")
+    validation_size: float = _help(
+        "Held-out share of the training data when no validation data is given: a fraction in (0, 1) or a number "
+        "of rows (>= 1).", default=0.1)
+    split_seed: int = _help("Seed of the stratified validation split (the same for every arm and training seed).", default=0)
+    max_length: int = _help("Text is truncated to this many tokens.", default=128)
+    arms: list[str] | None = _help(
+        "Comma-separated arms to train (default: every arm that applies to the model). Known arms: "
+        + "; ".join(f"{k}: {v}" for k, v in ARMS.items()) + ".", default=None)
+    seeds: int = _help("Train every arm with seeds 0 .. K-1.", default=3)
+    seed_list: list[int] | None = _help("Comma-separated training seeds (instead of --seeds).", default=None)
+    learning_rate: float = _help("Learning rate (AdamW) of every arm.", default=1e-4)
+    lr_scheduler_type: str = _help(
+        "transformers LR schedule (e.g. constant, linear, cosine); dendritic runs restart it at every growth.",
+        default="constant")
+    batch_size: int = _help("Training batch size.", default=32)
+    eval_batch_size: int = _help("Evaluation batch size.", default=128)
+    eval_steps: int = _help("Evaluate on the validation data every N training steps (the same points for every arm).", default=50)
+    max_steps: int = _help("Cap on training steps of every run (the schedule usually ends a run earlier).", default=2000)
+    metric: str = _help("Validation metric that drives plateaus and best-model choices: accuracy or loss.", default="accuracy")
+    patience: list[int] = _help(
+        "Evaluations without improvement that make a plateau; comma-separated values are used per cycle.",
+        default_factory=lambda: [3])
+    threshold: list[float] = _help(
+        "Relative improvement a score needs to count; comma-separated values are used per cycle.",
+        default_factory=lambda: [1e-3])
+    epsilon: list[float] = _help("Absolute improvement a score needs to count (per cycle, like --threshold).", default_factory=lambda: [0.0])
+    max_cycles: int = _help("Dendrite cycles (growths) at most.", default=2)
+    max_tries: int = _help("Tries per cycle: a cycle that does not improve is discarded and retried this often in all.", default=2)
+    dendrites_per_cycle: int = _help("Dendrites every target layer gets at each growth.", default=1)
+    rank: int | None = _help("Rank of low-rank dendrites for the dendritic arms (default: full-shape dendrites).", default=None)
+    frozen_rank: int = _help("Rank of the dendrites of the frozen-dendrites arm (lora matches its trainable parameters).", default=4)
+    targets: str = _help(
+        "Dendrite target layers: 'default' (the library's per-architecture defaults; the head for --layers 0), "
+        "'mlp' (the MLP layers), 'all-linear', a regular expression, or comma-separated module names.",
+        default="default")
+    activation: str = _help("Dendrite nonlinearity (see DendriteConfig.activation).", default="tanh")
+    threads: int | None = _help("torch CPU threads per run (1 is fastest on a busy machine).", default=None)
+    jobs: int = _help("Runs in parallel worker processes (each with --threads threads).", default=1)
+
+    def __post_init__(self) -> None:
+        for name in ("arms", "seed_list", "patience", "threshold", "epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            setattr(self, name, list(value) if value is not None else None)
+        self.patience = [int(v) for v in self.patience]
+        self.threshold = [float(v) for v in self.threshold]
+        self.epsilon = [float(v) for v in self.epsilon]
+        if self.seed_list is not None:
+            self.seed_list = [int(v) for v in self.seed_list]
+        if not self.model:
+            raise ValueError("Pass --model: a local model folder or a Hub id.")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {list(TASKS)}, got {self.task!r}.")
+        if self.arms is not None:
+            unknown = [a for a in self.arms if a not in ARMS]
+            if unknown:
+                raise ValueError(f"Unknown arm(s) {unknown}; choose from {list(ARMS)}.")
+            if not self.arms:
+                raise ValueError("--arms is empty; choose from " + ", ".join(ARMS) + ".")
+        if self.width_scale != 1.0 and not self.from_scratch:
+            raise ValueError("--width-scale changes the architecture, so it needs --from-scratch (pretrained weights have a fixed width).")
+        if not self.width_scale > 0:
+            raise ValueError(f"--width-scale must be > 0, got {self.width_scale}.")
+        if self.layers is not None and self.layers < 0:
+            raise ValueError(f"--layers must be >= 0, got {self.layers}.")
+        if self.metric not in ("accuracy", "loss"):
+            raise ValueError(f"--metric must be 'accuracy' or 'loss', got {self.metric!r}.")
+        if self.dataset is None and self.train_file is None:
+            raise ValueError("Give the data: --dataset NAME, or --train-file (with --validation-file / --test-file).")
+        if self.dataset is not None and self.train_file is not None:
+            raise ValueError("Give either --dataset or --train-file, not both.")
+        if not self.validation_size > 0 or (self.validation_size >= 1 and self.validation_size != int(self.validation_size)):
+            raise ValueError(f"--validation-size must be a fraction in (0, 1) or a whole number of rows, got {self.validation_size}.")
+        for name in ("seeds", "batch_size", "eval_batch_size", "eval_steps", "max_steps", "max_tries", "dendrites_per_cycle",
+                     "frozen_rank", "jobs", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.max_cycles < 0:
+            raise ValueError(f"--max-cycles must be >= 0, got {self.max_cycles}.")
+        if self.seed_list is not None and len(set(self.seed_list)) != len(self.seed_list):
+            raise ValueError(f"--seed-list repeats a seed: {self.seed_list}.")
+
+    def seed_values(self) -> list[int]:
+        """The training seeds: --seed-list, else 0 .. seeds-1."""
+        return list(self.seed_list) if self.seed_list is not None else list(range(self.seeds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_defining(self) -> dict[str, Any]:
+        """The settings that change what a run computes (a resumed compare must match them exactly)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.run_defining(), sort_keys=True).encode()).hexdigest()[:16]

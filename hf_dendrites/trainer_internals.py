@@ -1,0 +1,93 @@
+"""Every private transformers / accelerate name that `DendriticTrainer` still relies on, in one place.
+
+Growing dendrites replaces parameters in the middle of training, which neither library offers a public hook for.
+Each entry below says what is used, why, and what is relied on; `tests/test_private_surface.py` checks each one
+(signature and behaviour) and fails with `SUPPORTED_RANGE` in its message if an upgrade changes it. Nothing else in
+the package touches a private transformers or accelerate name: go through the helpers here.
+
+====================================================  ===============================================================
+name                                                  why / what we rely on
+====================================================  ===============================================================
+`Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`
+                                                      Overridden: a dendritic checkpoint has another parameter set
+                                                      than the model at hand. `Trainer.train` calls it before it
+                                                      creates the optimizer (so the optimizer state of the checkpoint
+                                                      fits) and only for single-process / DDP runs.
+`Trainer._load_best_model()`                          Overridden for `load_best_model_at_end`: the best checkpoint's
+                                                      dendrite layout must be rebuilt before its weights load. Called
+                                                      by `Trainer.train` at the end, with `state.best_model_checkpoint`.
+`Trainer.save_model(output_dir, _internal_call)`      Public, but we rely on `Trainer._save_checkpoint` calling it with
+                                                      `<run_dir>/checkpoint-<global_step>` and `_internal_call=True`
+                                                      *before* it writes the optimizer and rotates old checkpoints: that
+                                                      is how a save is known to be a checkpoint (schedule state goes in,
+                                                      and files of older checkpoints can still be hard-linked).
+`Accelerator._optimizers` / `_schedulers` / `_models` Lists of prepared objects that accelerate steps, saves and
+                                                      unwraps. A rebuilt optimizer / scheduler / DDP wrapper replaces
+                                                      the old one, which must leave these lists (`forget_prepared`).
+`module._is_accelerate_prepared`, `module._original_forward`
+                                                      Set by `Accelerator.prepare_model`; removed before preparing the
+                                                      same module again (a new DDP wrapper after a growth), so that
+                                                      accelerate wraps it anew (`unmark_prepared`).
+`Trainer._hp_search_setup(trial)`                     Overridden (hp_search.py): the trial's settings are applied
+                                                      before `train()`; `Trainer.train` calls it after
+                                                      `call_model_init(trial)` (so the trial's DendriteConfig converts
+                                                      the new model first), before building the dataloaders.
+`Trainer._report_to_hp_search(trial, step, metrics)`  Overridden (hp_search.py): pruning decided on the main process and
+                                                      broadcast. Called by `Trainer._evaluate` after `evaluate()`.
+`Trainer._get_output_dir(trial)`                      Called: the trial's run folder (`output_dir/run-<n>` or
+                                                      `hp_name(trial)`), where a pruned trial's files are deleted and
+                                                      the evaluation report is written (`run_output_dir`).
+`Trainer.create_accelerator_and_postprocess()`        Called after a trial changes the arguments (a new accelerator for
+                                                      the trial's batch size etc.), as `Trainer._hp_search_setup` does.
+`Trainer._trial`, `_train_batch_size`,                Attributes the search sets or reads as transformers' own search
+`hp_search_backend`, `hp_space`, `hp_name`,           does: `_trial` (set by `_hp_search_setup`, read by
+`compute_objective`, `objective`                      `run_output_dir`), `_train_batch_size` (the per-trial batch
+                                                      size), the search's backend / space / naming / objective.
+====================================================  ===============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+# The range the private surface above was checked against (keep in line with pyproject.toml).
+SUPPORTED_RANGE = "transformers >= 5.4, < 6 and accelerate >= 1.7, < 2"
+
+# (owner, name) of every private attribute used, for the test that guards them.
+PRIVATE_TRAINER_METHODS = ("_load_from_checkpoint", "_load_best_model", "_save_checkpoint", "_hp_search_setup",
+                           "_report_to_hp_search", "_get_output_dir")
+# Public-looking methods the search calls whose behaviour is not documented API.
+CALLED_TRAINER_METHODS = ("create_accelerator_and_postprocess", "call_model_init")
+# Trainer attributes the hyperparameter search sets or reads (hp_search.py).
+PRIVATE_TRAINER_ATTRIBUTES = ("_trial", "_train_batch_size", "hp_search_backend", "hp_space", "hp_name", "compute_objective", "objective")
+PRIVATE_ACCELERATOR_LISTS = ("_optimizers", "_schedulers", "_models")
+PRIVATE_MODULE_MARKS = ("_is_accelerate_prepared", "_original_forward")
+
+
+def forget_prepared(accelerator: Any, optimizers: Iterable[Any] = (), schedulers: Iterable[Any] = (), models: Iterable[Any] = ()) -> None:
+    """Drop replaced objects from the accelerator's lists, so none of them is unscaled, stepped or saved again."""
+    optimizers, schedulers, models = list(optimizers), list(schedulers), list(models)
+    accelerator._optimizers = [o for o in accelerator._optimizers if not any(o is x for x in optimizers)]
+    accelerator._schedulers = [s for s in accelerator._schedulers if not any(s is x for x in schedulers)]
+    accelerator._models = [m for m in accelerator._models if not any(m is x for x in models)]
+
+
+def register_prepared_model(accelerator: Any, model: nn.Module) -> None:
+    """List `model` as prepared (the Trainer's evaluation then does not prepare, and flag, the bare model itself)."""
+    accelerator._models.append(model)
+
+
+def run_output_dir(trainer: Any) -> str:
+    """The folder of the run being trained: `output_dir`, or during a hyperparameter search the trial's folder."""
+    return trainer._get_output_dir(getattr(trainer, "_trial", None))
+
+
+def unmark_prepared(model: nn.Module) -> None:
+    """Undo what `Accelerator.prepare_model` left on a module, so that preparing it again wraps it anew."""
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    original_forward = model.__dict__.pop("_original_forward", None)
+    if original_forward is not None:  # accelerate's autocast wrapper; prepare() applies it again
+        model.forward = original_forward

@@ -1,0 +1,344 @@
+"""`hf-dendrites compare` (issue 12): arm construction and parameter matching, statistics against scipy, the CLI
+end to end on local CSV files with a tiny BERT made here, resume of an interrupted compare, and each bad input."""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from hf_dendrites.compare import CompareSettings, compare, report
+from hf_dendrites.compare import models as M
+from hf_dendrites.compare.runner import (
+    arm_model,
+    build_context,
+    supports_restarts_only,
+    training_arguments,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "plot", "actor", "was", "is", "very"]
+FAST = dict(eval_steps=4, patience=[1], max_steps=60, learning_rate=3e-3, batch_size=16, max_cycles=1, threads=1)
+
+
+def _tiny_bert(path: Path, layers: int = 2, heads: int = 2) -> Path:
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    ).save_pretrained(path)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=37,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    transformers.set_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def _csv(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:
+    """Rows whose label is given away by one cue word among filler words (learnable in a few dozen steps)."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            cue = rng.choice(WORDS[:3] if label == labels[0] else WORDS[3:6])
+            words = [rng.choice(WORDS[6:]) for _ in range(5)]
+            words.insert(rng.randrange(6), cue)
+            writer.writerow([" ".join(words), label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    return {
+        "root": root,
+        "model": _tiny_bert(root / "tiny-bert"),
+        "train": _csv(root / "train.csv", 96, 0),
+        "validation": _csv(root / "validation.csv", 48, 1),
+        "test": _csv(root / "test.csv", 48, 2),
+    }
+
+
+def _settings(data, **kw) -> CompareSettings:
+    base = dict(model=str(data["model"]), train_file=str(data["train"]), validation_file=str(data["validation"]),
+                test_file=str(data["test"]), output_dir=str(data["root"] / "unused"), **FAST)
+    base.update(kw)
+    return CompareSettings(**base)
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+# ---------------------------------------------------------------------------------------------- arms
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_wider_matches_the_dendrite_parameter_count_within_one_neuron(data, from_scratch):
+    s = _settings(data, max_cycles=2, from_scratch=from_scratch)
+    ctx = build_context(s)
+    dendritic, _, _ = arm_model(ctx, "dendrites", 0)
+    for _ in range(s.max_cycles):
+        dendritic.add_dendrites()
+    wider, _, extra = arm_model(ctx, "wider", 0)
+    plain = M.build_model(s, 2)
+    layout = M.find_mlp(plain)
+    assert extra["wider_units"] > 0 and wider.model.config.intermediate_size == 37 + extra["wider_units"]
+    # one extra unit in every block costs layout.params_per_unit; the match is the closest whole number of units
+    assert abs(_params(wider) - _params(dendritic)) <= layout.params_per_unit / 2
+    assert _params(wider) - _params(plain) == extra["wider_units"] * layout.params_per_unit
+    if not from_scratch:
+        # new units have zero output weights: the widened pretrained model computes what the original computes
+        ids = torch.randint(4, 18, (3, 7), generator=torch.Generator().manual_seed(0))
+        plain.eval(), wider.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(wider(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_trainable_parameters_match_frozen_low_rank_dendrites(data):
+    s = _settings(data, max_cycles=2, frozen_rank=2)
+    ctx = build_context(s)
+    dendritic, _, _ = arm_model(ctx, "frozen-dendrites", 0)
+    head = M.head_module_names(dendritic.model)
+    assert head == ["classifier"]
+    head_params = _trainable(dendritic)
+    assert head_params == _params(dendritic.model.classifier)  # only the head trains before growth
+    for _ in range(s.max_cycles):
+        dendritic.add_dendrites()
+    assert all(layer.dendrite_rank == 2 for _, layer in dendritic.dendritic_layers())
+    lora, _, extra = arm_model(ctx, "lora", 0)
+    lora_params = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert lora_params and all("lora_" in n or "classifier" in n for n in lora_params)
+    modules = dict(M.build_model(s, 2).named_modules())
+    per_rank = sum(modules[n].in_features + modules[n].out_features for n in ctx.budgets["lora_targets"])
+    assert abs(_trainable(lora) - _trainable(dendritic)) <= per_rank / 2
+    assert extra["lora_rank"] == ctx.budgets["lora_rank"] >= 1
+
+
+def test_each_arm_gets_its_recipe(data):
+    s = _settings(data, arms=["baseline", "dendrites", "dendrites-only-phase", "correlation"])
+    ctx = build_context(s)
+    seen = {}
+    for arm in ctx.arms:
+        dm, overrides, _ = arm_model(ctx, arm, 3)
+        args = training_arguments(s, str(data["root"] / "args"), 3, **overrides)
+        seen[arm] = (dm.dendrite_config, args)
+        assert dm.dendrite_config.dendrite_seed == 3 and args.seed == 3 and args.eval_steps == s.eval_steps
+        assert sum(dm.dendrite_counts().values()) == 0  # every arm starts without dendrites
+    assert seen["baseline"][1].max_dendrite_cycles == 0
+    assert seen["dendrites"][1].max_dendrite_cycles == 1 and not seen["dendrites"][1].dendrites_only_phase
+    assert seen["dendrites-only-phase"][1].dendrites_only_phase
+    assert seen["correlation"][0].learning_rule == "correlation"
+    # every arm starts from the same weights for the same seed
+    states = [{k: v for k, v in arm_model(ctx, a, 3)[0].model.state_dict().items()} for a in ("baseline", "dendrites")]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_width_scale_keeps_head_counts_valid_and_layers_zero_is_the_dsn_shape(data, tmp_path):
+    model_dir = _tiny_bert(tmp_path / "bert4", heads=4)
+    s = _settings(data, model=str(model_dir), from_scratch=True, width_scale=0.3)  # hidden 32 -> 10: 4 heads -> 2
+    model = M.build_model(s, 2)
+    assert (model.config.hidden_size, model.config.num_attention_heads, model.config.intermediate_size) == (10, 2, 11)
+    ids = torch.randint(4, 18, (2, 6))
+    assert model(input_ids=ids).logits.shape == (2, 2)
+
+    dsn = M.build_model(_settings(data, layers=0), 2)
+    assert isinstance(dsn, M.MeanPooledClassifier) and len(dsn.base.encoder.layer) == 0 and dsn.base.pooler is None
+    # pretrained embeddings kept
+    pretrained = transformers.BertModel.from_pretrained(data["model"])
+    assert torch.equal(dsn.base.embeddings.word_embeddings.weight, pretrained.embeddings.word_embeddings.weight)
+    ctx = build_context(_settings(data, layers=0))
+    assert "wider" not in ctx.arms and "does not apply" in ctx.skipped["wider"]
+    dm, _, _ = arm_model(ctx, "dendrites", 0)
+    assert list(dm.dendrite_counts()) == ["classifier"]  # the DSN's dendrites go on the head
+    out = dm(input_ids=torch.tensor([[2, 4, 5, 3], [2, 7, 8, 3]]), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    assert not torch.allclose(out.logits[0], out.logits[1])  # mean pooling sees the tokens, not a constant [CLS]
+
+
+def test_dataset_folder_with_a_stratified_validation_split_and_the_default_arms(data, tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    _csv(folder / "train.csv", 90, 0, labels=("pos", "pos", "neg"))  # 60 pos, 30 neg
+    _csv(folder / "test.csv", 12, 1)
+    ctx = build_context(_settings(data, train_file=None, validation_file=None, test_file=None, dataset=str(folder),
+                                  validation_size=0.2))
+    assert ctx.splits.validation_source == "stratified split of train" and ctx.splits.label_names == ["neg", "pos"]
+    assert sorted(ctx.splits.validation["labels"]) == [0] * 6 + [1] * 12  # the 2:1 class balance is kept
+    assert len(ctx.splits.train) == 72 and len(ctx.test) == 12
+    assert not set(ctx.splits.validation["text"]) & set(ctx.splits.train["text"]) or len(set(ctx.splits.train["text"])) < 72
+    expected = ["baseline", "wider", "dendrites", "dendrites-only-phase", "correlation", "frozen-dendrites", "lora"]
+    if supports_restarts_only():
+        expected.insert(1, "baseline-restarts")
+    assert ctx.arms == expected
+
+
+def test_the_frozen_base_and_other_dendritic_arms_train(data, tmp_path):
+    results = compare(_settings(data, output_dir=str(tmp_path / "out"), seeds=1, max_steps=24, metric="loss",
+                                arms=["dendrites-only-phase", "correlation", "frozen-dendrites", "lora"]))
+    by = {r["arm"]: r for r in results["runs"]}
+    assert sorted(by) == ["correlation", "dendrites-only-phase", "frozen-dendrites", "lora"]
+    assert all(r["steps"] > 0 and r["test_score"] is not None for r in by.values())
+    assert by["lora"]["dendrites_kept"] == 0 and by["lora"]["lora_rank"] == results["budgets"]["lora_rank"]
+    assert by["lora"]["trainable_params"] < by["lora"]["params"]  # the base stayed frozen
+    assert results["reference"] is None and "rel. error vs baseline (not run)" in results["table"]
+
+
+def test_help_documents_every_option():
+    done = subprocess.run([sys.executable, "-m", "hf_dendrites", "compare", "--help"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}, check=False)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for f in dataclasses.fields(CompareSettings):
+        flag = "--" + f.name.replace("_", "-")
+        help_start = " ".join(f.metadata["help"].split())[:40]
+        assert f"{flag} " in text and help_start in text, f.name
+    assert all(arm in text for arm in ("baseline-restarts", "frozen-dendrites", "lora"))
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_statistics_against_scipy():
+    from scipy import stats
+
+    values = [0.81, 0.79, 0.84, 0.80]
+    got = report.mean_std_ci(values)
+    mean, sd = np.mean(values), np.std(values, ddof=1)
+    half = stats.t.ppf(0.975, 3) * sd / math.sqrt(4)
+    assert got["mean"] == pytest.approx(mean) and got["std"] == pytest.approx(sd)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((mean - half, mean + half))
+    assert stats.t.ppf(0.975, 3) == pytest.approx(3.182, abs=1e-3)  # the table value
+    ref = {0: 0.80, 1: 0.76, 2: 0.83, 3: 0.80}
+    paired = report.paired_comparison(dict(enumerate(values)), ref)
+    assert paired["p_value"] == pytest.approx(stats.ttest_rel(values, [ref[k] for k in range(4)]).pvalue)
+    expected = np.mean([((1 - v) - (1 - ref[k])) / (1 - ref[k]) for k, v in enumerate(values)])
+    assert paired["rel_error_change"] == pytest.approx(expected) and paired["rel_error_change"] < 0
+    assert math.isnan(report.mean_std_ci([0.5])["std"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI end to end
+def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "hf_dendrites.compare", *args], capture_output=True, text=True,
+                          timeout=600, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+def _cli_args(data, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(data["model"]), "--layers", "1", "--train-file", str(data["train"]),
+            "--validation-file", str(data["validation"]), "--test-file", str(data["test"]), "--text-column", "text",
+            "--label-column", "label", "--arms", "baseline,wider,dendrites", "--seeds", "2", "--output-dir", str(out),
+            "--eval-steps", "4", "--patience", "1", "--max-steps", "60", "--learning-rate", "3e-3",
+            "--batch-size", "16", "--max-cycles", "1", "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(data):
+    out = data["root"] / "out"
+    done = _cli(*_cli_args(data, out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done
+
+
+def test_cli_prints_the_table_and_writes_compare_json(finished):
+    out, done = finished
+    for arm in ("baseline", "wider", "dendrites"):
+        assert f"| {arm} | 2 |" in done.stdout
+    assert "rel. error vs baseline" in done.stdout and (out / "compare.md").read_text().strip() in done.stdout
+    results = json.loads((out / "compare.json").read_text())
+    runs = results["runs"]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == sorted((a, k) for a in ("baseline", "wider", "dendrites") for k in (0, 1))
+    for r in runs:
+        for key in ("arm", "seed", "test_score", "validation_score", "params", "steps", "dendrites_kept", "curve", "growth_steps"):
+            assert key in r, key
+        assert 0.0 <= r["test_score"] <= 1.0 and r["steps"] > 0 and r["curve"]
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    for seed in (0, 1):
+        # shared evaluation points: every run evaluates at multiples of eval_steps
+        assert all(c["step"] % 4 == 0 for a in ("baseline", "wider", "dendrites") for c in by[(a, seed)]["curve"])
+        assert by[("baseline", seed)]["dendrites_kept"] == 0 and by[("wider", seed)]["dendrites_kept"] == 0
+        # the dendritic run shares cycle 0 with the baseline (same seed, data order and start)
+        n = len(by[("baseline", seed)]["curve"])
+        assert [c["score"] for c in by[("dendrites", seed)]["curve"][:n]] == [c["score"] for c in by[("baseline", seed)]["curve"]]
+    assert results["reference"] == "baseline" and results["summary"][0]["arm"] == "baseline"
+    assert (out / "compare.png").stat().st_size > 5000
+    assert "[6/6]" in done.stderr  # progress: runs done / total
+
+
+def test_resume_trains_only_the_missing_runs_and_refuses_other_settings(finished, tmp_path, data):
+    out, _ = finished
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    missing = [copy / "runs" / "dendrites" / "seed-1.json", copy / "runs" / "wider" / "seed-0.json"]
+    for path in missing:
+        path.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (copy / "runs").glob("*/seed-*.json")}
+    done = _cli(*_cli_args(data, copy, "--jobs", "2"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "4 already finished" in done.stderr and "2 to train" in done.stderr
+    assert all(p.is_file() for p in missing)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished runs were not retrained
+    before = {(r["arm"], r["seed"]): r for r in json.loads((out / "compare.json").read_text())["runs"]}
+    after = {(r["arm"], r["seed"]): r for r in json.loads((copy / "compare.json").read_text())["runs"]}
+    # a retrained run (in a worker process) reproduces the interrupted compare's run
+    for key in (("dendrites", 1), ("wider", 0)):
+        assert after[key]["test_score"] == before[key]["test_score"] and after[key]["steps"] == before[key]["steps"]
+
+    with pytest.raises(ValueError, match="holds runs made with different settings.*learning_rate"):
+        compare(_settings(data, output_dir=str(copy), learning_rate=1e-3, layers=1, arms=["baseline"]))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_fails_before_any_training(data, tmp_path):
+    out = tmp_path / "out"
+    one_class = _csv(tmp_path / "one.csv", 40, 0, labels=("pos",))
+    tiny = _csv(tmp_path / "tiny.csv", 3, 0)
+    cases = [
+        (dict(text_column="review"), r"no column 'review'; its columns are \['text', 'label'\]"),
+        (dict(label_column="sentiment"), "no column 'sentiment'"),
+        (dict(train_file=str(one_class), validation_file=None), "single class"),
+        (dict(train_file=str(tiny), validation_file=None, batch_size=1), "Not enough rows for the splits"),
+        (dict(validation_file=None, validation_size=0.99), "Not enough rows for the splits"),
+        (dict(layers=0, arms=["wider"]), "do not apply.*wider"),
+        (dict(rank=4, arms=["correlation"]), "do not apply.*correlation.*full-shape"),
+        (dict(from_scratch=True, arms=["lora"]), "do not apply.*lora.*pretrained"),
+        (dict(arms=["dendrites", "bigger"]), r"Unknown arm\(s\) \['bigger'\]"),
+        (dict(width_scale=0.5), "needs --from-scratch"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            compare(_settings(data, output_dir=str(out), **kw))
+        assert not out.exists(), kw  # nothing written, nothing trained
+    done = _cli(*_cli_args(data, out)[:-2], "--arms", "baseline,nope")
+    assert done.returncode == 2 and "Unknown arm(s) ['nope']" in done.stderr and not out.exists()
+
+
+def test_baseline_restarts_restarts_where_the_dendritic_run_grows(data, tmp_path):
+    # one growth, no retry: both runs are identical up to it (same seed, data order, start)
+    results = compare(_settings(data, output_dir=str(tmp_path / "out"), arms=["dendrites", "baseline-restarts"], seeds=1,
+                                layers=1, max_tries=1))
+    by = {r["arm"]: r for r in results["runs"]}
+    assert by["dendrites"]["growth_steps"], "the dendritic run never grew; the comparison would be vacuous"
+    assert by["baseline-restarts"]["growth_steps"] == by["dendrites"]["growth_steps"]
+    assert by["baseline-restarts"]["steps"] == by["dendrites"]["steps"]  # the same training budget
+    assert by["baseline-restarts"]["dendrites_kept"] == 0 and results["reference"] == "baseline-restarts"
+    # the control needs the run it replays
+    with pytest.raises(ValueError, match="replays the growth and retry steps of the dendrites arm"):
+        build_context(_settings(data, arms=["baseline-restarts"]))

@@ -1,0 +1,203 @@
+"""Guards for every private transformers / accelerate name listed in hf_dendrites/trainer_internals.py.
+
+Each test checks a signature and the behaviour DendriticTrainer relies on, on a plain `Trainer` (so a failure
+points at upstream, not at hf_dendrites), and fails with the supported version range in its message.
+"""
+
+import inspect
+import os
+
+import accelerate
+import torch
+import transformers
+from dendritic_task import task_data, tiny_bert
+from transformers import Trainer, TrainingArguments
+
+from hf_dendrites import trainer_internals
+from hf_dendrites.trainer_internals import SUPPORTED_RANGE
+
+
+def _upstream(what: str) -> str:
+    return (
+        f"{what} (transformers {transformers.__version__}, accelerate {accelerate.__version__}); hf_dendrites relies "
+        f"on it and was checked against {SUPPORTED_RANGE}: update hf_dendrites/trainer_internals.py and the trainer."
+    )
+
+
+def _args(output_dir, **overrides):
+    kwargs = {
+        "output_dir": str(output_dir), "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
+        "max_steps": 6, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "use_cpu": True, "report_to": [],
+        "disable_tqdm": True, "seed": 0,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class _Recording(Trainer):
+    """A plain Trainer recording the order of the calls DendriticTrainer overrides or relies on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.calls.append(("load_from_checkpoint", resume_from_checkpoint, model))
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def create_optimizer(self, model=None):
+        self.calls.append(("create_optimizer",))
+        return super().create_optimizer(model)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        run_dir = os.path.dirname(output_dir)
+        self.calls.append(
+            ("save_model", output_dir, _internal_call, self.state.global_step,
+             os.path.exists(os.path.join(output_dir, "optimizer.pt")), sorted(os.listdir(run_dir)))
+        )
+        return super().save_model(output_dir, _internal_call)
+
+    def _load_best_model(self):
+        self.calls.append(("load_best_model", self.state.best_model_checkpoint))
+        return super()._load_best_model()
+
+
+def test_private_trainer_methods_keep_their_signatures():
+    expected = {
+        "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
+        "_load_best_model": ["self"],
+        "_save_checkpoint": ["self", "model", "trial"],
+        "save_model": ["self", "output_dir", "_internal_call"],
+        "_hp_search_setup": ["self", "trial"],
+        "_report_to_hp_search": ["self", "trial", "step", "metrics"],
+        "_get_output_dir": ["self", "trial"],
+        "create_accelerator_and_postprocess": ["self"],
+        "call_model_init": ["self", "trial"],
+    }
+    assert set(trainer_internals.PRIVATE_TRAINER_METHODS) | set(trainer_internals.CALLED_TRAINER_METHODS) <= set(expected)
+    for name, params in expected.items():
+        method = getattr(Trainer, name, None)
+        assert method is not None, _upstream(f"Trainer.{name} no longer exists")
+        assert list(inspect.signature(method).parameters) == params, _upstream(f"Trainer.{name} changed its signature")
+
+
+def test_resume_loads_the_checkpoint_before_creating_the_optimizer(tmp_path):
+    data = {"train_dataset": task_data(64, 1), "eval_dataset": task_data(16, 2)}
+    _Recording(tiny_bert(), _args(tmp_path, max_steps=2), **data).train()
+    resumed = _Recording(tiny_bert(), _args(tmp_path, max_steps=4), **data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    names = [c[0] for c in resumed.calls]
+    assert "load_from_checkpoint" in names, _upstream("Trainer.train(resume_from_checkpoint=...) no longer calls _load_from_checkpoint")
+    load = names.index("load_from_checkpoint")
+    assert resumed.calls[load][1:] == (str(tmp_path / "checkpoint-2"), None), _upstream("_load_from_checkpoint is called differently")
+    assert load < names.index("create_optimizer"), _upstream("Trainer.train creates the optimizer before _load_from_checkpoint")
+
+
+def test_checkpoints_save_the_model_first_then_optimizer_then_rotate(tmp_path):
+    trainer = _Recording(
+        tiny_bert(), _args(tmp_path, save_total_limit=1), train_dataset=task_data(64, 1), eval_dataset=task_data(16, 2)
+    )
+    trainer.train()
+    saves = [c for c in trainer.calls if c[0] == "save_model"]
+    assert [c[3] for c in saves] == [2, 4, 6], _upstream("checkpoints are no longer saved through save_model")
+    for _, output_dir, internal, step, has_optimizer, existing in saves:
+        assert internal and output_dir == os.path.join(str(tmp_path), f"checkpoint-{step}"), _upstream(
+            "Trainer._save_checkpoint no longer calls save_model(<run_dir>/checkpoint-<step>, _internal_call=True)"
+        )
+        assert not has_optimizer, _upstream("Trainer._save_checkpoint writes the optimizer before save_model")
+        if step > 2:  # rotation (save_total_limit=1) happens after save_model: the previous checkpoint still exists
+            assert f"checkpoint-{step - 2}" in existing, _upstream("Trainer._save_checkpoint rotates before save_model")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-6"]
+
+
+def test_load_best_model_is_called_at_the_end_with_the_best_checkpoint(tmp_path):
+    trainer = _Recording(
+        tiny_bert(), _args(tmp_path, load_best_model_at_end=True), train_dataset=task_data(64, 1), eval_dataset=task_data(16, 2)
+    )
+    trainer.train()
+    calls = [c for c in trainer.calls if c[0] == "load_best_model"]
+    assert len(calls) == 1 and calls[0][1] == trainer.state.best_model_checkpoint, _upstream(
+        "Trainer.train no longer calls _load_best_model() for load_best_model_at_end"
+    )
+    assert os.path.isdir(calls[0][1])
+
+
+def test_accelerator_lists_and_prepare_marks():
+    acc = accelerate.Accelerator(cpu=True)
+    for name in trainer_internals.PRIVATE_ACCELERATOR_LISTS:
+        assert isinstance(getattr(acc, name, None), list), _upstream(f"Accelerator.{name} is no longer a list")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    assert any(o is optimizer for o in acc._optimizers), _upstream("Accelerator._optimizers does not list prepared optimizers")
+    assert any(s is scheduler for s in acc._schedulers), _upstream("Accelerator._schedulers does not list prepared schedulers")
+    assert any(m is model for m in acc._models), _upstream("Accelerator._models does not list prepared models")
+    assert getattr(model, "_is_accelerate_prepared", False), _upstream("prepare() no longer marks _is_accelerate_prepared")
+
+    trainer_internals.forget_prepared(acc, optimizers=[optimizer], schedulers=[scheduler], models=[model])
+    assert acc._optimizers == acc._schedulers == acc._models == []
+    trainer_internals.unmark_prepared(model)
+    for mark in trainer_internals.PRIVATE_MODULE_MARKS:  # everything prepare() left on the module is gone
+        assert mark not in model.__dict__, mark
+
+
+class _RecordingSearch(Trainer):
+    """A plain Trainer recording what `hyperparameter_search` calls and sets, in the order DendriticTrainer's search
+    (hf_dendrites/hp_search.py) relies on."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = []
+        super().__init__(*args, **kwargs)
+
+    def call_model_init(self, trial=None):
+        self.calls.append(("call_model_init", trial))
+        return super().call_model_init(trial)
+
+    def _hp_search_setup(self, trial):
+        self.calls.append(("hp_search_setup", trial))
+        super()._hp_search_setup(trial)
+        self.calls.append(("after_setup", self._trial, self._train_batch_size, self._get_output_dir(trial)))
+
+    def _report_to_hp_search(self, trial, step, metrics):
+        self.calls.append(("report", trial, step, sorted(metrics)))
+        super()._report_to_hp_search(trial, step, metrics)
+        self.calls.append(("reported", self.objective))
+
+
+def test_hyperparameter_search_hooks_and_attributes(tmp_path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trainer = _RecordingSearch(
+        model_init=lambda: tiny_bert(), args=_args(tmp_path, max_steps=2, save_strategy="no"),
+        train_dataset=task_data(32, 1), eval_dataset=task_data(16, 2),
+    )
+    trainer.calls.clear()
+    hp_name = lambda trial: f"trial-{trial.number}"  # noqa: E731
+    trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-3)}, n_trials=1,
+        backend="optuna", hp_name=hp_name, compute_objective=lambda metrics: metrics["eval_loss"],
+    )
+    names = [c[0] for c in trainer.calls]
+    assert names[:2] == ["call_model_init", "hp_search_setup"], _upstream(
+        "Trainer.train no longer calls call_model_init(trial) before _hp_search_setup(trial)"
+    )
+    trial = trainer.calls[0][1]
+    assert isinstance(trial, optuna.trial.Trial) and trainer.calls[1][1] is trial, _upstream("the trial is passed differently")
+    _, seen_trial, batch_size, run_dir = trainer.calls[2]
+    assert seen_trial is trial, _upstream("Trainer._hp_search_setup no longer sets self._trial")
+    assert batch_size == trainer.args.train_batch_size, _upstream("Trainer._train_batch_size is gone")
+    assert run_dir == os.path.join(str(tmp_path), "trial-0"), _upstream("Trainer._get_output_dir(trial) no longer uses hp_name")
+    report = trainer.calls[names.index("report")]
+    assert report[1] is trial and report[2] == 2 and "eval_loss" in report[3], _upstream(
+        "Trainer._evaluate no longer calls _report_to_hp_search(trial, step, metrics)"
+    )
+    assert isinstance(trainer.calls[names.index("reported")][1], float), _upstream("_report_to_hp_search no longer sets objective")
+    # The attributes the search sets; hp_search_backend is reset when it ends.
+    assert trainer.hp_name is hp_name and callable(trainer.hp_space) and callable(trainer.compute_objective), _upstream(
+        "hyperparameter_search no longer sets hp_name / hp_space / compute_objective"
+    )
+    assert hasattr(trainer, "hp_search_backend") and trainer.hp_search_backend is None, _upstream("hp_search_backend changed")
+    for name in trainer_internals.PRIVATE_TRAINER_ATTRIBUTES:
+        assert hasattr(trainer, name), _upstream(f"Trainer.{name} is no longer set by a search")
