@@ -342,3 +342,19 @@ def test_baseline_restarts_restarts_where_the_dendritic_run_grows(data, tmp_path
     # the control needs the run it replays
     with pytest.raises(ValueError, match="replays the growth and retry steps of the dendrites arm"):
         build_context(_settings(data, arms=["baseline-restarts"]))
+
+
+def test_freeze_base_trains_only_the_head_and_what_the_arm_adds(data):
+    s = _settings(data, freeze_base=True, max_cycles=1)
+    ctx = build_context(s)
+    assert "wider" not in ctx.arms  # frozen MLP units would never train
+    baseline, _, _ = arm_model(ctx, "baseline", 0)
+    assert _trainable(baseline) == _params(baseline.model.classifier)
+    dendritic, _, _ = arm_model(ctx, "dendrites", 0)
+    dendritic.add_dendrites()
+    dendrite_params = dendritic.dendrite_summary().dendrite_params
+    assert dendrite_params > 0 and _trainable(dendritic) == _params(dendritic.model.classifier) + dendrite_params
+    with pytest.raises(ValueError, match="--freeze-base.*pretrained"):
+        dataclasses.replace(s, from_scratch=True)
+    # Results written before the setting existed keep their fingerprint while it is off.
+    assert "freeze_base" not in dataclasses.replace(s, freeze_base=False).run_defining()

@@ -95,6 +95,8 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
         budgets["wider_params_per_unit"] = layout.params_per_unit
     except ValueError as err:
         reasons.setdefault("wider", f"arm does not apply to this model: {err}")
+    if s.freeze_base:
+        reasons.setdefault("wider", "with --freeze-base the MLP is frozen, so extra units would never train")
     if s.from_scratch:
         for arm in ("frozen-dendrites", "lora"):
             reasons.setdefault(arm, "a frozen base needs pretrained weights (drop --from-scratch)")
@@ -242,6 +244,8 @@ def arm_model(ctx: Context, arm: str, seed: int):
             # the dendrite wrapper goes on the head only: no dendrites ever grow in this arm
             config = dataclasses.replace(config, target_modules=M.head_module_names(model))
         M.freeze_base(model, heads)
+    elif s.freeze_base:  # every other arm: only the task head trains (dendrites grown later always train)
+        M.freeze_base(model, M.head_module_names(model))
     dm = get_dendritic_model(model, config)
     return dm, overrides, extra
 

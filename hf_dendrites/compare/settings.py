@@ -36,6 +36,8 @@ ARMS: dict[str, str] = {
 TASKS = ("text-classification", "image-classification")
 # Fields that do not change what a run computes: they may differ between a run and its resumption.
 NOT_RUN_DEFINING = ("output_dir", "arms", "seeds", "seed_list", "threads", "jobs")
+# Settings added after results were first committed, with their defaults (see `CompareSettings.run_defining`).
+ADDED_LATER = {"freeze_base": False}
 
 
 def _help(text: str, **kw) -> Any:
@@ -106,6 +108,10 @@ class CompareSettings:
     dendrites_per_cycle: int = _help("Dendrites every target layer gets at each growth.", default=1)
     rank: int | None = _help("Rank of low-rank dendrites for the dendritic arms (default: full-shape dendrites).", default=None)
     frozen_rank: int = _help("Rank of the dendrites of the frozen-dendrites arm (lora matches its trainable parameters).", default=4)
+    freeze_base: bool = _help(
+        "Freeze the pretrained model in every arm: only the task head trains, plus what the arm adds (dendrites, "
+        "LoRA); with --layers 0 the model is a linear probe of the frozen embeddings. Needs pretrained weights.",
+        default=False)
     targets: str = _help(
         "Dendrite target layers: 'default' (the library's per-architecture defaults; the head for --layers 0), "
         "'mlp' (the MLP layers), 'all-linear', a regular expression, or comma-separated module names.",
@@ -139,6 +145,8 @@ class CompareSettings:
                 raise ValueError("--arms is empty; choose from " + ", ".join(ARMS) + ".")
         if self.width_scale != 1.0 and not self.from_scratch:
             raise ValueError("--width-scale changes the architecture, so it needs --from-scratch (pretrained weights have a fixed width).")
+        if self.freeze_base and self.from_scratch:
+            raise ValueError("--freeze-base keeps pretrained weights fixed, so it needs a pretrained model (drop --from-scratch).")
         if not self.width_scale > 0:
             raise ValueError(f"--width-scale must be > 0, got {self.width_scale}.")
         if self.layers is not None and self.layers < 0:
@@ -169,7 +177,12 @@ class CompareSettings:
 
     def run_defining(self) -> dict[str, Any]:
         """The settings that change what a run computes (a resumed compare must match them exactly)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
+        defining = {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
+        # Fields added after results were committed count only when set, so those results stay resumable.
+        for name, default in ADDED_LATER.items():
+            if defining.get(name) == default:
+                defining.pop(name, None)
+        return defining
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.run_defining(), sort_keys=True).encode()).hexdigest()[:16]
