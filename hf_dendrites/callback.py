@@ -224,8 +224,8 @@ class DendriteScheduleCallback(TrainerCallback):
                 logger.warning(
                     "Training stopped at step %d (the `%s` cap) before the dendrite schedule completed (cycle %d, try "
                     "%d, %s phase): the model is the one trained so far (or the best checkpoint, with "
-                    "`load_best_model_at_end`), not the completed schedule's choice. Raise `%s` to let the schedule finish.", state.global_step, flag, self.schedule.cycle, self.schedule.attempt,
-                    self.schedule.phase, flag,
+                    "`load_best_model_at_end`), not the completed schedule's choice. Raise `%s` to let the schedule finish.",
+                    state.global_step, flag, self.schedule.cycle, self.schedule.attempt, self.schedule.phase, flag,
                 )
         self.write_report()
         return control

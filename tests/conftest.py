@@ -1,15 +1,19 @@
 """Shared fixtures: tiny random-init configs of real transformers architectures, and the real MiniLM."""
 
+import csv
 import importlib.util
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -95,3 +99,39 @@ def run_two_processes(script: str, out_dir) -> list[dict]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads(open(os.path.join(out_dir, f"rank{r}.json")).read()) for r in range(2)]
+
+
+# ---------------------------------------------------------------------------------------------- tiny model folders and CSV data
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "plot", "actor", "was", "is", "very"]
+
+
+def tiny_bert_folder(path: Path, layers: int = 2, heads: int = 2) -> Path:
+    """A tiny BERT classifier saved with a word-level tokenizer over WORDS: a model folder scripts load like a real one."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    ).save_pretrained(path)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=37,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    transformers.set_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def cue_word_csv(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:
+    """Rows whose label is given away by one cue word among filler words (learnable in a few dozen steps)."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            cue = rng.choice(WORDS[:3] if label == labels[0] else WORDS[3:6])
+            words = [rng.choice(WORDS[6:]) for _ in range(5)]
+            words.insert(rng.randrange(6), cue)
+            writer.writerow([" ".join(words), label])
+    return path

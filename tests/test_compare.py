@@ -1,12 +1,10 @@
 """`hf-dendrites compare` (issue 12): arm construction and parameter matching, statistics against scipy, the CLI
 end to end on local CSV files with a tiny BERT made here, resume of an interrupted compare, and each bad input."""
 
-import csv
 import dataclasses
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import cue_word_csv, tiny_bert_folder
 
 from hf_dendrites.compare import CompareSettings, compare, report
 from hf_dendrites.compare import models as M
@@ -27,39 +25,7 @@ from hf_dendrites.compare.runner import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "plot", "actor", "was", "is", "very"]
 FAST = dict(eval_steps=4, patience=[1], max_steps=60, learning_rate=3e-3, batch_size=16, max_cycles=1, threads=1)
-
-
-def _tiny_bert(path: Path, layers: int = 2, heads: int = 2) -> Path:
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    ).save_pretrained(path)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=37,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    transformers.set_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(path)
-    return path
-
-
-def _csv(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:
-    """Rows whose label is given away by one cue word among filler words (learnable in a few dozen steps)."""
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            label = labels[i % len(labels)]
-            cue = rng.choice(WORDS[:3] if label == labels[0] else WORDS[3:6])
-            words = [rng.choice(WORDS[6:]) for _ in range(5)]
-            words.insert(rng.randrange(6), cue)
-            writer.writerow([" ".join(words), label])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +33,10 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     return {
         "root": root,
-        "model": _tiny_bert(root / "tiny-bert"),
-        "train": _csv(root / "train.csv", 96, 0),
-        "validation": _csv(root / "validation.csv", 48, 1),
-        "test": _csv(root / "test.csv", 48, 2),
+        "model": tiny_bert_folder(root / "tiny-bert"),
+        "train": cue_word_csv(root / "train.csv", 96, 0),
+        "validation": cue_word_csv(root / "validation.csv", 48, 1),
+        "test": cue_word_csv(root / "test.csv", 48, 2),
     }
 
 
@@ -152,7 +118,7 @@ def test_each_arm_gets_its_recipe(data):
 
 
 def test_width_scale_keeps_head_counts_valid_and_layers_zero_is_the_dsn_shape(data, tmp_path):
-    model_dir = _tiny_bert(tmp_path / "bert4", heads=4)
+    model_dir = tiny_bert_folder(tmp_path / "bert4", heads=4)
     s = _settings(data, model=str(model_dir), from_scratch=True, width_scale=0.3)  # hidden 32 -> 10: 4 heads -> 2
     model = M.build_model(s, 2)
     assert (model.config.hidden_size, model.config.num_attention_heads, model.config.intermediate_size) == (10, 2, 11)
@@ -175,8 +141,8 @@ def test_width_scale_keeps_head_counts_valid_and_layers_zero_is_the_dsn_shape(da
 def test_dataset_folder_with_a_stratified_validation_split_and_the_default_arms(data, tmp_path):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
-    _csv(folder / "train.csv", 90, 0, labels=("pos", "pos", "neg"))  # 60 pos, 30 neg
-    _csv(folder / "test.csv", 12, 1)
+    cue_word_csv(folder / "train.csv", 90, 0, labels=("pos", "pos", "neg"))  # 60 pos, 30 neg
+    cue_word_csv(folder / "test.csv", 12, 1)
     ctx = build_context(_settings(data, train_file=None, validation_file=None, test_file=None, dataset=str(folder),
                                   validation_size=0.2))
     assert ctx.splits.validation_source == "stratified split of train" and ctx.splits.label_names == ["neg", "pos"]
@@ -308,8 +274,8 @@ def test_resume_trains_only_the_missing_runs_and_refuses_other_settings(finished
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_input_fails_before_any_training(data, tmp_path):
     out = tmp_path / "out"
-    one_class = _csv(tmp_path / "one.csv", 40, 0, labels=("pos",))
-    tiny = _csv(tmp_path / "tiny.csv", 3, 0)
+    one_class = cue_word_csv(tmp_path / "one.csv", 40, 0, labels=("pos",))
+    tiny = cue_word_csv(tmp_path / "tiny.csv", 3, 0)
     cases = [
         (dict(text_column="review"), r"no column 'review'; its columns are \['text', 'label'\]"),
         (dict(label_column="sentiment"), "no column 'sentiment'"),

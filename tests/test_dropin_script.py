@@ -4,51 +4,16 @@ process on a tiny BERT and CSV files made here: train + evaluate + predict, then
 dendritic checkpoint the first run saved (issue 13: evaluation-only runs work, and the checkpoint keeps its
 dendrites when loaded through `AutoModelForSequenceClassification` by the script)."""
 
-import csv
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import cue_word_csv, tiny_bert_folder
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "run_classification_dropin.py"
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "plot", "actor", "was", "is", "very"]
-
-
-def _tiny_model_folder(path: Path) -> Path:
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-    fast.save_pretrained(path)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    transformers.set_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(path)
-    return path
-
-
-def _csv(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for _ in range(n):
-            label = rng.choice(["pos", "neg"])
-            cue = rng.choice(WORDS[:3] if label == "pos" else WORDS[3:6])
-            words = [rng.choice(WORDS[6:]) for _ in range(5)]
-            words.insert(rng.randrange(6), cue)
-            writer.writerow([" ".join(words), label])
-    return path
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -64,9 +29,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("dropin")
-    model_dir = _tiny_model_folder(root / "tiny-bert")
-    train = _csv(root / "train.csv", 64, 0)
-    test = _csv(root / "test.csv", 24, 1)
+    model_dir = tiny_bert_folder(root / "tiny-bert")
+    train = cue_word_csv(root / "train.csv", 64, 0)
+    test = cue_word_csv(root / "test.csv", 24, 1)
     out = root / "out"
     # Validation = training data: the loss keeps falling with more training, so the dendrite cycle is kept.
     done = _run(
