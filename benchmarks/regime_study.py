@@ -23,12 +23,27 @@ Regimes (the ones issue 12 asks for; a regime not run yet has no folder under re
 - `dsn-frozen`: the same shape with the embedding table frozen (`--freeze-base`): a linear probe of the mean
   embedding, to which the head's dendrites (4 per neuron per cycle) add the only nonlinearity.
 - `pretrained-1layer`: MiniLM cut to its first layer, fine-tuned; dendrites on the MLP layers.
+- `dsn-recipe`: the `dsn` regime with Perforated AI's growth recipe: a linear LR decay restarted at every growth
+  over a fixed cycle length (`--cycle-steps`) and a restart-LR search after every growth (`--lr-search 1,0.3,0.1`);
+  the control searches the same restart LRs at its own plateaus.
+- `frozen-lora`: MiniLM cut to its first layer and frozen (`--freeze-base`), a linear head on the mean of its
+  output states (`--pooling mean`); low-rank dendrites (rank 4) on the library's default BERT targets against PEFT
+  LoRA on the same layers at the same trainable parameter count.
+- `vit-width-<scale>`: a ViT trained from scratch on Fashion-MNIST (20,000 training, 2,000 validation, 10,000 test
+  images) at `--width-scale` 1, 0.25 and 0.125 of hidden 64 / MLP 256 (`outputs/regime_study_data/vit-fashion-mnist`,
+  2 layers, 7x7 patches); dendrites on the MLP. Width 1 trains the baseline only (the capacity reference), the
+  narrow widths every arm, so the baseline's fall with width comes first.
+
+Fashion-MNIST is read from Debian's `dataset-fashion-mnist` (`hf_dendrites.example_data.load_fashion_mnist`) and
+written once as an imagefolder (PNG files per class) under `outputs/regime_study_data/fashion-mnist/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 
@@ -38,25 +53,52 @@ DATA = os.path.join(ROOT, "outputs", "regime_study_data")
 
 # Settings shared by every regime: validation loss decides (a 1,000-example accuracy moves in steps of 0.1 %,
 # the size of the default threshold), 5 seeds, the same evaluation points for every arm.
-COMMON = dict(
-    text_column="text", label_column="label", metric="loss", seeds=5, eval_steps=50, max_length=32,
-    batch_size=32, eval_batch_size=256, patience=[3], threshold=[1e-3], max_cycles=2, max_tries=2,
-)
+COMMON = dict(label_column="label", seeds=5, patience=[3], threshold=[1e-3], max_cycles=2, max_tries=2)
+RT = dict(data="rotten-tomatoes", text_column="text", metric="loss", eval_steps=50, max_length=32, batch_size=32,
+          eval_batch_size=256)
+# Fashion-MNIST: 78 steps per epoch of 20,000 images at batch 256; an evaluation every 0.64 epochs.
+FM = dict(data="fashion-mnist", task="image-classification", image_column="image", from_scratch=True, metric="loss",
+          eval_steps=50, batch_size=256, eval_batch_size=1000, learning_rate=3e-3, max_steps=6000, targets="mlp")
+VIT_ARMS = "baseline,dendrites,baseline-restarts,wider"
 REGIMES = {
-    "dsn": dict(layers=0, learning_rate=1e-3, max_steps=3000, arms="baseline,dendrites,baseline-restarts"),
+    "dsn": dict(**RT, layers=0, learning_rate=1e-3, max_steps=3000, arms="baseline,dendrites,baseline-restarts"),
     # The embeddings frozen: a linear probe of the mean embedding, to which dendrites add the only nonlinearity.
     "dsn-frozen": dict(
-        layers=0, freeze_base=True, learning_rate=1e-2, max_steps=4000, dendrites_per_cycle=4,
+        **RT, layers=0, freeze_base=True, learning_rate=1e-2, max_steps=4000, dendrites_per_cycle=4,
         arms="baseline,dendrites,baseline-restarts",
     ),
     "pretrained-1layer": dict(
-        layers=1, learning_rate=1e-4, max_steps=3000, targets="mlp", arms="baseline,dendrites,baseline-restarts,wider"
+        **RT, layers=1, learning_rate=1e-4, max_steps=3000, targets="mlp", arms="baseline,dendrites,baseline-restarts,wider"
     ),
+    # Perforated AI's recipe on the DSN shape: per-cycle linear decay over 600 steps, restart-LR search.
+    "dsn-recipe": dict(
+        **RT, layers=0, learning_rate=1e-3, max_steps=6000, lr_scheduler_type="linear", cycle_steps=600,
+        lr_search=[1.0, 0.3, 0.1], arms="baseline,dendrites",
+    ),
+    # Mean pooling: the frozen one-layer model's [CLS] / pooler output left every arm at the majority class
+    # (57.5 % test; head only and LoRA alike, lr 1e-3 and 1e-2), since MiniLM was trained with mean pooling.
+    "frozen-lora": dict(
+        **RT, layers=1, pooling="mean", freeze_base=True, learning_rate=1e-2, max_steps=3000, frozen_rank=4,
+        arms="baseline,frozen-dendrites,lora",
+    ),
+    "vit-width-1": dict(**FM, width_scale=1.0, arms="baseline"),
+    "vit-width-0.25": dict(**FM, width_scale=0.25, arms=VIT_ARMS),
+    "vit-width-0.125": dict(**FM, width_scale=0.125, arms=VIT_ARMS),
 }
+# Extra paired comparisons quoted with a regime's table: (arm, reference arm).
+PAIRS = {
+    "frozen-lora": [("frozen-dendrites", "lora")],
+    "vit-width-0.25": [("dendrites", "wider")],
+    "vit-width-0.125": [("dendrites", "wider")],
+}
+VIT = dict(image_size=28, patch_size=7, num_channels=3, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+           num_attention_heads=4)
+# Fashion-MNIST's pixel mean and standard deviation (0-1 scale); images are not resized.
+FM_MEAN, FM_STD = 0.286, 0.353
 
 
-def write_data() -> dict[str, str]:
-    """Write the train / validation / test CSV files once; returns their paths."""
+def write_text_data() -> dict[str, str]:
+    """Write the Rotten Tomatoes train / validation / test CSV files once; returns their paths."""
     from hf_dendrites.example_data import load_rotten_tomatoes
 
     paths = {split: os.path.join(DATA, f"{split}.csv") for split in ("train", "validation", "test")}
@@ -68,16 +110,56 @@ def write_data() -> dict[str, str]:
     return paths
 
 
+def write_image_data(n_train: int = 20000, n_val: int = 2000, n_test: int = 10000) -> dict[str, str]:
+    """Write Fashion-MNIST once as imagefolder directories (one PNG per image, one folder per class)."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_dendrites.example_data import load_fashion_mnist
+
+    root = os.path.join(DATA, "fashion-mnist")
+    paths = {split: os.path.join(root, split) for split in ("train", "validation", "test")}
+    done = os.path.join(root, "complete")
+    if not os.path.isfile(done):
+        data, classes = load_fashion_mnist(n_train=n_train, n_val=n_val, n_test=n_test)
+        for split, path in paths.items():
+            ds = data[split].with_format("numpy")
+            pixels = np.rint(np.asarray(ds["pixel_values"])[:, 0] * 255).astype(np.uint8)
+            for i, (image, label) in enumerate(zip(pixels, np.asarray(ds["label"]))):
+                folder = os.path.join(path, classes[label].replace("/", "-").replace(" ", "_"))
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(image, mode="L").save(os.path.join(folder, f"{i:05d}.png"))
+        with open(done, "w", encoding="utf-8") as handle:
+            handle.write(f"{n_train} {n_val} {n_test}\n")
+    return paths
+
+
+def vit_folder() -> str:
+    """A ViT config and image processor for 28x28 images (no weights: the regimes train it from scratch)."""
+    from transformers import ViTConfig, ViTImageProcessor
+
+    path = os.path.join(DATA, "vit-fashion-mnist")
+    if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        ViTConfig(**VIT).save_pretrained(path)
+        processor = ViTImageProcessor(do_resize=False, size={"height": 28, "width": 28}, image_mean=[FM_MEAN] * 3,
+                                      image_std=[FM_STD] * 3)
+        processor.save_pretrained(path)
+    return path
+
+
 def run(regime: str, jobs: int, threads: int | None, seed_list: list[int] | None = None) -> dict:
     from hf_dendrites.compare import compare
     from hf_dendrites.example_data import minilm_path
 
-    paths = write_data()
     settings = {**COMMON, **REGIMES[regime]}
+    if settings.pop("data") == "fashion-mnist":
+        paths, model = write_image_data(), vit_folder()
+    else:
+        paths, model = write_text_data(), minilm_path()
     if seed_list is not None:  # a subset of the seeds (runs of other seeds in the folder are kept for later)
         settings["seed_list"] = seed_list
     return compare(
-        model=minilm_path(), train_file=paths["train"], validation_file=paths["validation"], test_file=paths["test"],
+        model=model, train_file=paths["train"], validation_file=paths["validation"], test_file=paths["test"],
         output_dir=os.path.join(RESULTS, regime), jobs=jobs, threads=threads, **settings,
     )
 
@@ -96,7 +178,21 @@ def tables() -> str:
             results = json.load(handle)
         rows, reference = report.summarise(results["runs"], results["arms"])
         parts.append(f"### {regime}\n\n{report.markdown_table(rows, reference, 'test accuracy')}\n")
+        for arm, other in PAIRS.get(regime, []):
+            scores = {a: {r["seed"]: report.score_of(r) for r in results["runs"] if r["arm"] == a} for a in (arm, other)}
+            if scores[arm] and scores[other]:
+                c = report.paired_comparison(scores[arm], scores[other])
+                parts.append(f"{arm} vs {other}: relative test-error change {_pct(c['rel_error_change'])} "
+                             f"(paired t-test p {_num(c['p_value'])}, {c['pairs']} seeds)\n")
     return "\n".join(parts)
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:+.1f} %"
+
+
+def _num(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3g}"
 
 
 def main(argv=None) -> int:
@@ -108,6 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds instead of the regimes' 5 (e.g. 0,1,2)")
     args = parser.parse_args(argv)
     if not args.tables:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("hf_dendrites.compare").setLevel(logging.INFO)
         for regime in args.regimes.split(","):
             if regime not in REGIMES:
                 parser.error(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")

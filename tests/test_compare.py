@@ -324,3 +324,48 @@ def test_freeze_base_trains_only_the_head_and_what_the_arm_adds(data):
         dataclasses.replace(s, from_scratch=True)
     # Results written before the setting existed keep their fingerprint while it is off.
     assert "freeze_base" not in dataclasses.replace(s, freeze_base=False).run_defining()
+
+
+def test_recipe_options_reach_every_arm_and_the_control_searches_the_same_restart_lrs(data):
+    s = _settings(data, layers=1, lr_search="1,0.1", cycle_steps=20, lr_scheduler_type="linear",
+                  arms=["baseline-restarts", "wider", "baseline"])
+    assert s.lr_search == [1.0, 0.1]
+    ctx = build_context(s)  # with --lr-search the control replays nothing, so it needs no dendrites arm
+    args, extras = {}, {}
+    for arm in ctx.arms:
+        _, overrides, extras[arm] = arm_model(ctx, arm, 0)
+        args[arm] = training_arguments(s, str(data["root"] / "args"), 0, **overrides)
+        assert args[arm].dendrite_lr_search == [1.0, 0.1] and args[arm].dendrite_cycle_steps == 20
+    assert args["baseline-restarts"].dendrite_restarts_only and args["baseline-restarts"].dendrite_restart_steps is None
+    assert args["baseline-restarts"].max_steps == s.max_steps and "same restart-LR search" in extras["baseline-restarts"]["recipe"]
+    assert args["wider"].dendrite_restarts_only and args["baseline"].max_dendrite_cycles == 0
+    # without the options nothing changes, and results written before they existed keep their fingerprint
+    plain = _settings(data, layers=1)
+    assert training_arguments(plain, str(data["root"] / "args"), 0).dendrite_lr_search is None
+    assert not {"lr_search", "cycle_steps"} & set(plain.run_defining())
+    for kw, message in [(dict(lr_search="1,0"), "--lr-search must be"), (dict(cycle_steps=0), "--cycle-steps must be")]:
+        with pytest.raises(ValueError, match=message):
+            _settings(data, **kw)
+    done = _cli("--help")
+    assert "--lr-search" in done.stdout and "--cycle-steps" in done.stdout
+
+
+def test_mean_pooling_with_layers_keeps_the_default_targets_and_matches_lora(data):
+    s = _settings(data, layers=1, pooling="mean", freeze_base=True, max_cycles=2, frozen_rank=2)
+    model = M.build_model(s, 2)
+    assert isinstance(model, M.MeanPooledClassifier) and len(model.base.encoder.layer) == 1
+    pretrained = transformers.BertModel.from_pretrained(data["model"])
+    assert torch.equal(model.base.encoder.layer[0].intermediate.dense.weight, pretrained.encoder.layer[0].intermediate.dense.weight)
+    ctx = build_context(s)
+    # the library's BERT defaults inside the pooled model (not only its head), so LoRA has layers to match
+    assert ctx.budgets["lora_targets"] and all(n.startswith("base.encoder.layer.0.") for n in ctx.budgets["lora_targets"])
+    frozen, _, _ = arm_model(ctx, "frozen-dendrites", 0)
+    lora, _, _ = arm_model(ctx, "lora", 0)
+    frozen.add_dendrites()
+    frozen.add_dendrites()  # the two cycles of max_cycles=2 that lora's rank is matched to
+    modules = dict(M.build_model(s, 2).named_modules())
+    per_rank = sum(modules[n].in_features + modules[n].out_features for n in ctx.budgets["lora_targets"])
+    assert abs(_trainable(lora) - _trainable(frozen)) <= per_rank / 2
+    assert "pooling" not in _settings(data).run_defining()  # results written before the option keep their fingerprint
+    with pytest.raises(ValueError, match="--pooling must be"):
+        _settings(data, pooling="cls")

@@ -22,7 +22,8 @@ INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder
 
 class MeanPooledClassifier(nn.Module):
     """The DSN shape (`--layers 0`): a transformers base model cut to its embeddings, and a linear head on the
-    mean of its token (or patch) states, masked by the attention mask.
+    mean of its token (or patch) states, masked by the attention mask. With `--pooling mean` the same head sits on
+    the mean of the last hidden states of a base model with layers.
 
     Without encoder layers a [CLS] / pooler head sees the same vector for every input (the [CLS] embedding
     plus position 0), so the head must pool over positions. The head is `classifier`, the default (and usual)
@@ -124,6 +125,11 @@ def build_config(s: CompareSettings, num_labels: int, extra_mlp: int = 0):
     return config
 
 
+def mean_pooled(s: CompareSettings) -> bool:
+    """Whether the model is a `MeanPooledClassifier` (--layers 0, or --pooling mean)."""
+    return s.layers == 0 or s.pooling == "mean"
+
+
 def build_model(s: CompareSettings, num_labels: int, extra_mlp: int = 0) -> nn.Module:
     """The arm's starting model (call after seeding: a random init depends on the seed).
 
@@ -137,7 +143,7 @@ def build_model(s: CompareSettings, num_labels: int, extra_mlp: int = 0) -> nn.M
     )
 
     config = build_config(s, num_labels, extra_mlp)
-    if s.layers == 0:
+    if mean_pooled(s):
         base = AutoModel.from_config(config) if s.from_scratch else AutoModel.from_pretrained(s.model, config=config)
         return MeanPooledClassifier(base, num_labels)
     auto = AutoModelForSequenceClassification if s.task == "text-classification" else AutoModelForImageClassification
@@ -156,7 +162,7 @@ def build_model_on_meta(s: CompareSettings, num_labels: int) -> nn.Module:
 
     config = build_config(s, num_labels)
     with torch.device("meta"):
-        if s.layers == 0:
+        if mean_pooled(s):
             return MeanPooledClassifier(AutoModel.from_config(config), num_labels)
         auto = AutoModelForSequenceClassification if s.task == "text-classification" else AutoModelForImageClassification
         return auto.from_config(config)
@@ -228,7 +234,7 @@ def resolve_targets(s: CompareSettings, model: nn.Module):
     """DendriteConfig.target_modules for --targets (None = the library's per-architecture defaults)."""
     t = s.targets
     if t == "default":
-        return head_module_names(model) if s.layers == 0 else None
+        return head_module_names(model) if s.layers == 0 else None  # no layers: the head is the only target
     if t == "mlp":
         try:
             return find_mlp(model).names()

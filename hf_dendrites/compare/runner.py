@@ -126,7 +126,7 @@ def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str],
                 "Arm(s) that do not apply: " + "; ".join(f"{a}: {reasons[a]}" for a in bad) + ". Leave them out of --arms."
             )
         arms = list(dict.fromkeys(s.arms))
-        if "baseline-restarts" in arms and REPLAYED_ARM not in arms:
+        if "baseline-restarts" in arms and REPLAYED_ARM not in arms and not s.lr_search:
             raise ValueError(
                 f"baseline-restarts replays the growth and retry steps of the {REPLAYED_ARM} arm's run with the same "
                 f"seed: add {REPLAYED_ARM} to --arms."
@@ -209,6 +209,11 @@ def arm_model(ctx: Context, arm: str, seed: int):
     config = M.dendrite_config(s, model, seed)
     if arm == "baseline":
         overrides["max_dendrite_cycles"] = 0
+    elif arm == "baseline-restarts" and s.lr_search:
+        # Each LR candidate trains to its own plateau, so the dendrites run's steps cannot be replayed: the
+        # control runs the same recipe (restarts at its own plateaus, the same restart-LR search) instead.
+        overrides[RESTARTS_FIELD] = True
+        extra["recipe"] = "restarts at its own plateaus, with the same restart-LR search"
     elif arm == "baseline-restarts":
         # The control for the dendritic run of this seed: its restarts at its growth / retry steps, its step count.
         replayed = finished_run(s, REPLAYED_ARM, seed)
@@ -266,6 +271,10 @@ def training_arguments(s: CompareSettings, out: str, seed: int, **overrides):
         max_dendrite_cycles=s.max_cycles, max_dendrite_tries=s.max_tries, remove_unused_columns=False,
         label_names=["labels"], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="error",
     )
+    if s.lr_search:
+        kw["dendrite_lr_search"] = list(s.lr_search)
+    if s.cycle_steps is not None:
+        kw["dendrite_cycle_steps"] = int(s.cycle_steps)
     kw.update(overrides)
     return DendriticTrainingArguments(**kw)
 

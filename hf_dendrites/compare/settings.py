@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ TASKS = ("text-classification", "image-classification")
 # Fields that do not change what a run computes: they may differ between a run and its resumption.
 NOT_RUN_DEFINING = ("output_dir", "arms", "seeds", "seed_list", "threads", "jobs")
 # Settings added after results were first committed, with their defaults (see `CompareSettings.run_defining`).
-ADDED_LATER = {"freeze_base": False}
+ADDED_LATER = {"freeze_base": False, "lr_search": None, "cycle_steps": None, "pooling": "auto"}
 
 
 def _help(text: str, **kw) -> Any:
@@ -67,6 +68,11 @@ class CompareSettings:
         "Keep only the first N transformer layers. 0 gives the DSN shape: embeddings, no encoder layer, and a "
         "linear head on the mean of the token (or patch) embeddings; its default dendrite target is that head.",
         default=None)
+    pooling: str = _help(
+        "The classification head: 'auto' (the model's own head, e.g. BERT's [CLS] pooler; a mean-pooled linear "
+        "head with --layers 0) or 'mean' (a linear head on the mask-weighted mean of the last hidden states, with "
+        "any --layers; useful when a cut or frozen model's [CLS] state carries little, e.g. a sentence-embedding "
+        "model trained with mean pooling).", default="auto")
     dataset: str | None = _help("A `datasets` Hub name (read from the local cache when offline).", default=None)
     dataset_config: str | None = _help("Configuration name of --dataset, if it has several.", default=None)
     train_file: str | None = _help("Training data: a csv / json / jsonl / parquet file, or an imagefolder directory.", default=None)
@@ -103,6 +109,15 @@ class CompareSettings:
         "Relative improvement a score needs to count; comma-separated values are used per cycle.",
         default_factory=lambda: [1e-3])
     epsilon: list[float] = _help("Absolute improvement a score needs to count (per cycle, like --threshold).", default_factory=lambda: [0.0])
+    lr_search: list[float] | None = _help(
+        "Restart-LR search after every growth: comma-separated multiples of --learning-rate (e.g. 1,0.3,0.1), each "
+        "candidate trained from the same post-growth weights to its plateau, the best on validation kept "
+        "(DendriticTrainingArguments.dendrite_lr_search). The restarts arms search the same candidates; "
+        "baseline-restarts then restarts at its own plateaus instead of replaying the dendrites run's steps "
+        "(a candidate's length is decided by its own plateau, so fixed steps cannot be replayed).", default=None)
+    cycle_steps: int | None = _help(
+        "Length in steps of every restarted LR schedule (warmup and decay of --lr-scheduler-type; "
+        "DendriticTrainingArguments.dendrite_cycle_steps). Default: the steps left until --max-steps.", default=None)
     max_cycles: int = _help("Dendrite cycles (growths) at most.", default=2)
     max_tries: int = _help("Tries per cycle: a cycle that does not improve is discarded and retried this often in all.", default=2)
     dendrites_per_cycle: int = _help("Dendrites every target layer gets at each growth.", default=1)
@@ -121,7 +136,7 @@ class CompareSettings:
     jobs: int = _help("Runs in parallel worker processes (each with --threads threads).", default=1)
 
     def __post_init__(self) -> None:
-        for name in ("arms", "seed_list", "patience", "threshold", "epsilon"):
+        for name in ("arms", "seed_list", "patience", "threshold", "epsilon", "lr_search"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -133,6 +148,12 @@ class CompareSettings:
         self.epsilon = [float(v) for v in self.epsilon]
         if self.seed_list is not None:
             self.seed_list = [int(v) for v in self.seed_list]
+        if self.lr_search is not None:
+            self.lr_search = [float(v) for v in self.lr_search]
+            if not self.lr_search or not all(math.isfinite(v) and v > 0 for v in self.lr_search):
+                raise ValueError(f"--lr-search must be comma-separated learning-rate multiples > 0 (e.g. 1,0.3,0.1), got {self.lr_search}.")
+        if self.cycle_steps is not None and (isinstance(self.cycle_steps, bool) or int(self.cycle_steps) < 1):
+            raise ValueError(f"--cycle-steps must be >= 1, got {self.cycle_steps}.")
         if not self.model:
             raise ValueError("Pass --model: a local model folder or a Hub id.")
         if self.task not in TASKS:
@@ -151,6 +172,8 @@ class CompareSettings:
             raise ValueError(f"--width-scale must be > 0, got {self.width_scale}.")
         if self.layers is not None and self.layers < 0:
             raise ValueError(f"--layers must be >= 0, got {self.layers}.")
+        if self.pooling not in ("auto", "mean"):
+            raise ValueError(f"--pooling must be 'auto' or 'mean', got {self.pooling!r}.")
         if self.metric not in ("accuracy", "loss"):
             raise ValueError(f"--metric must be 'accuracy' or 'loss', got {self.metric!r}.")
         if self.dataset is None and self.train_file is None:
