@@ -85,6 +85,9 @@ REGIMES = {
     "vit-width-0.25": dict(**FM, width_scale=0.25, arms=VIT_ARMS),
     "vit-width-0.125": dict(**FM, width_scale=0.125, arms=VIT_ARMS),
 }
+# Regimes committed with fewer than COMMON["seeds"] seeds (stopped for time; `--seed-list` of the finished ones).
+# Resume them with `--regimes NAME` (finished runs are kept), then remove the entry.
+PARTIAL: dict[str, list[int]] = {"frozen-lora": [0, 1]}
 # Extra paired comparisons quoted with a regime's table: (arm, reference arm).
 PAIRS = {
     "frozen-lora": [("frozen-dendrites", "lora")],

@@ -133,6 +133,9 @@ def main(out: str) -> None:
     with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f, indent=1)
     dist.barrier()
+    # Tear the gloo group down before exit: left to interpreter shutdown, a rank could abort (SIGABRT,
+    # 'terminate called without an active exception') while the other was still leaving.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ def main(output_dir: str) -> None:
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
     dist.barrier()
+    # Tear the gloo group down before exit: left to interpreter shutdown, a rank could abort (SIGABRT,
+    # 'terminate called without an active exception') while the other was still leaving.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
