@@ -1,8 +1,8 @@
 """The regime study of issue 12: where do dendrites pay? Each regime is one `hf-dendrites compare` run.
 
 Every regime trains the same arms over the same seeds (same data order and evaluation points), decides everything
-on the validation split (1,000 snippets, decisions on validation loss) and only reports the test split (2,000
-snippets). The results (per-run JSON, `compare.json`, `compare.md`, `compare.png`) go to
+on the validation split (validation loss; text classification: 1,000 snippets) and only reports the test split
+(text classification: 2,000 snippets). The results (per-run JSON, `compare.json`, `compare.md`, `compare.png`) go to
 `benchmarks/results/regimes/<regime>/`; `--tables` rebuilds every regime's table from its committed JSON, without
 training, and prints the markdown that `benchmarks/RESULTS.md` quotes.
 
@@ -28,11 +28,18 @@ Regimes (the ones issue 12 asks for; a regime not run yet has no folder under re
   the control searches the same restart LRs at its own plateaus.
 - `frozen-lora`: MiniLM cut to its first layer and frozen (`--freeze-base`), a linear head on the mean of its
   output states (`--pooling mean`); low-rank dendrites (rank 4) on the library's default BERT targets against PEFT
-  LoRA on the same layers at the same trainable parameter count.
+  LoRA on the same layers at the same trainable parameter count, and the head alone with the dendritic run's
+  restarts (`baseline-restarts` replays `frozen-dendrites` when there is no `dendrites` arm).
+- `frozen-lora-lr1e-3`: both adapters of `frozen-lora` again at lr 1e-3 (LoRA overfit at 1e-2), so that each arm's
+  LR is chosen on validation loss; its extra comparisons read `frozen-lora`'s runs.
 - `vit-width-<scale>`: a ViT trained from scratch on Fashion-MNIST (20,000 training, 2,000 validation, 10,000 test
   images) at `--width-scale` 1, 0.25 and 0.125 of hidden 64 / MLP 256 (`outputs/regime_study_data/vit-fashion-mnist`,
   2 layers, 7x7 patches); dendrites on the MLP. Width 1 trains the baseline only (the capacity reference), the
   narrow widths every arm, so the baseline's fall with width comes first.
+- `lm-width-<scale>`: a 2-layer Llama causal LM trained from scratch (`--task causal-lm`) on the 2012 convention
+  speeches (`example_data.load_speeches`, by speech: 149 train / 20 validation / 20 test) in blocks of 64 tokens,
+  with a 1,024-token BPE fitted to the training speeches (`example_data.small_lm_folder`), at `--width-scale` 1,
+  0.25 and 0.125 of hidden 64 / MLP 256; dendrites on the MLP (gate, up and down projections).
 
 Fashion-MNIST is read from Debian's `dataset-fashion-mnist` (`hf_dendrites.example_data.load_fashion_mnist`) and
 written once as an imagefolder (PNG files per class) under `outputs/regime_study_data/fashion-mnist/`.
@@ -60,6 +67,10 @@ RT = dict(data="rotten-tomatoes", text_column="text", metric="loss", eval_steps=
 FM = dict(data="fashion-mnist", task="image-classification", image_column="image", from_scratch=True, metric="loss",
           eval_steps=50, batch_size=256, eval_batch_size=1000, learning_rate=3e-3, max_steps=6000, targets="mlp")
 VIT_ARMS = "baseline,dendrites,baseline-restarts,wider"
+# A causal LM from scratch on the convention speeches (188,550 training tokens with the fitted 1,024-token BPE):
+# blocks of 64 tokens, 184 steps per epoch at batch 16; decisions on validation loss (28,749 tokens).
+LM = dict(data="speeches", task="causal-lm", text_column="text", from_scratch=True, metric="loss", eval_steps=50,
+          max_length=64, batch_size=16, eval_batch_size=256, learning_rate=3e-3, max_steps=4000, targets="mlp")
 REGIMES = {
     "dsn": dict(**RT, layers=0, learning_rate=1e-3, max_steps=3000, arms="baseline,dendrites,baseline-restarts"),
     # The embeddings frozen: a linear probe of the mean embedding, to which dendrites add the only nonlinearity.
@@ -73,29 +84,43 @@ REGIMES = {
     # Perforated AI's recipe on the DSN shape: per-cycle linear decay over 600 steps, restart-LR search.
     "dsn-recipe": dict(
         **RT, layers=0, learning_rate=1e-3, max_steps=6000, lr_scheduler_type="linear", cycle_steps=600,
-        lr_search=[1.0, 0.3, 0.1], arms="baseline,dendrites",
+        lr_search=[1.0, 0.3, 0.1], arms="baseline,dendrites,baseline-restarts",
     ),
     # Mean pooling: the frozen one-layer model's [CLS] / pooler output left every arm at the majority class
     # (57.5 % test; head only and LoRA alike, lr 1e-3 and 1e-2), since MiniLM was trained with mean pooling.
     "frozen-lora": dict(
         **RT, layers=1, pooling="mean", freeze_base=True, learning_rate=1e-2, max_steps=3000, frozen_rank=4,
-        arms="baseline,frozen-dendrites,lora",
+        arms="baseline,frozen-dendrites,lora,baseline-restarts",
+    ),
+    # LoRA overfit within 250-350 steps at lr 1e-2 (below the head alone): both adapters again at lr 1e-3, so that
+    # each arm's LR can be chosen on validation loss between the two.
+    "frozen-lora-lr1e-3": dict(
+        **RT, layers=1, pooling="mean", freeze_base=True, learning_rate=1e-3, max_steps=3000, frozen_rank=4,
+        arms="lora,frozen-dendrites",
     ),
     "vit-width-1": dict(**FM, width_scale=1.0, arms="baseline"),
     "vit-width-0.25": dict(**FM, width_scale=0.25, arms=VIT_ARMS),
     "vit-width-0.125": dict(**FM, width_scale=0.125, arms=VIT_ARMS),
+    "lm-width-1": dict(**LM, width_scale=1.0, arms="baseline"),
+    "lm-width-0.25": dict(**LM, width_scale=0.25, arms=VIT_ARMS),
+    "lm-width-0.125": dict(**LM, width_scale=0.125, arms=VIT_ARMS),
 }
 # Regimes committed with fewer than COMMON["seeds"] seeds (stopped for time; `--seed-list` of the finished ones).
 # Resume them with `--regimes NAME` (finished runs are kept), then remove the entry.
-PARTIAL: dict[str, list[int]] = {"frozen-lora": [0, 1]}
-# Extra paired comparisons quoted with a regime's table: (arm, reference arm).
+PARTIAL: dict[str, list[int]] = {}
+# Extra paired comparisons quoted with a regime's table: (arm, reference arm, or "regime:arm" from another regime).
 PAIRS = {
+    "frozen-lora-lr1e-3": [("lora", "frozen-lora:lora"), ("frozen-dendrites", "frozen-lora:frozen-dendrites"),
+                           ("frozen-dendrites", "lora"), ("lora", "frozen-lora:frozen-dendrites")],
     "frozen-lora": [("frozen-dendrites", "lora")],
     "vit-width-0.25": [("dendrites", "wider")],
     "vit-width-0.125": [("dendrites", "wider")],
+    "lm-width-0.25": [("dendrites", "wider")],
+    "lm-width-0.125": [("dendrites", "wider")],
 }
 VIT = dict(image_size=28, patch_size=7, num_channels=3, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
            num_attention_heads=4)
+LM_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 # Fashion-MNIST's pixel mean and standard deviation (0-1 scale); images are not resized.
 FM_MEAN, FM_STD = 0.286, 0.353
 
@@ -150,13 +175,36 @@ def vit_folder() -> str:
     return path
 
 
+def write_lm_data() -> tuple[dict[str, str], str]:
+    """The convention speeches as train / validation / test CSV files (a `text` column, one speech per row) and a
+    small Llama config folder with a 1,024-token BPE fitted to the training speeches; written once."""
+    import csv
+
+    from hf_dendrites.example_data import load_speeches, small_lm_folder
+
+    root = os.path.join(DATA, "speeches")
+    paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
+    texts = load_speeches()
+    if not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(root, exist_ok=True)
+        for split, path in paths.items():
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["text"])
+                writer.writerows([t] for t in texts[split])
+    return paths, small_lm_folder(os.path.join(DATA, "lm-speeches"), texts["train"], **LM_CONFIG)
+
+
 def run(regime: str, jobs: int, threads: int | None, seed_list: list[int] | None = None) -> dict:
     from hf_dendrites.compare import compare
     from hf_dendrites.example_data import minilm_path
 
     settings = {**COMMON, **REGIMES[regime]}
-    if settings.pop("data") == "fashion-mnist":
+    data = settings.pop("data")
+    if data == "fashion-mnist":
         paths, model = write_image_data(), vit_folder()
+    elif data == "speeches":
+        paths, model = write_lm_data()
     else:
         paths, model = write_text_data(), minilm_path()
     if seed_list is not None:  # a subset of the seeds (runs of other seeds in the folder are kept for later)
@@ -180,14 +228,59 @@ def tables() -> str:
         with open(path, encoding="utf-8") as handle:
             results = json.load(handle)
         rows, reference = report.summarise(results["runs"], results["arms"])
-        parts.append(f"### {regime}\n\n{report.markdown_table(rows, reference, 'test accuracy')}\n")
+        parts.append(f"### {regime}\n\n{report.markdown_table(rows, reference, results.get('score', 'test accuracy'))}\n")
         for arm, other in PAIRS.get(regime, []):
-            scores = {a: {r["seed"]: report.score_of(r) for r in results["runs"] if r["arm"] == a} for a in (arm, other)}
-            if scores[arm] and scores[other]:
-                c = report.paired_comparison(scores[arm], scores[other])
-                parts.append(f"{arm} vs {other}: relative test-error change {_pct(c['rel_error_change'])} "
-                             f"(paired t-test p {_num(c['p_value'])}, {c['pairs']} seeds)\n")
+            mine, theirs = _runs(results, arm), _runs(results, other) if ":" not in other else _other_regime_runs(other)
+            if mine and theirs:
+                c = report.paired_comparison(*({k: report.score_of(r) for k, r in x.items()} for x in (mine, theirs)))
+                line = (f"{arm} vs {other}: relative test-error change {_pct(c['rel_error_change'])} "
+                        f"(paired t-test p {_num(c['p_value'])}, {c['pairs']} seeds)")
+                if ":" in other:  # another regime: say which one validation prefers
+                    val = [sum(r["validation_loss"] for r in x.values()) / len(x) for x in (mine, theirs)]
+                    line += f"; mean validation loss {val[0]:.4f} vs {val[1]:.4f}"
+                parts.append(line + "\n")
+        if any(r.get("test_perplexity") is not None for r in results["runs"]):
+            parts.append(perplexities(results, reference, PAIRS.get(regime, [])))
     return "\n".join(parts)
+
+
+def _runs(results: dict, arm: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in results["runs"] if r["arm"] == arm}
+
+
+def _other_regime_runs(ref: str) -> dict[int, dict]:
+    """Runs of "regime:arm" from that regime's committed compare.json ({} if it is not there)."""
+    regime, arm = ref.split(":")
+    path = os.path.join(RESULTS, regime, "compare.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return _runs(json.load(handle), arm)
+
+
+def perplexities(results: dict, reference: str | None, pairs: list[tuple[str, str]]) -> str:
+    """causal-lm regimes: each arm's test perplexity (mean ± std over seeds), then the paired test-loss difference
+    (nats per token, mean over seeds, paired t-test) of every arm against the reference and of the extra pairs."""
+    import numpy as np
+    from scipy import stats
+
+    cells = []
+    for arm in results["arms"]:
+        values = [r["test_perplexity"] for r in results["runs"] if r["arm"] == arm and r.get("test_perplexity") is not None]
+        if values:
+            spread = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+            cells.append(f"{arm} {np.mean(values):.2f}{spread}")
+    lines = ["test perplexity: " + "; ".join(cells)]
+    comparisons = [(arm, reference) for arm in results["arms"] if reference and arm != reference] + list(pairs)
+    for arm, other in comparisons:
+        mine, theirs = _runs(results, arm), _runs(results, other)
+        seeds = sorted(set(mine) & set(theirs))
+        if len(seeds) >= 2:
+            a = np.array([mine[k]["test_loss"] for k in seeds])
+            b = np.array([theirs[k]["test_loss"] for k in seeds])
+            lines.append(f"{arm} vs {other}: test loss {np.mean(a - b):+.4f} nats per token "
+                         f"(paired t-test p {_num(float(stats.ttest_rel(a, b).pvalue))}, {len(seeds)} seeds)")
+    return "\n\n".join(lines) + "\n"
 
 
 def _pct(value: float) -> str:

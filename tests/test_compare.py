@@ -271,6 +271,60 @@ def test_resume_trains_only_the_missing_runs_and_refuses_other_settings(finished
         compare(_settings(data, output_dir=str(copy), learning_rate=1e-3, layers=1, arms=["baseline"]))
 
 
+def _children(pid: int) -> set[int]:
+    """Live child processes of `pid` (from /proc; zombies do not count)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_sigterm_stops_the_worker_processes_too(data, tmp_path):
+    import signal
+    import time
+
+    args = _cli_args(data, tmp_path / "out", "--jobs", "2")
+    args[args.index("--max-steps") + 1] = "100000"  # runs far longer than the test waits
+    args[args.index("--patience") + 1] = "1000"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "hf_dendrites.compare", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(workers := _children(proc.pid)) < 3 and time.time() < deadline:  # 2 workers + resource tracker
+            time.sleep(0.5)
+        assert len(workers) >= 3, f"the worker pool did not start: {proc.poll()=}"
+        time.sleep(3)  # workers are inside their first run
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        deadline = time.time() + 30
+        while (alive := [w for w in workers if _running(w)]) and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.returncode == 128 + signal.SIGTERM and "Stopped by SIGTERM" in err, err[-2000:]
+        assert not alive, f"worker processes {alive} outlived the compare they belong to"
+        assert not list((tmp_path / "out" / "runs").glob("*/seed-*.json"))  # no run finished, none half-written
+    finally:
+        for pid in [*_children(proc.pid), proc.pid]:  # nothing outlives a failed test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.wait()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_input_fails_before_any_training(data, tmp_path):
     out = tmp_path / "out"
@@ -306,8 +360,26 @@ def test_baseline_restarts_restarts_where_the_dendritic_run_grows(data, tmp_path
     assert by["baseline-restarts"]["steps"] == by["dendrites"]["steps"]  # the same training budget
     assert by["baseline-restarts"]["dendrites_kept"] == 0 and results["reference"] == "baseline-restarts"
     # the control needs the run it replays
-    with pytest.raises(ValueError, match="replays the growth and retry steps of the dendrites arm"):
+    with pytest.raises(ValueError, match="replays the growth and retry steps of the dendritic run.*add dendrites or "
+                       "frozen-dendrites"):
         build_context(_settings(data, arms=["baseline-restarts"]))
+
+
+def test_baseline_restarts_of_frozen_dendrites_is_the_head_alone_with_the_same_restarts(data, tmp_path):
+    results = compare(_settings(data, output_dir=str(tmp_path / "out"), arms=["frozen-dendrites", "baseline-restarts"],
+                                seeds=1, layers=1, max_tries=1, learning_rate=1e-2))
+    by = {r["arm"]: r for r in results["runs"]}
+    assert by["frozen-dendrites"]["growth_steps"], "the dendritic run never grew; the comparison would be vacuous"
+    control = by["baseline-restarts"]
+    assert control["replayed_arm"] == "frozen-dendrites" and control["dendrites_kept"] == 0
+    assert control["growth_steps"] == by["frozen-dendrites"]["growth_steps"]
+    assert control["steps"] == by["frozen-dendrites"]["steps"]
+    head = M.build_model(_settings(data, layers=1), 2).classifier
+    assert control["trainable_params"] == head.weight.numel() + head.bias.numel()  # the base stayed frozen
+    # the curves agree until the first growth: the same model, head and data order
+    first = control["growth_steps"][0]
+    same = [c["score"] for c in control["curve"] if c["step"] <= first]
+    assert same == [c["score"] for c in by["frozen-dendrites"]["curve"] if c["step"] <= first]
 
 
 def test_freeze_base_trains_only_the_head_and_what_the_arm_adds(data):
@@ -369,3 +441,123 @@ def test_mean_pooling_with_layers_keeps_the_default_targets_and_matches_lora(dat
     assert "pooling" not in _settings(data).run_defining()  # results written before the option keep their fingerprint
     with pytest.raises(ValueError, match="--pooling must be"):
         _settings(data, pooling="cls")
+
+
+# ---------------------------------------------------------------------------------------------- causal-lm
+def _speech_csv(path: Path, n: int, seed: int) -> Path:
+    """Documents of filler words whose every other word is predictable (a pattern a tiny LM learns quickly)."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        for _ in range(n):
+            pairs = [rng.choice([("the", "movie"), ("a", "plot"), ("very", "good"), ("was", "bad")]) for _ in range(12)]
+            writer.writerow([" ".join(w for pair in pairs for w in pair)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory):
+    from hf_dendrites.example_data import small_lm_folder
+
+    root = tmp_path_factory.mktemp("compare_lm")
+    train = _speech_csv(root / "train.csv", 60, 0)
+    texts = [row.split(",")[0] for row in train.read_text().splitlines()[1:]]
+    folder = small_lm_folder(root / "lm", texts, vocab_size=280, hidden_size=16, intermediate_size=40,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    return {"root": root, "model": folder, "train": train, "validation": _speech_csv(root / "validation.csv", 16, 1),
+            "test": _speech_csv(root / "test.csv", 16, 2)}
+
+
+def _lm_settings(lm_data, **kw) -> CompareSettings:
+    base = dict(model=str(lm_data["model"]), task="causal-lm", from_scratch=True, max_length=16,
+                train_file=str(lm_data["train"]), validation_file=str(lm_data["validation"]),
+                test_file=str(lm_data["test"]), output_dir=str(lm_data["root"] / "unused"), **FAST)
+    base.update(kw)
+    return CompareSettings(**base)
+
+
+def test_small_lm_folder_holds_a_fitted_tokenizer_and_a_llama_config(lm_data):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm_data["model"])
+    config = transformers.AutoConfig.from_pretrained(lm_data["model"])
+    assert config.model_type == "llama" and config.vocab_size == len(tokenizer) == 280
+    assert tokenizer.eos_token == "<|endoftext|>" and config.eos_token_id == tokenizer.eos_token_id
+    text = "the movie was bad"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text and len(ids) < len(text)  # merges were learnt from the text
+
+
+def test_causal_lm_blocks_and_next_token_accuracy(lm_data):
+    s = _lm_settings(lm_data)
+    ctx = build_context(s)
+    assert ctx.splits.label_names == [] and ctx.num_labels == 0
+    tokenizer = ctx.processing_class
+    # every split is the concatenation of its documents (each ended by EOS) cut into full blocks of max_length
+    docs = [t for t in ctx.splits.validation["text"]]
+    stream = [i for d in docs for i in [*tokenizer(d, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]]
+    blocks = ctx.validation["input_ids"]
+    assert len(blocks) == len(stream) // 16 and all(len(b) == 16 for b in blocks)
+    assert [i for b in blocks for i in b] == stream[: 16 * len(blocks)] and ctx.validation["labels"] == blocks
+    # the Trainer's next-token accuracy and loss equal a direct forward pass over the same blocks
+    dm, overrides, _ = arm_model(ctx, "baseline", 0)
+    assert isinstance(dm.model, transformers.LlamaForCausalLM) and dm.model.config.hidden_size == 16
+    from hf_dendrites.compare.runner import metric_functions
+    from hf_dendrites.trainer import DendriticTrainer
+
+    args = training_arguments(s, str(lm_data["root"] / "eval"), 0, **overrides)
+    trainer = DendriticTrainer(dm, args, eval_dataset=ctx.validation, processing_class=tokenizer,
+                               data_collator=ctx.collator, **metric_functions("causal-lm"))
+    metrics = trainer.evaluate()
+    ids = torch.tensor(blocks)
+    dm.eval()
+    with torch.no_grad():
+        logits = dm(input_ids=ids).logits
+    correct = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean().item()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert metrics["eval_accuracy"] == pytest.approx(correct, abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_causal_lm_compare_trains_every_arm_and_reports_perplexity(lm_data, tmp_path):
+    s = _lm_settings(lm_data, output_dir=str(tmp_path / "out"), seeds=1, metric="loss", width_scale=0.5,
+                     targets="mlp", arms=["baseline", "dendrites", "baseline-restarts", "wider"])
+    results = compare(s)
+    by = {r["arm"]: r for r in results["runs"]}
+    assert sorted(by) == ["baseline", "baseline-restarts", "dendrites", "wider"]
+    for r in by.values():
+        assert 0 <= r["test_score"] <= 1 and r["test_perplexity"] == pytest.approx(math.exp(r["test_loss"]))
+    # learnt: far above a uniform guess over 280 tokens (accuracy 0.004, perplexity 280)
+    assert by["baseline"]["test_score"] > 0.1 and by["baseline"]["test_perplexity"] < 70
+    assert "| arm | runs | test next-token accuracy mean ± std |" in results["table"]
+    # --width-scale halves the from-scratch LM; wider adds MLP units to match the dendrites' parameters
+    plain = M.build_model(s, 0)
+    assert plain.config.hidden_size == 8 and plain.config.intermediate_size == 20
+    layout = M.find_mlp(plain)
+    assert len(layout.blocks) == 1 and len(layout.blocks[0][0]) == 2  # Llama's gated MLP: gate and up projections
+    assert abs(by["wider"]["params"] - _params(plain) - results["budgets"]["dendrite_params"]) <= layout.params_per_unit / 2
+
+
+def test_causal_lm_bad_input_fails_before_any_training(lm_data, tmp_path):
+    out = tmp_path / "out"
+    short = tmp_path / "short.csv"
+    short.write_text("text\nthe movie\n")
+    cases = [
+        (dict(text_column="speech"), r"no column 'speech'; its columns are \['text'\]"),
+        (dict(pooling="mean"), "a causal LM keeps its LM head"),
+        (dict(from_scratch=False, freeze_base=True), "Drop --freeze-base"),
+        (dict(arms=["lora"]), "do not apply.*lora.*causal-lm has none"),
+        (dict(test_file=str(short)), "the test text gives .* tokens, less than one block"),
+        (dict(batch_size=4096), "fewer than one batch of --batch-size 4096"),
+        (dict(validation_file=None, validation_size=60), "Not enough rows for the splits: 60 training documents"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            compare(_lm_settings(lm_data, output_dir=str(out), **kw))
+        assert not out.exists(), kw
+    ctx = build_context(_lm_settings(lm_data, validation_file=None, validation_size=0.25))
+    assert ctx.splits.validation_source == "random split of train by document"
+    assert (len(ctx.splits.train), len(ctx.splits.validation)) == (45, 15)
+    assert not set(ctx.splits.validation["text"]) & set(ctx.splits.train["text"])

@@ -46,3 +46,6 @@ def test_tables_are_rebuilt_from_the_json_and_quoted_in_results_md():
     assert not missing, f"RESULTS.md does not quote these rows of `regime_study.py --tables`: {missing[:3]}"
     pairs = [line for line in text.splitlines() if " vs " in line and "relative test-error change" in line]
     assert pairs and all(line in quoted for line in pairs)
+    # causal-lm regimes: the perplexity line and the paired test-loss differences
+    lm_lines = [line for line in text.splitlines() if line.startswith("test perplexity:") or "nats per token" in line]
+    assert lm_lines and all(line in quoted for line in lm_lines), [line for line in lm_lines if line not in quoted][:3]

@@ -6,6 +6,11 @@
 
 (also `python -m hf_dendrites.compare ...`, or `compare(model=..., ...)` from Python, which returns the results).
 
+Tasks: text and image classification, and `--task causal-lm` (next-token prediction on a text column; the
+documents are concatenated and cut into blocks of `--max-length` tokens; the score is next-token accuracy and each
+run also records its loss and perplexity; `example_data.small_lm_folder` writes a small Llama config with a
+tokenizer fitted to your text for a from-scratch LM).
+
 Every arm trains with `DendriticTrainer` on the same data, seeds (model init, data order) and evaluation
 points; the validation data drives every decision (plateaus, growth, the reported checkpoint) and the test data
 is only scored at the end. A run that reaches `--max-steps` before its schedule completes is scored at its best
@@ -15,7 +20,8 @@ validation evaluation. The arms (`settings.ARMS`):
 - `baseline-restarts`: no dendrites, but the dendritic run's recipe replayed: at the steps where the `dendrites` run
   of the same seed grew or retried, restore the best weights, fresh optimizer, LR restart; the same total steps
   (`DendriticTrainingArguments(dendrite_restarts_only=True, dendrite_restart_steps=...)`): the control that
-  separates dendrites from restarts and extra training. Needs the `dendrites` arm.
+  separates dendrites from restarts and extra training. Needs the `dendrites` arm, or `frozen-dendrites`, whose
+  runs it then replays with the base frozen (the head alone with the same restarts).
 - `wider`: every MLP gets as many extra units as give the parameters that `max_cycles` growths of the dendrites
   arm add (computed exactly on a weightless copy of the converted model; the kept count may end lower). From
   scratch the config's intermediate size is raised; pretrained, the new units get random input weights and zero
@@ -29,7 +35,8 @@ validation evaluation. The arms (`settings.ARMS`):
 Outputs in `--output-dir`: `compare.md` (the table), `compare.json` (settings, summary, every run),
 `compare.png`, and `runs/<arm>/seed-<k>.json`, written atomically when a run ends (beside it, the trainer's
 `seed-<k>-trainer/` folder with its evaluation CSV and training curve); a rerun with the same settings skips
-finished runs, and a folder holding runs with other settings is an error.
+finished runs, and a folder holding runs with other settings is an error. SIGTERM (like Ctrl-C) stops the worker
+processes of `--jobs N` too; the runs they had not finished are trained again by the rerun.
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ def compare(settings: CompareSettings | None = None, **kwargs) -> dict[str, Any]
         records[(record["arm"], record["seed"])] = record
     runs = [records[t] for t in sorted(records, key=lambda t: (ctx.arms.index(t[0]), t[1]))]
 
-    score_name = "test accuracy" if ctx.test is not None else "validation accuracy (no test data)"
+    accuracy = "next-token accuracy" if s.task == "causal-lm" else "accuracy"
+    score_name = f"test {accuracy}" if ctx.test is not None else f"validation {accuracy} (no test data)"
     rows, reference = report.summarise(runs, ctx.arms)
     table = report.markdown_table(rows, reference, score_name)
     results = {

@@ -132,9 +132,41 @@ def stratified_split(labels: list[int], size: float, seed: int) -> tuple[list[in
     return [i for i in range(n) if i not in val_set], sorted(val)
 
 
+def random_split(n: int, size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices) of `n` rows (documents), `size` a fraction in (0, 1) or a row count."""
+    n_val = int(round(size * n)) if size < 1 else int(size)
+    if n_val < 1 or n - n_val < 1:
+        raise ValueError(
+            f"Not enough rows for the splits: {n} training documents cannot give a validation split of {n_val} with "
+            "a document left on each side. Lower or raise --validation-size, add data, or pass --validation-file."
+        )
+    val = sorted(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    val_set = set(val)
+    return [i for i in range(n) if i not in val_set], val
+
+
+def _load_lm_splits(s: CompareSettings, raw: dict[str, Any]) -> Splits:
+    """causal-lm: only the text column matters (no labels); a validation split is taken by whole documents."""
+    for name, ds in raw.items():
+        _check_columns(name, ds, [s.text_column])
+    keep = {name: ds.remove_columns([c for c in ds.column_names if c != s.text_column]) for name, ds in raw.items()}
+    train, source = keep["train"], "given"
+    if "validation" in keep:
+        validation = keep["validation"]
+    else:
+        train_idx, val_idx = random_split(len(train), s.validation_size, s.split_seed)
+        validation, train = train.select(val_idx), train.select(train_idx)
+        source = "random split of train by document"
+    if "test" not in keep:
+        logger.warning("No test data: the table reports validation scores, which also drove the decisions.")
+    return Splits(train, validation, keep.get("test"), [], source)
+
+
 def load_splits(s: CompareSettings) -> Splits:
     """Load, check and label-encode the data (no preprocessing yet). Raises ValueError on bad input."""
     raw = load_raw_splits(s)
+    if s.task == "causal-lm":
+        return _load_lm_splits(s, raw)
     data_column = s.text_column if s.task == "text-classification" else s.image_column
     for name, ds in raw.items():
         _check_columns(name, ds, [data_column, s.label_column])
@@ -182,8 +214,12 @@ def preprocess(splits: Splits, s: CompareSettings, model_path: str):
     """(train, validation, test, processing_class, data_collator) ready for the Trainer.
 
     Text is tokenized once (truncated to --max-length, padded per batch); images are converted on the fly by
-    the model's image processor (resized and normalised as the model expects).
+    the model's image processor (resized and normalised as the model expects). causal-lm text is tokenized,
+    every document ended with the tokenizer's EOS token, concatenated and cut into blocks of --max-length tokens
+    whose labels are their input ids (the model shifts them); the last partial block of a split is dropped.
     """
+    if s.task == "causal-lm":
+        return _preprocess_lm(splits, s, model_path)
     if s.task == "text-classification":
         from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -222,3 +258,35 @@ def preprocess(splits: Splits, s: CompareSettings, model_path: str):
                 "labels": torch.tensor([r["labels"] for r in rows])}
 
     return apply(splits.train), apply(splits.validation), apply(splits.test), processor, collate
+
+
+def _preprocess_lm(splits: Splits, s: CompareSettings, model_path: str):
+    from transformers import AutoTokenizer, default_data_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    size = s.max_length
+
+    def blocks(name: str, ds):
+        if ds is None:
+            return None
+        texts = ["" if t is None else str(t) for t in ds[s.text_column]]
+        stream = [i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in [*ids, *eos]]
+        n = len(stream) // size
+        if n == 0:
+            raise ValueError(
+                f"Not enough rows for the splits: the {name} text gives {len(stream)} tokens, less than one block of "
+                f"--max-length {size}. Add text or lower --max-length."
+            )
+        ids = [stream[k * size : (k + 1) * size] for k in range(n)]
+        from datasets import Dataset
+
+        return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * size] * n, "labels": ids})
+
+    train = blocks("train", splits.train)
+    if len(train) < s.batch_size:
+        raise ValueError(
+            f"Not enough rows for the splits: the training text gives {len(train)} blocks of {size} tokens, fewer "
+            f"than one batch of --batch-size {s.batch_size}. Lower --batch-size or --max-length, or add text."
+        )
+    return train, blocks("validation", splits.validation), blocks("test", splits.test), tokenizer, default_data_collator

@@ -107,7 +107,8 @@ def build_config(s: CompareSettings, num_labels: int, extra_mlp: int = 0):
     """The model config: --layers, --width-scale (from scratch), the label count, and `extra_mlp` more MLP units."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(s.model, num_labels=num_labels)
+    kwargs = {} if s.task == "causal-lm" else {"num_labels": num_labels}
+    config = AutoConfig.from_pretrained(s.model, **kwargs)
     if s.from_scratch:
         scale_width(config, s.width_scale)
     if s.layers is not None:
@@ -126,8 +127,8 @@ def build_config(s: CompareSettings, num_labels: int, extra_mlp: int = 0):
 
 
 def mean_pooled(s: CompareSettings) -> bool:
-    """Whether the model is a `MeanPooledClassifier` (--layers 0, or --pooling mean)."""
-    return s.layers == 0 or s.pooling == "mean"
+    """Whether the model is a `MeanPooledClassifier` (--layers 0, or --pooling mean; never for causal-lm)."""
+    return s.task != "causal-lm" and (s.layers == 0 or s.pooling == "mean")
 
 
 def build_model(s: CompareSettings, num_labels: int, extra_mlp: int = 0) -> nn.Module:
@@ -136,17 +137,13 @@ def build_model(s: CompareSettings, num_labels: int, extra_mlp: int = 0) -> nn.M
     Pretrained: the checkpoint's weights (a new head for `num_labels` classes). `--from-scratch`: random init
     from the (scaled) config. `--layers 0`: a `MeanPooledClassifier` on the base model's embeddings.
     """
-    from transformers import (
-        AutoModel,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoModel
 
     config = build_config(s, num_labels, extra_mlp)
     if mean_pooled(s):
         base = AutoModel.from_config(config) if s.from_scratch else AutoModel.from_pretrained(s.model, config=config)
         return MeanPooledClassifier(base, num_labels)
-    auto = AutoModelForSequenceClassification if s.task == "text-classification" else AutoModelForImageClassification
+    auto = auto_class(s.task)
     if s.from_scratch:
         return auto.from_config(config)
     return auto.from_pretrained(s.model, config=config, ignore_mismatched_sizes=True)
@@ -154,18 +151,22 @@ def build_model(s: CompareSettings, num_labels: int, extra_mlp: int = 0) -> nn.M
 
 def build_model_on_meta(s: CompareSettings, num_labels: int) -> nn.Module:
     """The model's shape without memory or weights (for parameter counting)."""
-    from transformers import (
-        AutoModel,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoModel
 
     config = build_config(s, num_labels)
     with torch.device("meta"):
         if mean_pooled(s):
             return MeanPooledClassifier(AutoModel.from_config(config), num_labels)
-        auto = AutoModelForSequenceClassification if s.task == "text-classification" else AutoModelForImageClassification
-        return auto.from_config(config)
+        return auto_class(s.task).from_config(config)
+
+
+def auto_class(task: str):
+    """The transformers Auto class of a task."""
+    import transformers
+
+    return getattr(transformers, {"text-classification": "AutoModelForSequenceClassification",
+                                  "image-classification": "AutoModelForImageClassification",
+                                  "causal-lm": "AutoModelForCausalLM"}[task])
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -213,7 +214,7 @@ def find_mlp(model: nn.Module) -> MlpLayout:
         )
     groups: dict[str, tuple[list, list]] = {}
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or name.split(".")[-1] in ("classifier", "score"):
+        if type(module) is not nn.Linear or name.split(".")[-1] in ("classifier", "score", "lm_head"):
             continue
         block = name.rsplit(".", 2)[0]
         if module.out_features == width and module.in_features == hidden:

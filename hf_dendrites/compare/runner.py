@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +27,9 @@ logger = logging.getLogger(__name__)
 SETTINGS_NAME = "compare_settings.json"
 RUNS_DIR = "runs"
 RESTARTS_FIELD = "dendrite_restarts_only"
-# baseline-restarts replays the growth / retry steps of this arm's run with the same seed
-REPLAYED_ARM = "dendrites"
+# baseline-restarts replays the growth / retry steps of the run with the same seed of the first of these arms
+# that the compare trains (frozen-dendrites: the head alone with the low-rank dendritic run's restarts)
+REPLAYED_ARMS = ("dendrites", "frozen-dendrites")
 
 
 def supports_restarts_only() -> bool:
@@ -33,6 +37,18 @@ def supports_restarts_only() -> bool:
     from ..trainer import DendriticTrainingArguments
 
     return RESTARTS_FIELD in {f.name for f in dataclasses.fields(DendriticTrainingArguments)}
+
+
+def replays_dendritic_run(s: CompareSettings) -> bool:
+    """Whether baseline-restarts replays the dendrites run's restart steps. Not with --lr-search: each LR
+    candidate trains to its own plateau, so those steps cannot be replayed; the control then runs the same recipe
+    (restarts at its own plateaus, the same restart-LR search) instead."""
+    return not s.lr_search
+
+
+def replayed_arm(arms: list[str]) -> str | None:
+    """The arm whose runs baseline-restarts replays: `dendrites` if trained, else `frozen-dendrites`, else None."""
+    return next((a for a in REPLAYED_ARMS if a in arms), None)
 
 
 def run_path(output_dir: str, arm: str, seed: int) -> str:
@@ -97,8 +113,10 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
         reasons.setdefault("wider", f"arm does not apply to this model: {err}")
     if s.freeze_base:
         reasons.setdefault("wider", "with --freeze-base the MLP is frozen, so extra units would never train")
-    if s.from_scratch:
-        for arm in ("frozen-dendrites", "lora"):
+    for arm in ("frozen-dendrites", "lora"):
+        if s.task == "causal-lm":
+            reasons.setdefault(arm, "the frozen-base arms train a classification head; causal-lm has none")
+        elif s.from_scratch:
             reasons.setdefault(arm, "a frozen base needs pretrained weights (drop --from-scratch)")
     if "lora" not in reasons:
         try:
@@ -126,10 +144,10 @@ def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str],
                 "Arm(s) that do not apply: " + "; ".join(f"{a}: {reasons[a]}" for a in bad) + ". Leave them out of --arms."
             )
         arms = list(dict.fromkeys(s.arms))
-        if "baseline-restarts" in arms and REPLAYED_ARM not in arms and not s.lr_search:
+        if "baseline-restarts" in arms and replayed_arm(arms) is None and replays_dendritic_run(s):
             raise ValueError(
-                f"baseline-restarts replays the growth and retry steps of the {REPLAYED_ARM} arm's run with the same "
-                f"seed: add {REPLAYED_ARM} to --arms."
+                "baseline-restarts replays the growth and retry steps of the dendritic run with the same seed: add "
+                f"{' or '.join(REPLAYED_ARMS)} to --arms."
             )
         return arms, {}
     arms = [a for a in ARMS if a not in reasons]
@@ -209,22 +227,22 @@ def arm_model(ctx: Context, arm: str, seed: int):
     config = M.dendrite_config(s, model, seed)
     if arm == "baseline":
         overrides["max_dendrite_cycles"] = 0
-    elif arm == "baseline-restarts" and s.lr_search:
-        # Each LR candidate trains to its own plateau, so the dendrites run's steps cannot be replayed: the
-        # control runs the same recipe (restarts at its own plateaus, the same restart-LR search) instead.
+    elif arm == "baseline-restarts" and not replays_dendritic_run(s):
         overrides[RESTARTS_FIELD] = True
         extra["recipe"] = "restarts at its own plateaus, with the same restart-LR search"
     elif arm == "baseline-restarts":
         # The control for the dendritic run of this seed: its restarts at its growth / retry steps, its step count.
-        replayed = finished_run(s, REPLAYED_ARM, seed)
+        source = replayed_arm(ctx.arms)
+        replayed = finished_run(s, source, seed) if source else None
         if replayed is None:
             raise ValueError(
-                f"baseline-restarts (seed {seed}) replays the {REPLAYED_ARM} arm's run with the same seed, which is "
-                f"not finished in {os.path.join(s.output_dir, RUNS_DIR, REPLAYED_ARM)}: train that arm first."
+                f"baseline-restarts (seed {seed}) replays the {source or REPLAYED_ARMS[0]} arm's run with the same seed, "
+                f"which is not finished in {os.path.join(s.output_dir, RUNS_DIR, source or REPLAYED_ARMS[0])}: train that "
+                "arm first."
             )
         overrides.update({RESTARTS_FIELD: True, "dendrite_restart_steps": list(replayed["growth_steps"]),
                           "max_steps": int(replayed["steps"])})
-        extra.update(recipe=f"restarts of the {REPLAYED_ARM} run replayed", replayed_arm=REPLAYED_ARM)
+        extra.update(recipe=f"restarts of the {source} run replayed", replayed_arm=source)
     elif arm in ("wider", "lora"):
         if restarts:
             overrides[RESTARTS_FIELD] = True
@@ -249,7 +267,9 @@ def arm_model(ctx: Context, arm: str, seed: int):
             # the dendrite wrapper goes on the head only: no dendrites ever grow in this arm
             config = dataclasses.replace(config, target_modules=M.head_module_names(model))
         M.freeze_base(model, heads)
-    elif s.freeze_base:  # every other arm: only the task head trains (dendrites grown later always train)
+    elif s.freeze_base or (arm == "baseline-restarts" and replayed_arm(ctx.arms) == "frozen-dendrites"):
+        # every other arm: only the task head trains (dendrites grown later always train); the control of the
+        # frozen-dendrites arm is the head alone with its restarts
         M.freeze_base(model, M.head_module_names(model))
     dm = get_dendritic_model(model, config)
     return dm, overrides, extra
@@ -285,6 +305,27 @@ def _accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
+def _predicted_tokens(logits, labels):
+    """causal-lm: keep only the argmax token of every position (the full logits would fill memory)."""
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return logits.argmax(-1)
+
+
+def _next_token_accuracy(eval_pred) -> dict[str, float]:
+    """Share of positions whose predicted next token is the real one (labels shifted as the model's loss does)."""
+    predicted, labels = (np.asarray(v) for v in eval_pred)
+    predicted, labels = predicted[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    return {"accuracy": float((predicted[mask] == labels[mask]).mean()) if mask.any() else math.nan}
+
+
+def metric_functions(task: str) -> dict[str, Any]:
+    """The Trainer's compute_metrics (and, for causal-lm, preprocess_logits_for_metrics) of a task."""
+    if task == "causal-lm":
+        return {"compute_metrics": _next_token_accuracy, "preprocess_logits_for_metrics": _predicted_tokens}
+    return {"compute_metrics": _accuracy}
+
+
 def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
     """Train one arm with one seed and return its record (also written atomically to runs/<arm>/seed-<k>.json)."""
     from transformers.trainer_callback import PrinterCallback
@@ -298,7 +339,7 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
     args = training_arguments(s, scratch, seed, **overrides)
     tracker = _BestTracker(f"eval_{s.metric}", s.metric == "accuracy")
     trainer = DendriticTrainer(
-        dm, args, train_dataset=ctx.train, eval_dataset=ctx.validation, compute_metrics=_accuracy,
+        dm, args, train_dataset=ctx.train, eval_dataset=ctx.validation, **metric_functions(s.task),
         processing_class=ctx.processing_class, data_collator=ctx.collator, callbacks=[tracker.callback],
     )
     trainer.remove_callback(PrinterCallback)  # no per-step dict printing; compare reports progress itself
@@ -321,6 +362,8 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
         "test_loss": test.get("test_loss"),
         "validation_score": val.get("eval_accuracy"),
         "validation_loss": val.get("eval_loss"),
+        **({"test_perplexity": _perplexity(test.get("test_loss")), "validation_perplexity": _perplexity(val.get("eval_loss"))}
+           if s.task == "causal-lm" else {}),
         "params": summary.total_params,
         "trainable_params": trainable,
         "dendrite_params": summary.dendrite_params,
@@ -337,6 +380,10 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
     return record
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return None if loss is None else float(math.exp(min(loss, 700.0)))
 
 
 def _json_default(value):
@@ -407,6 +454,25 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def _exit_on_sigterm(output_dir: str):
+    """Turn SIGTERM into SystemExit while the worker pool runs, so that leaving the `with Pool` block terminates the
+    workers (a plain SIGTERM would end this process and leave them training, writing into `output_dir`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        logger.warning("Stopped by SIGTERM: finished runs are kept in %s; the same command resumes.", output_dir)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_all(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
     """Train `tasks` (arm, seed), in --jobs worker processes when > 1; logs progress as runs finish.
 
@@ -439,7 +505,8 @@ def _run_wave(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int)
 
     mp = multiprocessing.get_context("spawn")
     logger.info("Training %d runs in %d worker processes (%s threads each)", len(tasks), s.jobs, s.threads or "default")
-    with mp.Pool(min(s.jobs, len(tasks)), initializer=_init_worker, initargs=(s.to_dict(),)) as pool:
+    with _exit_on_sigterm(s.output_dir), mp.Pool(min(s.jobs, len(tasks)), initializer=_init_worker,
+                                                 initargs=(s.to_dict(),)) as pool:
         for record in pool.imap_unordered(_work, tasks):
             records.append(record)
             done += 1

@@ -19,7 +19,8 @@ ARMS: dict[str, str] = {
     "baseline-restarts": (
         "no dendrites, the dendritic run's recipe replayed: at the steps where the dendrites run of the same seed "
         "grew or retried, restore the best weights, fresh optimizer, LR restart; the same total steps "
-        "(DendriticTrainingArguments.dendrite_restarts_only + dendrite_restart_steps); needs the dendrites arm"
+        "(DendriticTrainingArguments.dendrite_restarts_only + dendrite_restart_steps); needs the dendrites arm, or "
+        "frozen-dendrites, whose runs it then replays with only the task head training (the base frozen)"
     ),
     "wider": (
         "no dendrites; every MLP widened by as many neurons as give the parameters the dendrites arm can add "
@@ -34,7 +35,7 @@ ARMS: dict[str, str] = {
         "trainable parameters match frozen-dendrites (needs `pip install peft`)"
     ),
 }
-TASKS = ("text-classification", "image-classification")
+TASKS = ("text-classification", "image-classification", "causal-lm")
 # Fields that do not change what a run computes: they may differ between a run and its resumption.
 NOT_RUN_DEFINING = ("output_dir", "arms", "seeds", "seed_list", "threads", "jobs")
 # Settings added after results were first committed, with their defaults (see `CompareSettings.run_defining`).
@@ -59,7 +60,10 @@ class CompareSettings:
     output_dir: str = _help(
         "Folder for the results: compare.md, compare.json, compare.png, and runs/<arm>/seed-<k>.json (one per "
         "finished run; a rerun with the same settings skips them).", default="compare_output")
-    task: str = _help(f"What the model learns: one of {', '.join(TASKS)}.", default="text-classification")
+    task: str = _help(
+        f"What the model learns: one of {', '.join(TASKS)}. causal-lm trains next-token prediction on the text "
+        "column (no labels): documents are concatenated and cut into blocks of --max-length tokens; the score is "
+        "next-token accuracy and every run also records its loss and perplexity.", default="text-classification")
     from_scratch: bool = _help("Initialise the model randomly from its config instead of loading its weights.", default=False)
     width_scale: float = _help(
         "With --from-scratch: multiply the hidden and intermediate (MLP) sizes by this factor; head counts are "
@@ -78,16 +82,16 @@ class CompareSettings:
     train_file: str | None = _help("Training data: a csv / json / jsonl / parquet file, or an imagefolder directory.", default=None)
     validation_file: str | None = _help(
         "Validation data (drives every decision). Without it (and without a validation split in --dataset), a "
-        "stratified --validation-size part of the training data is held out.", default=None)
+        "stratified --validation-size part of the training data is held out (causal-lm: whole documents).", default=None)
     test_file: str | None = _help("Test data: only reported, never used for a decision.", default=None)
-    text_column: str = _help("Column holding the text (text-classification).", default="text")
+    text_column: str = _help("Column holding the text (text-classification, causal-lm).", default="text")
     image_column: str = _help("Column holding the image (image-classification).", default="image")
-    label_column: str = _help("Column holding the class label (strings or integers).", default="label")
+    label_column: str = _help("Column holding the class label (strings or integers; not used by causal-lm).", default="label")
     validation_size: float = _help(
         "Held-out share of the training data when no validation data is given: a fraction in (0, 1) or a number "
         "of rows (>= 1).", default=0.1)
     split_seed: int = _help("Seed of the stratified validation split (the same for every arm and training seed).", default=0)
-    max_length: int = _help("Text is truncated to this many tokens.", default=128)
+    max_length: int = _help("Text is truncated to this many tokens (causal-lm: the block length).", default=128)
     arms: list[str] | None = _help(
         "Comma-separated arms to train (default: every arm that applies to the model). Known arms: "
         + "; ".join(f"{k}: {v}" for k, v in ARMS.items()) + ".", default=None)
@@ -101,7 +105,9 @@ class CompareSettings:
     eval_batch_size: int = _help("Evaluation batch size.", default=128)
     eval_steps: int = _help("Evaluate on the validation data every N training steps (the same points for every arm).", default=50)
     max_steps: int = _help("Cap on training steps of every run (the schedule usually ends a run earlier).", default=2000)
-    metric: str = _help("Validation metric that drives plateaus and best-model choices: accuracy or loss.", default="accuracy")
+    metric: str = _help(
+        "Validation metric that drives plateaus and best-model choices: accuracy (causal-lm: next-token accuracy) "
+        "or loss.", default="accuracy")
     patience: list[int] = _help(
         "Evaluations without improvement that make a plateau; comma-separated values are used per cycle.",
         default_factory=lambda: [3])
@@ -174,6 +180,13 @@ class CompareSettings:
             raise ValueError(f"--layers must be >= 0, got {self.layers}.")
         if self.pooling not in ("auto", "mean"):
             raise ValueError(f"--pooling must be 'auto' or 'mean', got {self.pooling!r}.")
+        if self.task == "causal-lm" and self.pooling != "auto":
+            raise ValueError("--pooling chooses a classification head; a causal LM keeps its LM head (drop --pooling).")
+        if self.task == "causal-lm" and self.freeze_base:
+            raise ValueError(
+                "--freeze-base trains only a classification head; for causal-lm it would leave nothing but the LM head "
+                "(tied to the embeddings) to train. Drop --freeze-base."
+            )
         if self.metric not in ("accuracy", "loss"):
             raise ValueError(f"--metric must be 'accuracy' or 'loss', got {self.metric!r}.")
         if self.dataset is None and self.train_file is None:
