@@ -33,7 +33,7 @@ Regimes (the ones issue 12 asks for; a regime not run yet has no folder under re
 - `frozen-lora-lr1e-3`: both adapters of `frozen-lora` again at lr 1e-3 (LoRA overfit at 1e-2), so that each arm's
   LR is chosen on validation loss; its extra comparisons read `frozen-lora`'s runs.
 - `vit-width-<scale>`: a ViT trained from scratch on Fashion-MNIST (20,000 training, 2,000 validation, 10,000 test
-  images) at `--width-scale` 1, 0.25 and 0.125 of hidden 64 / MLP 256 (`outputs/regime_study_data/vit-fashion-mnist`,
+  images) at `--width-scale` 1, 0.25, 0.125 and 0.0625 of hidden 64 / MLP 256 (`outputs/regime_study_data/vit-fashion-mnist`,
   2 layers, 7x7 patches); dendrites on the MLP. Width 1 trains the baseline only (the capacity reference), the
   narrow widths every arm, so the baseline's fall with width comes first.
 - `lm-width-<scale>`: a 2-layer Llama causal LM trained from scratch (`--task causal-lm`) on the 2012 convention
@@ -101,6 +101,7 @@ REGIMES = {
     "vit-width-1": dict(**FM, width_scale=1.0, arms="baseline"),
     "vit-width-0.25": dict(**FM, width_scale=0.25, arms=VIT_ARMS),
     "vit-width-0.125": dict(**FM, width_scale=0.125, arms=VIT_ARMS),
+    "vit-width-0.0625": dict(**FM, width_scale=0.0625, arms=VIT_ARMS),
     "lm-width-1": dict(**LM, width_scale=1.0, arms="baseline"),
     "lm-width-0.25": dict(**LM, width_scale=0.25, arms=VIT_ARMS),
     "lm-width-0.125": dict(**LM, width_scale=0.125, arms=VIT_ARMS),
@@ -115,6 +116,7 @@ PAIRS = {
     "frozen-lora": [("frozen-dendrites", "lora")],
     "vit-width-0.25": [("dendrites", "wider")],
     "vit-width-0.125": [("dendrites", "wider")],
+    "vit-width-0.0625": [("dendrites", "wider")],
     "lm-width-0.25": [("dendrites", "wider")],
     "lm-width-0.125": [("dendrites", "wider")],
 }
