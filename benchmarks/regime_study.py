@@ -232,7 +232,7 @@ def tables() -> str:
         rows, reference = report.summarise(results["runs"], results["arms"])
         parts.append(f"### {regime}\n\n{report.markdown_table(rows, reference, results.get('score', 'test accuracy'))}\n")
         for arm, other in PAIRS.get(regime, []):
-            mine, theirs = _runs(results, arm), _runs(results, other) if ":" not in other else _other_regime_runs(other)
+            mine, theirs = _arm_runs(results, arm), _arm_runs(results, other)
             if mine and theirs:
                 c = report.paired_comparison(*({k: report.score_of(r) for k, r in x.items()} for x in (mine, theirs)))
                 line = (f"{arm} vs {other}: relative test-error change {_pct(c['rel_error_change'])} "
@@ -246,18 +246,17 @@ def tables() -> str:
     return "\n".join(parts)
 
 
-def _runs(results: dict, arm: str) -> dict[int, dict]:
-    return {r["seed"]: r for r in results["runs"] if r["arm"] == arm}
-
-
-def _other_regime_runs(ref: str) -> dict[int, dict]:
-    """Runs of "regime:arm" from that regime's committed compare.json ({} if it is not there)."""
-    regime, arm = ref.split(":")
-    path = os.path.join(RESULTS, regime, "compare.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return _runs(json.load(handle), arm)
+def _arm_runs(results: dict, ref: str) -> dict[int, dict]:
+    """Runs by seed of arm `ref` in `results`, or of "regime:arm" in that regime's committed compare.json ({} if it
+    is not there)."""
+    if ":" in ref:
+        regime, ref = ref.split(":")
+        path = os.path.join(RESULTS, regime, "compare.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    return {r["seed"]: r for r in results["runs"] if r["arm"] == ref}
 
 
 def perplexities(results: dict, reference: str | None, pairs: list[tuple[str, str]]) -> str:
@@ -275,7 +274,7 @@ def perplexities(results: dict, reference: str | None, pairs: list[tuple[str, st
     lines = ["test perplexity: " + "; ".join(cells)]
     comparisons = [(arm, reference) for arm in results["arms"] if reference and arm != reference] + list(pairs)
     for arm, other in comparisons:
-        mine, theirs = _runs(results, arm), _runs(results, other)
+        mine, theirs = _arm_runs(results, arm), _arm_runs(results, other)
         seeds = sorted(set(mine) & set(theirs))
         if len(seeds) >= 2:
             a = np.array([mine[k]["test_loss"] for k in seeds])

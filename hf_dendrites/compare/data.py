@@ -261,6 +261,7 @@ def preprocess(splits: Splits, s: CompareSettings, model_path: str):
 
 
 def _preprocess_lm(splits: Splits, s: CompareSettings, model_path: str):
+    from datasets import Dataset
     from transformers import AutoTokenizer, default_data_collator
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -279,8 +280,6 @@ def _preprocess_lm(splits: Splits, s: CompareSettings, model_path: str):
                 f"--max-length {size}. Add text or lower --max-length."
             )
         ids = [stream[k * size : (k + 1) * size] for k in range(n)]
-        from datasets import Dataset
-
         return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * size] * n, "labels": ids})
 
     train = blocks("train", splits.train)
