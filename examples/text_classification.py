@@ -24,7 +24,8 @@ GPU):
 
 Output (`--output_dir`, default `outputs/text_classification`): the dendritic model saved with `save_pretrained`
 (a standard transformers checkpoint plus `dendrite_config.json` and `dendrite_model.safetensors`, reloaded here
-with `DendriticModel.from_pretrained`), `eval_results.json` / `test_results.json`, and the schedule's
+with `DendriticModel.from_pretrained(folder)`; plain transformers loads it without the dendrites, see "Pooling"),
+`eval_results.json` / `test_results.json`, and the schedule's
 `dendrite_evaluations.csv` and `dendrite_training_curve.png`. The test split is only reported: the validation
 split drives every decision.
 
@@ -36,8 +37,12 @@ that gets the same restarts; `benchmarks/run_suite.py` runs such comparisons.
 Pooling: MiniLM is a mean-pooling sentence encoder whose [CLS] state varies little between inputs, more so when
 truncated. With transformers' `BertForSequenceClassification` ([CLS] pooler) the 2-layer model stayed at the
 majority class for its first 90 steps at lr 1e-4, so the plateau rule fired before anything was learnt. The
-default head (`--pooling mean`, the class below) classifies the mean of the token states; `--pooling cls` uses
-`AutoModelForSequenceClassification`. Any transformers `PreTrainedModel` can get dendrites this way.
+default head (`--pooling mean`) is `hf_dendrites.modeling_mean_pooled.BertForMeanPooledClassification`, which
+classifies the mean of the token states; `--pooling cls` uses `AutoModelForSequenceClassification`. The mean-pooled
+class is registered for `AutoModelForSequenceClassification`, so the saved folder holds its code
+(`modeling_mean_pooled.py`, listed in `config.json`'s `auto_map`): `DendriticModel.from_pretrained(folder)` loads
+the model with its dendrites, and `AutoModelForSequenceClassification.from_pretrained(folder,
+trust_remote_code=True)` loads it without them. Any transformers `PreTrainedModel` can get dendrites this way.
 """
 
 import logging
@@ -48,20 +53,17 @@ from typing import Optional
 import numpy as np
 import torch
 import transformers
-from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertModel,
-    BertPreTrainedModel,
     DataCollatorWithPadding,
     HfArgumentParser,
     set_seed,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_dendrites import DendriteConfig, DendriticModel, DendriticTrainer, DendriticTrainingArguments
 from hf_dendrites.example_data import load_rotten_tomatoes, minilm_path
+from hf_dendrites.modeling_mean_pooled import BertForMeanPooledClassification
 
 logger = logging.getLogger(__name__)
 
@@ -111,30 +113,6 @@ SMOKE_DEFAULTS = dict(
     layers=1, train_size=96, val_size=64, test_size=64, max_length=24, output_dir="outputs/text_classification_smoke",
     per_device_train_batch_size=16, eval_steps=3, logging_steps=3, num_train_epochs=6, dendrite_patience=[1],
 )
-
-
-class BertForMeanPooledClassification(BertPreTrainedModel):
-    """BERT with a linear classifier on the attention-masked mean of the last hidden states.
-
-    A regular `PreTrainedModel`: `save_pretrained` / `from_pretrained` work, and `AutoModel.from_pretrained` on a
-    saved folder loads its encoder.
-    """
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        logits = self.classifier(self.dropout((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)))
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def parse_args(argv: Optional[list[str]] = None):
@@ -218,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # Save (a standard transformers checkpoint plus the dendrite files) and check that it reloads exactly.
     if training_args.should_save:
         dendritic_model.save_pretrained(training_args.output_dir, processing_class=tokenizer)
-        reloaded = DendriticModel.from_pretrained(training_args.output_dir, model_class=model_class)
+        reloaded = DendriticModel.from_pretrained(training_args.output_dir)
         batch = tokenizer(["A delight from start to finish.", "Dull and far too long."], padding=True, return_tensors="pt")
         dendritic_model.eval()
         reloaded.to(dendritic_model.device).eval()

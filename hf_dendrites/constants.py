@@ -31,7 +31,15 @@ BASE_WEIGHT_FILE_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", "mode
 
 # Version of the on-disk layout of `dendrite_config.json` / `dendrite_model.safetensors`.
 # Bump it when a checkpoint written by a newer library could not be read correctly by an older one.
-CHECKPOINT_FORMAT_VERSION = 1
+# 2: the base weights hold the plain-load notice tensor (`PLAIN_LOAD_NOTICE_KEY`); format 1 folders still load.
+CHECKPOINT_FORMAT_VERSION = 2
+
+# A one-element tensor that `DendriticModel.save_pretrained` adds to the base weights (`model.safetensors` or a
+# shard) under this name. No transformers model has such a parameter, so a plain `AutoModelFor*.from_pretrained`
+# of a dendritic folder or Hub repo lists it as UNEXPECTED in transformers' load report, which is logged at WARNING
+# (shown by default): the key's name is the notice that the dendrites were not loaded, and how to load them. Every
+# base weight is still loaded. hf_dendrites' own loaders expect and skip it (docs/checkpoints.md).
+PLAIN_LOAD_NOTICE_KEY = "DENDRITES_NOT_LOADED.load_with.hf_dendrites.DendriticModel.from_pretrained"
 
 # Per-architecture default targets (attention projections and MLP layers), keyed by `config.model_type`.
 # Entries follow the list semantics of `DendriteConfig.target_modules`: exact name or dotted suffix.

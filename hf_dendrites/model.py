@@ -41,6 +41,7 @@ from .saving import (
     check_layer_names,
     check_loading_info,
     find_dendritic_checkpoint,
+    plain_load_notice_hidden,
     prepare_save_directory,
     read_base_tensors,
     read_checkpoint_metadata,
@@ -52,6 +53,7 @@ from .saving import (
     training_summary_from_metadata,
     write_checkpoint_metadata,
 )
+from .trainer_internals import install_pipeline_type_check
 from .utils import atomic_write_bytes, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -336,6 +338,7 @@ class DendriticModel(nn.Module):
         self.base_model_id: Optional[str] = None
         # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it).
         self.forward = functools.wraps(model.forward)(functools.partial(DendriticModel._forward, self))
+        install_pipeline_type_check(DendriticModel)  # pipeline(task, model=self) checks the wrapped model's class
 
     def _forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -755,9 +758,11 @@ class DendriticModel(nn.Module):
         count (without initialising what is about to be overwritten) and the dendrites are loaded: no training is
         replayed, and the outputs are bit-identical to those of the saved model. `dtype`, `device_map` and other
         keyword arguments (e.g. `attn_implementation`) go to the transformers `from_pretrained`; dendrites follow
-        the dtype and device of their layer. From the Hub only JSON configs and safetensors files are downloaded
-        (`revision`, `token`, `cache_dir`, `force_download` and `local_files_only` as in
-        `huggingface_hub.snapshot_download`).
+        the dtype and device of their layer. A base class that is not in transformers but registered for an Auto
+        class (`config.json`'s `auto_map`) is imported from hf_dendrites when it ships it
+        (`hf_dendrites.modeling_mean_pooled`); code in the folder itself runs only with `trust_remote_code=True`.
+        From the Hub only JSON configs and safetensors files are downloaded (`revision`, `token`, `cache_dir`,
+        `force_download` and `local_files_only` as in `huggingface_hub.snapshot_download`).
 
         This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
         them): pass the result to `DendriticTrainer`.
@@ -769,6 +774,7 @@ class DendriticModel(nn.Module):
         if model_kwargs.get("use_safetensors") is False:
             raise ValueError("hf_dendrites loads safetensors only; do not pass use_safetensors=False.")
         model_kwargs.pop("use_safetensors", None)
+        trust_remote_code = model_kwargs.pop("trust_remote_code", False) is True
         directory = resolve_checkpoint_dir(
             pretrained_model_name_or_path,
             revision=revision,
@@ -776,15 +782,19 @@ class DendriticModel(nn.Module):
             cache_dir=cache_dir,
             force_download=force_download,
             local_files_only=local_files_only,
+            code=trust_remote_code,
         )
         payload = read_checkpoint_metadata(directory)
         check_base_folder(directory)
-        model_class = model_class or base_model_class(directory, payload)
+        model_class = model_class or base_model_class(directory, payload, trust_remote_code=trust_remote_code)
+        if trust_remote_code:
+            model_kwargs["trust_remote_code"] = True
         if dtype is not None:
             model_kwargs["dtype"] = dtype
         if device_map is not None:
             model_kwargs["device_map"] = device_map
-        model, info = model_class.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **model_kwargs)
+        with plain_load_notice_hidden(directory):
+            model, info = model_class.from_pretrained(directory, use_safetensors=True, output_loading_info=True, **model_kwargs)
         check_loading_info(directory, payload, info, type(model).__name__)
         if getattr(model, "config", None) is not None:
             # What the user asked for (repo id or folder), as transformers records it, not the cache folder.

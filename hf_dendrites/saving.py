@@ -5,7 +5,9 @@ these functions; this module never sees the model class. A checkpoint folder hol
 
     config.json, model.safetensors (or shards   the base model under its standard transformers names, dendrite
     + model.safetensors.index.json)             parameters excluded: a plain `AutoModel*.from_pretrained(folder)`
-                                                loads the base model without missing / unexpected keys
+                                                loads the base model without missing keys; its one unexpected key,
+                                                `PLAIN_LOAD_NOTICE_KEY`, is the notice (in transformers' load report,
+                                                a WARNING) that the dendrites were not loaded
     dendrite_config.json                        the `DendriteConfig`, the dendrite count of every layer, the library
                                                 version, the base architecture, and a manifest of the weight files
     dendrite_model.safetensors                  the dendrite parameters only, keyed `<layer name>.<parameter name>`
@@ -24,12 +26,13 @@ Safety and completeness:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -48,6 +51,7 @@ from .constants import (
     CHECKPOINT_FORMAT_VERSION,
     DENDRITE_CONFIG_NAME,
     DENDRITE_WEIGHTS_NAME,
+    PLAIN_LOAD_NOTICE_KEY,
     TRAINING_CURVE_NAME,
 )
 from .utils import atomic_write_text, library_version, read_dendrite_config_file, read_json_file
@@ -159,8 +163,8 @@ def save_base_weights(
 
     `model` is the wrapped transformers model and `state_dict` its base entries (`split_state_dict`); `base_params`
     is the base parameter count, recorded in the shard index in place of transformers' `num_parameters()`, which
-    would count the dendrites the files do not hold. Returns the weight files written (index + shards, or the
-    single file).
+    would count the dendrites the files do not hold. The plain-load notice tensor (`PLAIN_LOAD_NOTICE_KEY`) is saved
+    with the base weights. Returns the weight files written (index + shards, or the single file).
     """
     save_model = getattr(model, "save_pretrained", None)
     if not callable(save_model):
@@ -168,7 +172,11 @@ def save_base_weights(
             f"DendriticModel.save_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}; for a "
             "plain torch module save `dm.state_dict()` with safetensors.torch.save_file."
         )
+    if PLAIN_LOAD_NOTICE_KEY in state_dict:
+        raise ValueError(f"The model has a tensor named {PLAIN_LOAD_NOTICE_KEY!r}, a name hf_dendrites reserves.")
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    # A fresh dict: transformers' save pops the tensors it writes.
+    state_dict = {**state_dict, PLAIN_LOAD_NOTICE_KEY: torch.zeros(1, dtype=torch.uint8)}
     save_model(directory, state_dict=state_dict, **kwargs)
     index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
@@ -422,7 +430,8 @@ def training_summary_from_metadata(directory: str, payload: dict[str, Any]) -> O
 
 
 def read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
-    """{state name: (file, tensor)} for the base weight files listed in the manifest (safetensors only)."""
+    """{state name: (file, tensor)} for the base weight files listed in the manifest (safetensors only), without the
+    plain-load notice tensor."""
     names = [n for n in payload["files"] if n != DENDRITE_WEIGHTS_NAME and not n.endswith(".json")]
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for name in sorted(names):
@@ -430,7 +439,8 @@ def read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tupl
         try:
             with safe_open(path, framework="pt", device="cpu") as handle:
                 for key in handle.keys():
-                    out[key] = (path, handle.get_tensor(key))
+                    if key != PLAIN_LOAD_NOTICE_KEY:
+                        out[key] = (path, handle.get_tensor(key))
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(
                 f"{path} is not a readable safetensors file ({err}); save the checkpoint again."
@@ -503,9 +513,11 @@ def resolve_checkpoint_dir(
     cache_dir: Optional[str] = None,
     force_download: bool = False,
     local_files_only: bool = False,
+    code: bool = False,
 ) -> str:
     """A local folder as it is, or a Hub repo downloaded into the cache: first the JSON configs, then exactly the
-    weight files that `dendrite_config.json` lists, from the same commit. Nothing else (no pickle) is fetched."""
+    weight files that `dendrite_config.json` lists, from the same commit (with `code=True`, for `trust_remote_code`,
+    also the repo's `.py` files). Nothing else (no pickle) is fetched."""
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
         return path
@@ -523,12 +535,26 @@ def resolve_checkpoint_dir(
         raise CheckpointError(f"Hub repo {path!r} (revision {revision or 'main'}): {err}") from err
     commit = os.path.basename(os.path.normpath(folder))  # the cache's snapshots/<commit hash> folder
     weights = sorted(name for name in payload["files"] if name.endswith((".safetensors", ".safetensors.index.json")))
-    return snapshot_download(path, revision=commit, allow_patterns=weights, **kwargs)
+    return snapshot_download(path, revision=commit, allow_patterns=weights + (["*.py"] if code else []), **kwargs)
 
 
-def base_model_class(directory: str, payload: dict[str, Any]) -> Any:
-    """The transformers class to rebuild the base model with: the one the checkpoint was saved from, which must
-    agree with `config.json`'s `architectures`."""
+# Model classes that hf_dendrites ships for `auto_map` entries of saved folders (`register_for_auto_class`): the
+# `auto_map` reference `<module file>.<class>` -> the importable module. DendriticModel.from_pretrained builds these
+# from the installed package, never from the copy of the file in the folder.
+SHIPPED_AUTO_MAP_CLASSES = {
+    "modeling_mean_pooled.BertForMeanPooledClassification": "hf_dendrites.modeling_mean_pooled",
+}
+
+
+def base_model_class(directory: str, payload: dict[str, Any], *, trust_remote_code: bool = False) -> Any:
+    """The class to rebuild the base model with (its `from_pretrained` gets `trust_remote_code` from the caller).
+
+    The class is the one the checkpoint was saved from, which must agree with `config.json`'s `architectures`: a
+    transformers class by name; else a class that `config.json`'s `auto_map` names (a model class registered with
+    `register_for_auto_class`, whose module file `save_pretrained` copied into the folder): one that hf_dendrites
+    ships (`SHIPPED_AUTO_MAP_CLASSES`) is imported from the installed package, any other is built by its transformers
+    Auto class from the folder's code, which happens only with `trust_remote_code=True`.
+    """
     config_path = os.path.join(directory, CONFIG_NAME)
     base_config = read_json_file(config_path, CheckpointError, "the checkpoint is damaged")
     saved_arch = payload["base_model"].get("architecture")
@@ -542,12 +568,61 @@ def base_model_class(directory: str, payload: dict[str, Any]) -> Any:
     import transformers
 
     model_class = getattr(transformers, arch, None) if arch else None
-    if model_class is None:
+    if model_class is not None:
+        return model_class
+    auto_map = base_config.get("auto_map") if isinstance(base_config.get("auto_map"), dict) else {}
+    entries = [(auto, ref) for auto, ref in sorted(auto_map.items()) if isinstance(ref, str) and ref.rpartition(".")[2] == arch]
+    for _, ref in entries:
+        if ref in SHIPPED_AUTO_MAP_CLASSES:
+            import importlib
+
+            return getattr(importlib.import_module(SHIPPED_AUTO_MAP_CLASSES[ref]), arch)
+    if entries and trust_remote_code:
+        auto, _ = entries[0]
+        auto_class = getattr(transformers, auto, None)
+        if auto_class is not None:
+            return auto_class
+    if entries:
+        auto, ref = entries[0]
+        code = ref.rpartition(".")[0] + ".py"
         raise ValueError(
-            f"Cannot tell which transformers class to build for {directory} (architecture {arch!r}); pass "
-            "`model_class=` (e.g. transformers.AutoModelForSequenceClassification or your own class)."
+            f"{arch} is not a transformers class: {config_path} maps {auto} to {ref}, code in the checkpoint folder "
+            f"({code}). hf_dendrites runs code from a checkpoint only when asked to: read {code}, then pass "
+            "`trust_remote_code=True`, or pass `model_class=` (the class, imported from your own code)."
         )
-    return model_class
+    raise ValueError(
+        f"Cannot tell which transformers class to build for {directory} (architecture {arch!r}); pass "
+        "`model_class=` (e.g. transformers.AutoModelForSequenceClassification or your own class)."
+    )
+
+
+class _HideNoticeReport(logging.Filter):
+    """Drops transformers' load report of `directory` when the plain-load notice is the only key it lists."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = directory
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if PLAIN_LOAD_NOTICE_KEY not in message or self.directory not in message:
+            return True
+        rows = [line for line in message.splitlines() if " | " in line and not line.startswith("Key ")]
+        return any(PLAIN_LOAD_NOTICE_KEY not in row for row in rows)  # other keys: keep the report
+
+
+@contextlib.contextmanager
+def plain_load_notice_hidden(directory: str) -> Iterator[None]:
+    """While hf_dendrites loads the base model of `directory` with transformers: no load-report WARNING for the
+    plain-load notice tensor (which is there to be seen by plain loads only). A report that lists any other key is
+    logged as usual (and `check_loading_info` raises for it)."""
+    target = logging.getLogger("transformers.modeling_utils")  # the logger transformers' load report goes to
+    hide = _HideNoticeReport(directory)
+    target.addFilter(hide)
+    try:
+        yield
+    finally:
+        target.removeFilter(hide)
 
 
 def check_base_folder(directory: str) -> None:
@@ -563,12 +638,11 @@ def check_base_folder(directory: str) -> None:
 
 
 def check_loading_info(directory: str, payload: dict[str, Any], info: dict[str, Any], architecture: str) -> None:
-    """transformers' `output_loading_info` of the base model: any missing / unexpected / mismatched key is an error."""
-    problems = {
-        key: info.get(key)
-        for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
-        if info.get(key)
-    }
+    """transformers' `output_loading_info` of the base model: any missing / unexpected / mismatched key is an error,
+    except the plain-load notice tensor, which every checkpoint of format >= 2 has."""
+    found = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    found["unexpected_keys"] = [k for k in found["unexpected_keys"] or () if k != PLAIN_LOAD_NOTICE_KEY]
+    problems = {key: value for key, value in found.items() if value}
     if problems:
         files = ", ".join(n for n in sorted(payload["files"]) if n != DENDRITE_WEIGHTS_NAME)
         detail = "; ".join(f"{key}: {sorted(map(str, value))[:5]}" for key, value in problems.items())

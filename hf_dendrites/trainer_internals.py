@@ -43,11 +43,21 @@ name                                                  why / what we rely on
 `hp_search_backend`, `hp_space`, `hp_name`,           does: `_trial` (set by `_hp_search_setup`, read by
 `compute_objective`, `objective`                      `run_output_dir`), `_train_batch_size` (the per-trial batch
                                                       size), the search's backend / space / naming / objective.
+`Pipeline.check_model_type(self, supported_models)`   Its error record is filtered (`install_pipeline_type_check`,
+                                                      for `pipeline(task, model=dendritic_model)`): transformers
+                                                      checks the class name of the model it is given, `DendriticModel`,
+                                                      against the task's model classes. We rely on the record being
+                                                      logged by the `transformers.pipelines.base` logger from inside
+                                                      `check_model_type`, whose locals `self` (the pipeline, with
+                                                      `.model` and `.task`) and `supported_models` (by then the list of
+                                                      class names) the filter reads to check the wrapped class instead.
 ====================================================  ===============================================================
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,6 +75,53 @@ CALLED_TRAINER_METHODS = ("create_accelerator_and_postprocess", "call_model_init
 PRIVATE_TRAINER_ATTRIBUTES = ("_trial", "_train_batch_size", "hp_search_backend", "hp_space", "hp_name", "compute_objective", "objective")
 PRIVATE_ACCELERATOR_LISTS = ("_optimizers", "_schedulers", "_models")
 PRIVATE_MODULE_MARKS = ("_is_accelerate_prepared", "_original_forward")
+# The logger and the function of transformers' pipeline model check (see `install_pipeline_type_check`).
+PIPELINE_LOGGER = "transformers.pipelines.base"
+PIPELINE_CHECK_FUNCTION = "check_model_type"
+
+
+class _WrappedModelTypeCheck(logging.Filter):
+    """Makes transformers' pipeline model check judge the model a wrapper wraps, not the wrapper's class name."""
+
+    def __init__(self, wrapper_class: type):
+        super().__init__()
+        self.wrapper_class = wrapper_class
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.funcName != PIPELINE_CHECK_FUNCTION or record.levelno < logging.ERROR:
+            return True
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != PIPELINE_CHECK_FUNCTION:
+            frame = frame.f_back
+        if frame is None:
+            return True
+        pipe, supported = frame.f_locals.get("self"), frame.f_locals.get("supported_models")
+        model = getattr(pipe, "model", None)
+        if not isinstance(model, self.wrapper_class) or not isinstance(supported, list):
+            return True
+        wrapped = type(model.model).__name__
+        if wrapped in supported:
+            return False  # the wrapped model is one the task supports: the error would be false
+        record.msg = (
+            f"The model '{type(model).__name__}' wraps a '{wrapped}', which is not supported for "
+            f"{getattr(pipe, 'task', '?')}. Supported models are {supported}."
+        )
+        record.args = ()
+        return True
+
+
+def install_pipeline_type_check(wrapper_class: type) -> None:
+    """Let `pipeline(task, model=wrapper)` check the wrapped model's class (once per process; idempotent).
+
+    transformers logs an error-level "The model 'DendriticModel' is not supported for <task>" for every dendritic
+    model given to a pipeline, even when the model it wraps is one the task supports (PEFT's wrapper classes are
+    listed in transformers itself). A filter on transformers' pipeline logger drops that record when the wrapped
+    class is supported, and otherwise names the wrapped class in it. Nothing else is changed; no transformers module
+    is imported.
+    """
+    target = logging.getLogger(PIPELINE_LOGGER)
+    if not any(isinstance(f, _WrappedModelTypeCheck) and f.wrapper_class is wrapper_class for f in target.filters):
+        target.addFilter(_WrappedModelTypeCheck(wrapper_class))
 
 
 def forget_prepared(accelerator: Any, optimizers: Iterable[Any] = (), schedulers: Iterable[Any] = (), models: Iterable[Any] = ()) -> None:

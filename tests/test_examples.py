@@ -8,6 +8,7 @@ what it left on disk.
 import csv
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,9 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from test_saving import transformers_records
 
 from hf_dendrites import DendriticModel
+from hf_dendrites.constants import PLAIN_LOAD_NOTICE_KEY
 from hf_dendrites.example_data import FASHION_MNIST_DIR
+from hf_dendrites.modeling_mean_pooled import BertForMeanPooledClassification
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("config.json", "model.safetensors", "dendrite_config.json", "dendrite_model.safetensors", "README.md")
@@ -62,8 +67,8 @@ def test_text_classification_smoke_copied_alone(tmp_path):
     test_metrics = _run_example(script, out, cwd=alone)
     assert 0.0 <= test_metrics["test_accuracy"] <= 1.0
 
-    example = _load_example_module(script, "text_classification_copy")
-    dm = DendriticModel.from_pretrained(out, model_class=example.BertForMeanPooledClassification)
+    dm = DendriticModel.from_pretrained(out)  # no model_class: the saved class is found (hf_dendrites ships it)
+    assert type(dm.model) is BertForMeanPooledClassification
     summary = dm.dendrite_summary()
     # Dendrites only on the MLP Linears the example targets (not the attention output projection).
     assert sorted(layer.name for layer in summary.layers) == ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"]
@@ -75,6 +80,40 @@ def test_text_classification_smoke_copied_alone(tmp_path):
     batch = {"input_ids": torch.tensor([[101, 2023, 2143, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         assert dm.eval()(**batch).logits.shape == (1, 2)
+    _check_plain_loads_of_the_main_example(out, dm)
+
+
+def _check_plain_loads_of_the_main_example(out: Path, dm: DendriticModel) -> None:
+    """The main example's folder in plain transformers: the class a user picks, with and without remote code."""
+    assert json.loads((out / "config.json").read_text())["auto_map"] == {
+        "AutoModelForSequenceClassification": "modeling_mean_pooled.BertForMeanPooledClassification"
+    }
+    batch = {"input_ids": torch.tensor([[101, 2023, 2143, 1012, 102], [101, 7592, 102, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    auto = transformers.AutoModelForSequenceClassification
+    with torch.no_grad():
+        with_dendrites = dm.eval()(**batch).logits
+        with transformers_records() as records:
+            # The saved class, built from the code the folder holds: every weight loads; the one unexpected key is
+            # the notice that the dendrites were not loaded. Outputs: the saved model's without its dendrites.
+            plain, info = auto.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+        assert type(plain).__name__ == "BertForMeanPooledClassification" and type(plain).__module__ != BertForMeanPooledClassification.__module__
+        assert not info["missing_keys"] and not info["mismatched_keys"] and info["unexpected_keys"] == {PLAIN_LOAD_NOTICE_KEY}
+        assert any(PLAIN_LOAD_NOTICE_KEY in r.getMessage() and r.levelno == logging.WARNING for r in records)
+        kept = sum(dm.dendrite_counts().values())
+        base = dm.unload().eval()
+        assert torch.equal(plain.eval()(**batch).logits, base(**batch).logits)
+        if kept:  # the dendrites the plain load left out change the outputs
+            assert not torch.allclose(with_dendrites, base(**batch).logits)
+
+        # Without trust_remote_code transformers builds its own BertForSequenceClassification: not silently, its
+        # load report (a WARNING) lists the [CLS] pooler it initialised anew, and the notice.
+        with transformers_records() as records:
+            other, info = auto.from_pretrained(out, output_loading_info=True)
+        assert type(other) is transformers.BertForSequenceClassification
+        assert info["missing_keys"] == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+        reports = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        assert any("bert.pooler.dense" in m and "MISSING" in m and PLAIN_LOAD_NOTICE_KEY in m for m in reports)
 
 
 def test_text_classification_flags_reach_the_config():

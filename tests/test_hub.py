@@ -5,6 +5,7 @@ in a fresh Python process started with HF_ENDPOINT set, as a user on another mac
 """
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,9 +21,10 @@ from conftest import make_tiny, minilm_dir, tiny_inputs
 from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
-from test_saving import PNG_1X1, dendritic, outputs, training_summary
+from test_saving import PNG_1X1, dendritic, outputs, training_summary, transformers_records
 
 from hf_dendrites import CheckpointError, DendriticModel, get_dendritic_model
+from hf_dendrites.constants import PLAIN_LOAD_NOTICE_KEY
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which httpx deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -259,7 +261,10 @@ def test_get_dendritic_model_restores_a_hub_checkpoint(hub, hub_env, tmp_path):
     repo = "tester/dendritic-for-scripts"
     dm = dendritic("bert", grow=(1, 1))
     dm.push_to_hub(repo, token=TOKEN)
-    plain = transformers.AutoModelForSequenceClassification.from_pretrained(repo).eval()
+    with transformers_records() as records:
+        plain = transformers.AutoModelForSequenceClassification.from_pretrained(repo).eval()
+    # The plain load from the Hub says that the dendrites were not loaded (transformers' load report, a WARNING).
+    assert any(PLAIN_LOAD_NOTICE_KEY in r.getMessage() and r.levelno == logging.WARNING for r in records)
     restored = get_dendritic_model(plain)
     assert restored.dendrite_counts() == dm.dendrite_counts() and restored.growth_count == 2
     assert torch.equal(outputs(restored), outputs(dm))

@@ -201,3 +201,45 @@ def test_hyperparameter_search_hooks_and_attributes(tmp_path):
     assert hasattr(trainer, "hp_search_backend") and trainer.hp_search_backend is None, _upstream("hp_search_backend changed")
     for name in trainer_internals.PRIVATE_TRAINER_ATTRIBUTES:
         assert hasattr(trainer, name), _upstream(f"Trainer.{name} is no longer set by a search")
+
+
+def test_pipeline_model_check_logs_from_check_model_type_with_its_locals():
+    """`install_pipeline_type_check` reads the error record of `Pipeline.check_model_type`: logged by the
+    `transformers.pipelines.base` logger from inside that function, whose `self` is the pipeline and whose
+    `supported_models` is by then the list of supported class names (checked here with a plain, unsupported model)."""
+    import logging
+    import sys
+
+    from conftest import make_tiny
+    from tokenizers import Tokenizer, models
+    from transformers.pipelines.base import Pipeline
+
+    params = list(inspect.signature(Pipeline.check_model_type).parameters)
+    assert params == ["self", "supported_models"], _upstream(f"Pipeline.check_model_type{params} changed")
+    seen = []
+
+    class Probe(logging.Filter):
+        def filter(self, record):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_name != trainer_internals.PIPELINE_CHECK_FUNCTION:
+                frame = frame.f_back
+            seen.append((record.levelno, record.funcName, frame and frame.f_locals.get("self"),
+                         frame and frame.f_locals.get("supported_models")))
+            return False
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "good": 2}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), pad_token="[PAD]")
+    logger = logging.getLogger(trainer_internals.PIPELINE_LOGGER)
+    probe = Probe()
+    logger.addFilter(probe)
+    try:
+        pipe = transformers.pipeline("text-classification", model=make_tiny("vit"), tokenizer=tok, device="cpu")
+    finally:
+        logger.removeFilter(probe)
+    checks = [s for s in seen if s[1] == trainer_internals.PIPELINE_CHECK_FUNCTION]
+    assert checks, _upstream(f"Pipeline.check_model_type no longer logs through {trainer_internals.PIPELINE_LOGGER}")
+    level, _, owner, supported = checks[0]
+    assert level == logging.ERROR and owner is pipe and pipe.task == "text-classification", _upstream("check_model_type's record changed")
+    assert isinstance(supported, list) and "BertForSequenceClassification" in supported, _upstream(
+        "check_model_type's `supported_models` is no longer the list of class names when it logs"
+    )

@@ -1,6 +1,8 @@
 """Dendritic checkpoints on disk: format, bit-identical round trips, model card, safety and bad input."""
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 
@@ -13,6 +15,7 @@ from safetensors import safe_open
 
 import hf_dendrites.saving as saving
 from hf_dendrites import CheckpointError, DendriteConfig, DendriticModel, get_dendritic_model, load_dendritic_state
+from hf_dendrites.constants import CHECKPOINT_FORMAT_VERSION, PLAIN_LOAD_NOTICE_KEY
 from hf_dendrites.layers import DendriticLayerMixin
 
 # A valid 1x1 PNG (the training curve a DendriticTrainer would have drawn).
@@ -112,13 +115,14 @@ def test_checkpoint_layout(tmp_path):
         base_keys = set(f.keys())
     with safe_open(tmp_path / "dendrite_model.safetensors", "pt") as f:
         dendrite_keys = set(f.keys())
-    assert not any("dendrite" in k for k in base_keys)
+    assert not any("dendrite" in k for k in base_keys - {PLAIN_LOAD_NOTICE_KEY})
     assert dendrite_keys == set(dm.dendrite_state_dict())
-    assert base_keys == set(dm.model.state_dict()) - dendrite_keys
+    # The base weights, and the notice a plain transformers load reports (test_plain_transformers_...).
+    assert base_keys == set(dm.model.state_dict()) - dendrite_keys | {PLAIN_LOAD_NOTICE_KEY}
 
     meta = json.loads((tmp_path / "dendrite_config.json").read_text())
     assert meta["layers"] == dm.dendrite_counts()
-    assert meta["library_version"] == "0.1.0" and meta["format_version"] == 1
+    assert meta["library_version"] == "0.1.0" and meta["format_version"] == CHECKPOINT_FORMAT_VERSION == 2
     assert meta["base_model"] == {
         "architecture": "BertForSequenceClassification",
         "model_type": "bert",
@@ -127,19 +131,66 @@ def test_checkpoint_layout(tmp_path):
     assert DendriteConfig.from_pretrained(tmp_path) == dm.dendrite_config
 
 
+@contextlib.contextmanager
+def transformers_records():
+    """The records transformers logs at its default verbosity (WARNING; the test session runs at ERROR)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    root = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root logger
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        transformers.logging.set_verbosity(verbosity)
+
+
 @pytest.mark.parametrize(
-    "name,auto",
-    [("bert", transformers.AutoModelForSequenceClassification), ("gpt2", transformers.AutoModelForCausalLM)],
+    "name,auto,shard",
+    [
+        ("bert", transformers.AutoModelForSequenceClassification, None),
+        ("gpt2", transformers.AutoModelForCausalLM, "20KB"),
+        ("llama", transformers.AutoModelForCausalLM, None),
+        ("vit", transformers.AutoModelForImageClassification, "20KB"),
+    ],
 )
-def test_plain_transformers_loads_the_base_model(tmp_path, name, auto):
+def test_plain_transformers_loads_the_base_model_and_says_the_dendrites_were_not_loaded(tmp_path, name, auto, shard):
     dm = dendritic(name)
-    dm.save_pretrained(tmp_path)
-    base, info = auto.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    dm.save_pretrained(tmp_path, max_shard_size=shard)
+    with transformers_records() as records:
+        base, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    # Every base weight loads: nothing missing or mismatched, and the one unexpected key is the notice ...
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert info["unexpected_keys"] == {PLAIN_LOAD_NOTICE_KEY}
     dendrite_keys = set(dm.dendrite_state_dict())
     expected = {k: v for k, v in dm.model.state_dict().items() if k not in dendrite_keys}
     assert set(base.state_dict()) == set(expected)
     assert all(torch.equal(base.state_dict()[k], v) for k, v in expected.items())
+    # ... which transformers' load report shows at its default verbosity, naming the way to load the dendrites.
+    notices = [r for r in records if PLAIN_LOAD_NOTICE_KEY in r.getMessage()]
+    assert [r.levelno for r in notices] == [logging.WARNING], [r.getMessage() for r in records]
+    assert "DendriticModel.from_pretrained" in PLAIN_LOAD_NOTICE_KEY and "DENDRITES_NOT_LOADED" in PLAIN_LOAD_NOTICE_KEY
+    assert PLAIN_LOAD_NOTICE_KEY in (tmp_path / "README.md").read_text()  # the model card explains it
+
+    # hf_dendrites' own loaders expect the notice: no report, the dendrites loaded, the outputs the saved model's.
+    with transformers_records() as records:
+        reloaded = DendriticModel.from_pretrained(tmp_path)
+        if name != "vit":  # transformers 5 saves ViT under its original key names, which load_dendritic_state (it
+            dm.load_dendritic_state(tmp_path)  # reads the files' keys) does not map back to the model's: a known gap
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert torch.equal(outputs(reloaded.eval(), name), outputs(dm, name))
+
+
+def test_a_load_report_with_other_keys_is_still_shown(tmp_path):
+    """DendriticModel.from_pretrained hides only a report that lists nothing but the notice."""
+    dm = dendritic("bert")
+    dm.save_pretrained(tmp_path)
+    with transformers_records() as records, pytest.raises(CheckpointError, match="classifier"):
+        DendriticModel.from_pretrained(tmp_path, model_class=transformers.BertModel)
+    assert any("classifier.weight" in r.getMessage() and r.levelno == logging.WARNING for r in records)
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -678,3 +729,74 @@ def test_loading_never_draws_random_dendrite_weights(tmp_path, monkeypatch):
     load_dendritic_state(target, tmp_path)
     assert draws and not any(draws) and torch.equal(torch.random.get_rng_state(), rng)
     assert torch.equal(outputs(target, "gpt2"), outputs(dm, "gpt2"))
+
+
+# ---------------------------------------------------------------------------------------------- custom (auto_map) classes
+def test_shipped_custom_head_loads_without_model_class_and_never_runs_folder_code(tmp_path):
+    """The mean-pooled head (registered for AutoModelForSequenceClassification) reloads by itself, built from the
+    installed package: the copy of its code in the folder is never run without trust_remote_code."""
+    from hf_dendrites.modeling_mean_pooled import BertForMeanPooledClassification
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    dm = get_dendritic_model(BertForMeanPooledClassification(config).eval(), DendriteConfig(target_modules="all-linear", dendrite_seed=0))
+    dm.add_dendrites(1)
+    with torch.no_grad():
+        for p in dm.dendrite_parameters():
+            p.normal_(0, 0.3)
+    dm.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_mean_pooled.py").is_file()
+    (tmp_path / "modeling_mean_pooled.py").write_text("raise RuntimeError('folder code was run')\n")
+    with transformers_records() as records:
+        reloaded = DendriticModel.from_pretrained(tmp_path)
+    assert type(reloaded.model) is BertForMeanPooledClassification
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert torch.equal(outputs(reloaded.eval()), outputs(dm))
+
+
+def test_custom_class_from_folder_code_needs_trust_remote_code(tmp_path, monkeypatch):
+    """A class of the user's own, registered for an Auto class: the folder's code runs only with trust_remote_code."""
+    package = tmp_path / "code"
+    package.mkdir()
+    (package / "modeling_my_head.py").write_text(
+        "from transformers import BertForSequenceClassification\n\n\n"
+        "class MyBertHead(BertForSequenceClassification):\n    pass\n\n\n"
+        "MyBertHead.register_for_auto_class('AutoModelForSequenceClassification')\n"
+    )
+    monkeypatch.syspath_prepend(str(package))
+    import modeling_my_head
+
+    torch.manual_seed(0)
+    base = modeling_my_head.MyBertHead(make_tiny("bert").config).eval()
+    dm = get_dendritic_model(base, DendriteConfig(target_modules="all-linear", dendrite_seed=0))
+    dm.add_dendrites(1)
+    with torch.no_grad():
+        for p in dm.dendrite_parameters():
+            p.normal_(0, 0.3)
+    folder = tmp_path / "saved"
+    dm.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"MyBertHead is not a transformers class.*modeling_my_head\.py.*trust_remote_code=True"):
+        DendriticModel.from_pretrained(folder)
+    reloaded = DendriticModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(reloaded.model).__name__ == "MyBertHead" and type(reloaded.model) is not modeling_my_head.MyBertHead
+    assert torch.equal(outputs(reloaded.eval()), outputs(dm))
+    assert torch.equal(outputs(DendriticModel.from_pretrained(folder, model_class=modeling_my_head.MyBertHead).eval()), outputs(dm))
+
+
+def test_format_1_checkpoints_without_the_notice_still_load(tmp_path):
+    """Folders written before the plain-load notice (format 1) load as before, in both loaders."""
+    from safetensors.torch import load_file, save_file
+
+    dm = dendritic("bert")
+    dm.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights[PLAIN_LOAD_NOTICE_KEY]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    meta = json.loads((tmp_path / "dendrite_config.json").read_text())
+    meta["format_version"] = 1
+    meta["files"]["model.safetensors"]["size"] = os.path.getsize(tmp_path / "model.safetensors")
+    (tmp_path / "dendrite_config.json").write_text(json.dumps(meta))
+    assert torch.equal(outputs(DendriticModel.from_pretrained(tmp_path).eval()), outputs(dm))
+    fresh = dendritic("bert", seed=3)
+    fresh.load_dendritic_state(tmp_path)
+    assert torch.equal(outputs(fresh), outputs(dm))
