@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -472,7 +472,7 @@ class DendriticModel(nn.Module):
 
     # ------------------------------------------------------------------ switching dendrites off (ablation)
     def _dendrites_to_disable(
-        self, growths: Optional[Union[int, Iterable[int]]], first: Optional[dict[str, int]]
+        self, growths: Optional[Union[int, list[int], tuple[int, ...]]], first: Optional[dict[str, int]]
     ) -> dict[str, list[int]]:
         """Per layer, the dendrite indices that `growths` / `first` select (see `disable_dendrites`)."""
         layers = dict(self.dendritic_layers())
@@ -498,7 +498,7 @@ class DendriticModel(nn.Module):
                 for name, layer in layers.items()}
 
     def disable_dendrites(
-        self, growths: Optional[Union[int, Iterable[int]]] = None, *, first: Optional[dict[str, int]] = None
+        self, growths: Optional[Union[int, list[int], tuple[int, ...]]] = None, *, first: Optional[dict[str, int]] = None
     ) -> "DendriticModel":
         """Switch dendrites off, for ablations: the model computes what it would compute without them, until
         `enable_dendrites()`.
@@ -537,7 +537,7 @@ class DendriticModel(nn.Module):
 
     @contextlib.contextmanager
     def dendrites_disabled(
-        self, growths: Optional[Union[int, Iterable[int]]] = None, *, first: Optional[dict[str, int]] = None
+        self, growths: Optional[Union[int, list[int], tuple[int, ...]]] = None, *, first: Optional[dict[str, int]] = None
     ) -> Iterator["DendriticModel"]:
         """Context manager: `disable_dendrites(growths, first=first)` inside, the previous switches afterwards.
 
