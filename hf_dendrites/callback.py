@@ -18,11 +18,29 @@ and this callback asks for an evaluation at `max_steps` so the last cycle is jud
 every cycle once per candidate learning rate from a snapshot of the post-growth weights (`lr_start`), keeping the
 best candidate's best weights (`lr_best`) until the cycle ends.
 
-Attribution: when a cycle k >= 1 is kept, the dendrites it grew are measured (`DendriticModel.dendrite_weight_ratios`
-on the cycle's best weights: the size of their contribution relative to the neurons' own weights, max and median
-over layers). It goes into the evaluation record of that decision and `training_summary()["cycles"]`, and a
-WARNING is logged when the maximum is below `NEGLIGIBLE_DENDRITE_WEIGHT`: the gain then likely came from restoring
-the best weights and restarting the optimizer and LR, which `dendrite_restarts_only=True` measures.
+Attribution: when a cycle k >= 1 is kept, the dendrites it grew are measured twice.
+
+- Weight ratio (`DendriticModel.dendrite_weight_ratios` on the cycle's best weights): the size of their contribution
+  relative to the neurons' own weights, max and median over layers; a WARNING when the maximum is below
+  `NEGLIGIBLE_DENDRITE_WEIGHT`.
+- Ablation: the kept model is evaluated once more with those dendrites switched off
+  (`DendriticModel.dendrites_disabled(first=<counts before the cycle>)`), on the schedule's evaluation set and
+  metric. `ablation_score` is that score, `ablation_delta` the kept score minus it, signed so that positive means
+  the dendrites help (`greater_is_better` aware). A WARNING is logged when the kept score does not beat the ablated
+  one by the schedule's own improvement rule (`DendriteSchedule.is_improvement`, the cycle's threshold and epsilon):
+  the dendrites then do not earn their parameters, and the gain likely came from restoring the best weights and
+  restarting the optimizer and LR, which `dendrite_restarts_only=True` measures.
+
+  The kept score is the cycle's recorded best (the evaluation of the very weights that are kept); the ablation runs
+  right after the decision restored those weights (`GROW` / `COMPLETE`, before any new growth), so it costs one
+  evaluation and no extra copy of the model. It goes through `Trainer.evaluation_loop` on every process together
+  (distributed evaluation is collective), is neither logged nor shown to callbacks (`on_prediction_step`,
+  `on_evaluate`) and does not feed the schedule; the random number generators (Python, NumPy, torch CPU and CUDA)
+  are restored afterwards, so the training trajectory is the one without it. `ablation_evaluation_running()` tells
+  a `compute_metrics` with side effects that it is being called for this evaluation.
+
+Both go into the evaluation record of that decision (`dendrite_evaluations.csv`), `training_summary()["cycles"]` and
+the model card's cycle table.
 
 The trainer asks it to write and read its state in checkpoints (`write_state` / `load_state`). The state is written
 from `DendriticTrainer.save_model` rather than `on_save`: the Trainer rotates old checkpoints (`save_total_limit`)
@@ -31,11 +49,14 @@ before `on_save`, and the snapshot files of older checkpoints must still be ther
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
 import math
 import os
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +85,33 @@ EVENT_CODES = {Action.GROW: 1, Action.RETRY: 2, Action.SWITCH: 3, Action.COMPLET
 NEGLIGIBLE_DENDRITE_WEIGHT = 0.05
 # Status of a cycle try in `training_summary["cycles"]`.
 STATUS_KEPT, STATUS_DISCARDED, STATUS_CUT_SHORT = "kept", "discarded", "cut short"
+
+
+_ABLATION_RUNNING = False
+
+
+def ablation_evaluation_running() -> bool:
+    """True while a `DendriteScheduleCallback` evaluates a kept model with a cycle's dendrites switched off (see the
+    module docstring): a `compute_metrics` that counts its calls or replays scores can tell that evaluation apart."""
+    return _ABLATION_RUNNING
+
+
+@contextlib.contextmanager
+def _preserved_rng_states():
+    """Restore the Python, NumPy and torch (CPU and initialised CUDA devices) random states on exit."""
+    import numpy as np
+    import torch
+
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 @dataclass
@@ -262,6 +310,8 @@ class DendriteScheduleCallback(TrainerCallback):
             if decision.lr_pick != len(self.schedule.settings.lr_search) - 1:
                 self.cycle_best = self.lr_best
             self.lr_start = self.lr_best = None
+        # the dendrites a kept cycle grew: those beyond the last accepted model's counts
+        grown_from = self.accepted.counts if self.accepted is not None else None
         if decision.cycle_accepted and view["cycle"] >= 1:
             self._attribute(record, view["cycle"], state.global_step)
         if decision.cycle_accepted:
@@ -273,6 +323,8 @@ class DendriteScheduleCallback(TrainerCallback):
 
         if decision.action in (Action.GROW, Action.RETRY):
             self.restore(self.accepted, "the last accepted best model")
+            if decision.cycle_accepted and view["cycle"] >= 1:
+                self._ablate(record, view["cycle"], state.global_step, grown_from)
             self.cycle_best = None
             self.grow_dendrites()
             if self.schedule.settings.lr_search and self.correlation is None:
@@ -286,6 +338,8 @@ class DendriteScheduleCallback(TrainerCallback):
             self.restore(self.cycle_best, "this cycle's best model")
         elif decision.action is Action.COMPLETE:
             self.restore(self.accepted, "the last accepted best model")
+            if decision.cycle_accepted and view["cycle"] >= 1:
+                self._ablate(record, view["cycle"], state.global_step, grown_from)
         self.apply_phase_trainability()
         # Also at completion: a checkpoint written now must hold an optimizer state that fits the final model.
         self.trainer.rebuild_optimizer_and_scheduler()
@@ -294,6 +348,8 @@ class DendriteScheduleCallback(TrainerCallback):
         event = {**self.log_fields(self.model_view()), "dendrite_event": EVENT_CODES[decision.action]}
         if self.schedule.settings.lr_search:
             event["dendrite_lr_factor"] = self.schedule.lr_factor
+        if "ablation_delta" in record:
+            event["dendrite_ablation_delta"] = record["ablation_delta"]
         self.trainer.log(event)
 
     def _attribute(self, record: dict[str, Any], cycle: int, step: int) -> None:
@@ -318,6 +374,68 @@ class DendriteScheduleCallback(TrainerCallback):
                 "`dendrite_restarts_only=True` (same settings) to check.", cycle, step, values[-1], median,
                 NEGLIGIBLE_DENDRITE_WEIGHT,
             )
+
+    def _ablate(self, record: dict[str, Any], cycle: int, step: int, grown_from: dict[str, int] | None) -> None:
+        """Evaluate the kept model (the weights just restored) with cycle `cycle`'s dendrites (those from the counts
+        `grown_from` on) switched off; record the score and the difference, warn when they do not help (see the
+        module docstring). Runs on every process."""
+        kept, s = self.accepted, self.schedule
+        if kept is None or self.trainer.args.dendrite_restarts_only or s.accepted_best is None:
+            return
+        dm = self.model
+        first = {name: (grown_from or {}).get(name, 0) for name in kept.counts}
+        if all(kept.counts[name] <= k for name, k in first.items()):
+            return  # no dendrites were grown in this cycle
+        with dm.dendrites_disabled(first=first), _preserved_rng_states():
+            without = self._score_from(self._evaluate_unreported())
+        with_them = float(s.accepted_best)
+        delta = with_them - without if s.settings.greater_is_better else without - with_them
+        record["ablation_score"], record["ablation_delta"] = without, delta
+        helps = not math.isfinite(without) or s.is_improvement(with_them, without, cycle=cycle)
+        if not self._main:
+            return
+        if helps:
+            logger.info(
+                "Cycle %d's dendrites switched off: %s %.6g instead of %.6g (the dendrites gain %.4g).",
+                cycle, self.score_key(), without, with_them, delta,
+            )
+            return
+        logger.warning(
+            "Cycle %d was kept at step %d, but switching its dendrites off does not make %s worse by the schedule's "
+            "improvement rule (threshold %g, epsilon %g): %.6g with them, %.6g without (difference %.4g, positive = "
+            "the dendrites help). The gain likely came from restoring the best weights and restarting the optimizer "
+            "and learning rate, not from the dendrites; train with `dendrite_restarts_only=True` (same settings) to "
+            "check.", cycle, step, self.score_key(), s.settings.threshold_for(cycle), s.settings.epsilon_for(cycle),
+            with_them, without, delta,
+        )
+
+    def _evaluate_unreported(self) -> dict[str, Any]:
+        """Metrics of the model as it is now on the evaluation set that holds the score, computed like
+        `Trainer.evaluate` but neither logged nor shown to callbacks."""
+        global _ABLATION_RUNNING
+        trainer, key = self.trainer, self.score_key()
+        datasets = trainer.eval_dataset
+        names = ([n for n in datasets if key.startswith(f"eval_{n}_")] or list(datasets)) if isinstance(datasets, dict) else [None]
+        handler = trainer.callback_handler
+        quiet = copy.copy(handler)
+        quiet.callbacks = []
+        trainer.callback_handler, _ABLATION_RUNNING = quiet, True
+        metrics: dict[str, Any] = {}
+        try:
+            for name in names:
+                output = trainer.evaluation_loop(
+                    trainer.get_eval_dataloader(name),
+                    description="Evaluation without the new dendrites",
+                    prediction_loss_only=True if trainer.compute_metrics is None else None,
+                    ignore_keys=getattr(trainer, "dendrite_ignore_keys_for_eval", None),
+                    metric_key_prefix="eval" if name is None else f"eval_{name}",
+                )
+                metrics.update(output.metrics)
+                if key in metrics:
+                    break
+        finally:
+            trainer.callback_handler, _ABLATION_RUNNING = handler, False
+        return metrics
 
     def grow_dendrites(self) -> None:
         """gd: add `dendrites_per_cycle` dendrites to every dendritic layer (seeded: identical on every process).
@@ -510,7 +628,8 @@ class DendriteScheduleCallback(TrainerCallback):
         cycles = [
             {"cycle": r["cycle"], "try": r["try"], "num_dendrites": r["num_dendrites"], "params": r["params"],
              "best_score": r["best_score"], "best_step": r["best_step"], "status": status[r["status"]],
-             "dendrite_weight": r.get("dendrite_weight"), "lr_candidates": r.get("lr_candidates"), "lr_pick": r.get("lr_pick")}
+             "dendrite_weight": r.get("dendrite_weight"), "ablation_score": r.get("ablation_score"),
+             "ablation_delta": r.get("ablation_delta"), "lr_candidates": r.get("lr_candidates"), "lr_pick": r.get("lr_pick")}
             for r in rows
         ]
         final = self.accepted.metrics if self.schedule.done and self.accepted is not None else None

@@ -112,6 +112,10 @@ def _eval_results(training: dict[str, Any], task: str) -> tuple[list[tuple[str, 
     return rows, results
 
 
+def _num(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
 def _cycle_rows(training: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per try of a cycle, each with a status ("kept", "discarded" or "cut short").
 
@@ -124,7 +128,13 @@ def _cycle_rows(training: dict[str, Any]) -> list[dict[str, Any]]:
         row = dict(row)
         row["status"] = _STATUS_NAMES.get(row.get("status") or "kept", row.get("status"))
         weight = row.get("dendrite_weight")  # attribution of a kept cycle (DendriteScheduleCallback._attribute)
-        row["dendrite_weight_text"] = f"{weight['max']:.3g} (median {weight['median']:.3g})" if isinstance(weight, dict) else ""
+        # non-finite values (e.g. a ratio over all-zero base weights) were saved as None: shown as "n/a"
+        if isinstance(weight, dict):
+            row["dendrite_weight_text"] = f"{_num(weight.get('max'), '.3g')} (median {_num(weight.get('median'), '.3g')})"
+        else:
+            row["dendrite_weight_text"] = ""
+        without, gain = row.get("ablation_score"), row.get("ablation_delta")  # the kept cycle without its dendrites
+        row["ablation_text"] = f"{_num(without, '.4f')} ({_num(gain, '+.4g')})" if "ablation_score" in row and (without, gain) != (None, None) else ""
         out.append(row)
     return out
 
@@ -156,6 +166,12 @@ def _describe_schedule(training: dict[str, Any]) -> str:
             f"the neurons' own weights (largest over layers); below {threshold:g} the gain is more likely due to the "
             "restart (restored best weights, fresh optimizer, LR reset) than to the dendrites."
         )
+    if any(isinstance(r.get("ablation_delta"), (int, float)) for r in training.get("cycles") or []):
+        text += (
+            " *Without its dendrites*: the validation score of the kept model with that cycle's new dendrites switched "
+            "off, and in parentheses how much better the score is with them (negative: the model does better without "
+            "them)."
+        )
     return text
 
 
@@ -183,7 +199,8 @@ def build_model_card(
             ones in the saved files, whatever the training summary says about earlier cycles.
         training_summary: `DendriticModel.training_summary` as plain JSON data, or None (no Training section).
             Keys used: "metric", "greater_is_better", "completed", "stopped_by_cap", "cycles" (one entry per try with
-            "cycle", "try", "num_dendrites", "params", "best_score", "best_step", "status"; older summaries: "tries"),
+            "cycle", "try", "num_dendrites", "params", "best_score", "best_step", "status" and, for kept cycles,
+            "dendrite_weight", "ablation_score", "ablation_delta"; older summaries: "tries"),
             "schedule" (the settings used), "hyperparameters", "eval_results".
         repo_id: the Hub repo the card is for (title and loading example).
         tags: extra tags.
@@ -210,6 +227,7 @@ def build_model_card(
         training.setdefault("greater_is_better", False)
         training["rows"] = _cycle_rows(training)
         training["with_dendrite_weight"] = any(r["dendrite_weight_text"] for r in training["rows"])
+        training["with_ablation"] = any(r["ablation_text"] for r in training["rows"])
         training["description"] = _describe_schedule(training)
         training["schedule_items"] = sorted((training.get("schedule") or {}).items())
         training["hyperparameter_items"] = list((training.get("hyperparameters") or {}).items())

@@ -34,12 +34,20 @@ or ``[W; A]`` for low-rank dendrites) so that, under ``torch.no_grad()``, base a
 convolution. The copy is not a parameter or buffer, so names and ``state_dict`` are unchanged and saving works
 while fused; it is rebuilt whenever a parameter changed (optimizer step, ``load_state_dict``, ``.to()``).
 A fused layer refuses to compute gradients (train after ``unfuse()``); growth and truncation unfuse it.
+
+Switching dendrites off. ``layer.disable_dendrites(indices)`` makes the layer compute what it would compute without
+those dendrites: their output weights w_k and the cascade weights c_kj that feed their activations to later
+dendrites count as zero in every forward path (fast kernel, reference, no-grad, fused), through a masked copy of
+``dendrite_out`` / ``dendrite_cascade``; the parameters themselves are never written, so the state dict, saving
+and the optimizer see the real weights, and ``enable_dendrites()`` gives back the exact previous outputs. It is a
+runtime switch for ablations (`DendriticModel.dendrites_disabled`), not part of the saved model.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
@@ -71,6 +79,7 @@ _LAYER_ATTRS = (
     "dendrite_fast_path",
     "_dendrite_fused",
     "_dendrite_device",
+    "_dendrites_off",
 )
 
 
@@ -93,6 +102,8 @@ class DendriticLayerMixin:
     # Where new dendrite parameters live when not on the base weight's device: set for layers whose base weights
     # an accelerate hook offloads (they sit on "meta" between forward passes), see model._move_accelerate_hook.
     _dendrite_device: Optional[torch.device] = None
+    # Indices of the dendrites switched off (see `disable_dendrites`); None: all on.
+    _dendrites_off: Optional[frozenset] = None
 
     # ------------------------------------------------------------------ kind hooks
     def _apply_kind(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -275,6 +286,45 @@ class DendriticLayerMixin:
         names = set(DENDRITE_PARAM_NAMES)
         return [p for name, p in self._parameters.items() if p is not None and name not in names]
 
+    # ------------------------------------------------------------------ switching dendrites off
+    def disable_dendrites(self, indices: Optional[Iterable[int]] = None) -> None:
+        """Switch dendrites off (all, or those at `indices`, 0-based; added to those already off) until
+        `enable_dendrites`. The layer then computes what it would without them: their output weights and the cascade
+        weights that feed their activations to later dendrites count as zero (see the module docstring). Indices
+        past the current count are ignored; growth keeps the switched-off ones off and adds new dendrites on."""
+        chosen = set(range(self.num_dendrites)) if indices is None else {int(i) for i in indices}
+        if any(i < 0 for i in chosen):
+            raise ValueError(f"Dendrite indices must be >= 0, got {sorted(chosen)}.")
+        off = (self._dendrites_off or frozenset()) | chosen
+        self._dendrites_off = frozenset(off) if off else None
+
+    def enable_dendrites(self) -> None:
+        """Switch every dendrite back on: the outputs are exactly those before `disable_dendrites`."""
+        self._dendrites_off = None
+
+    @property
+    def disabled_dendrites(self) -> tuple[int, ...]:
+        """Indices of the dendrites switched off now (empty when all are on)."""
+        return tuple(sorted(i for i in (self._dendrites_off or ()) if i < self.num_dendrites))
+
+    def _active_out(self) -> torch.Tensor:
+        """`dendrite_out` with the rows of switched-off dendrites zeroed (the parameter itself when all are on)."""
+        off = () if self._dendrites_off is None else self.disabled_dendrites  # all on: no work in the forward pass
+        if not off:
+            return self.dendrite_out
+        return self.dendrite_out.index_fill(0, torch.tensor(off, device=self.dendrite_out.device), 0.0)
+
+    def _active_cascade(self) -> Optional[torch.Tensor]:
+        """`dendrite_cascade` with the rows c_kj of switched-off dendrites j zeroed (their input to later ones)."""
+        cascade = self.dendrite_cascade
+        off = () if self._dendrites_off is None or cascade is None else self.disabled_dendrites
+        if not off:
+            return cascade
+        rows = [k * (k - 1) // 2 + j for k in range(self.num_dendrites) for j in off if j < k]
+        if not rows:
+            return cascade
+        return cascade.index_fill(0, torch.tensor(rows, device=cascade.device), 0.0)
+
     # ------------------------------------------------------------------ forward
     def _split_neurons(self, z: torch.Tensor, k: int) -> torch.Tensor:
         """[..., k*N] -> [..., k, N] (Linear) or [B, k*N, ...] -> [B, k, N, ...] (conv)."""
@@ -309,7 +359,7 @@ class DendriticLayerMixin:
         phi = ACTIVATION_FUNCTIONS[self.dendrite_activation]
         if not self.dendrite_cascade_enabled or self.num_dendrites == 1:
             return phi(z)
-        cascade = self._per_neuron(self.dendrite_cascade)  # [rows, N, 1...]
+        cascade = self._per_neuron(self._active_cascade())  # [rows, N, 1...]
         acts: list[torch.Tensor] = []
         for k, z_k in enumerate(z.unbind(self.dendrite_axis)):
             first = k * (k - 1) // 2
@@ -321,7 +371,7 @@ class DendriticLayerMixin:
     def dendrite_output(self, x: torch.Tensor) -> torch.Tensor:
         """sum_k w_k * a_k: what the dendrites add to the layer's output (reference autograd formulation)."""
         a = self.dendrite_activations(self.dendrite_preactivations(x))
-        return (a * self._per_neuron(self.dendrite_out)).sum(self.dendrite_axis)
+        return (a * self._per_neuron(self._active_out())).sum(self.dendrite_axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_dendrites == 0:
@@ -339,8 +389,8 @@ class DendriticLayerMixin:
                 self.dendrite_weight if self.dendrite_rank is None else self.dendrite_lora_A,
                 self.dendrite_bias,
                 self.dendrite_lora_B,
-                self.dendrite_out,
-                self.dendrite_cascade if self.num_dendrites > 1 else None,
+                self._active_out(),
+                self._active_cascade() if self.num_dendrites > 1 else None,
                 MatmulSpec(self.dendrite_activation, self._matmul_transposed, self.dendrite_detach_input),
             )
         if not self._needs_grad(x):
@@ -359,13 +409,13 @@ class DendriticLayerMixin:
     def _cascade_rows(self) -> Optional[torch.Tensor]:
         if not self.dendrite_cascade_enabled or self.num_dendrites < 2:
             return None
-        return self._per_neuron(self.dendrite_cascade)
+        return self._per_neuron(self._active_cascade())
 
     def _combine_(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y + sum_k w_k phi(z_k) without gradients: activation and weighting in place, on z and y."""
         kdim = self.dendrite_axis % z.dim()
         a, _ = activate_(z, self.dendrite_activation, kdim, self._cascade_rows())
-        return add_weighted_(y, a, self._per_neuron(self.dendrite_out), kdim)
+        return add_weighted_(y, a, self._per_neuron(self._active_out()), kdim)
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without autograd for the kinds without a matmul kernel: same values, fewer passes."""
@@ -439,7 +489,7 @@ class DendriticLayerMixin:
         z = self._split_neurons(rest, K) if self.dendrite_rank is None else self._lowrank_preactivations(rest)
         kdim = self.dendrite_axis % z.dim()
         a, _ = activate_(z, self.dendrite_activation, kdim, self._cascade_rows())
-        w = self._per_neuron(self.dendrite_out)
+        w = self._per_neuron(self._active_out())
         # The first term writes a fresh, contiguous output (y is a strided view of the fused result); under
         # autocast it is cast back to the matmul's dtype, which float32 w would otherwise promote.
         out = torch.addcmul(y, a.select(kdim, 0), w[0]).to(y.dtype).contiguous()

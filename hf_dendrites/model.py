@@ -473,6 +473,92 @@ class DendriticModel(nn.Module):
                     state[f"{name}.{pname}"] = p.detach()
         return state
 
+    # ------------------------------------------------------------------ switching dendrites off (ablation)
+    def _dendrites_to_disable(
+        self, growths: Optional[Union[int, list[int], tuple[int, ...]]], first: Optional[dict[str, int]]
+    ) -> dict[str, list[int]]:
+        """Per layer, the dendrite indices that `growths` / `first` select (see `disable_dendrites`)."""
+        layers = dict(self.dendritic_layers())
+        if growths is not None and first is not None:
+            raise ValueError("Pass `growths=` or `first=`, not both.")
+        if first is not None:
+            unknown = sorted(set(first) - set(layers))
+            if unknown:
+                raise KeyError(f"No dendritic layers named {unknown[:5]}; dendritic layers are e.g. {sorted(layers)[:5]}.")
+            return {name: list(range(int(first.get(name, 0)), layer.num_dendrites)) for name, layer in layers.items()}
+        if growths is None:
+            return {name: list(range(layer.num_dendrites)) for name, layer in layers.items()}
+        chosen = [growths] if isinstance(growths, int) else list(growths)
+        per = self.dendrite_config.dendrites_per_cycle
+        present = max((-(-layer.num_dendrites // per) for layer in layers.values()), default=0)
+        bad = [g for g in chosen if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= present]
+        if bad:
+            raise ValueError(
+                f"growths={growths!r}: this model has {present} growth(s) of dendrites (numbered 1 to {present}, "
+                f"{per} dendrite(s) per layer each, `dendrites_per_cycle`); got {bad}."
+            )
+        return {name: [k for g in chosen for k in range((g - 1) * per, min(g * per, layer.num_dendrites))]
+                for name, layer in layers.items()}
+
+    def disable_dendrites(
+        self, growths: Optional[Union[int, list[int], tuple[int, ...]]] = None, *, first: Optional[dict[str, int]] = None
+    ) -> "DendriticModel":
+        """Switch dendrites off, for ablations: the model computes what it would compute without them, until
+        `enable_dendrites()`.
+
+        A switched-off dendrite's output weights and the cascade weights that feed its activation to later
+        dendrites (`cascade=True`) count as zero in every forward path, fused or not. No parameter is written:
+        the state dict, `save_pretrained` and an optimizer see the real weights (the switch is not saved), and
+        switching back on gives exactly the previous outputs. Gradients do not reach the output weights of
+        switched-off dendrites. Dendrites switched off earlier stay off.
+
+        Args:
+            growths: None (all dendrites), or growth numbers (1-based, an int or a list): growth g is the g-th block
+                of `dendrite_config.dendrites_per_cycle` dendrites of every layer, i.e. the dendrites that the kept
+                cycle g of a `DendriticTrainer` run added (discarded cycles leave none).
+            first: instead of `growths`, per layer name the index of the first dendrite to switch off (later ones
+                too; layers not named: all), e.g. the dendrite counts before a growth, as in
+                `dendrite_weight_ratios`.
+
+        Returns the model. See `dendrites_disabled` for a context manager.
+        """
+        selection = self._dendrites_to_disable(growths, first)
+        for name, layer in self.dendritic_layers():
+            if selection[name]:
+                layer.disable_dendrites(selection[name])
+        return self
+
+    def enable_dendrites(self) -> "DendriticModel":
+        """Switch every dendrite back on (undo `disable_dendrites`). Returns the model."""
+        for _, layer in self.dendritic_layers():
+            layer.enable_dendrites()
+        return self
+
+    def disabled_dendrites(self) -> dict[str, tuple[int, ...]]:
+        """The indices of the switched-off dendrites of every layer that has some (empty when all are on)."""
+        return {name: off for name, layer in self.dendritic_layers() if (off := layer.disabled_dendrites)}
+
+    @contextlib.contextmanager
+    def dendrites_disabled(
+        self, growths: Optional[Union[int, list[int], tuple[int, ...]]] = None, *, first: Optional[dict[str, int]] = None
+    ) -> Iterator["DendriticModel"]:
+        """Context manager: `disable_dendrites(growths, first=first)` inside, the previous switches afterwards.
+
+        Example:
+            >>> with dm.dendrites_disabled(growths=[2]):  # doctest: +SKIP
+            ...     without = trainer.evaluate()           # the model without the second growth's dendrites
+        """
+        selection = self._dendrites_to_disable(growths, first)  # validate before switching anything
+        previous = {name: layer._dendrites_off for name, layer in self.dendritic_layers()}
+        try:
+            for name, layer in self.dendritic_layers():
+                if selection[name]:
+                    layer.disable_dendrites(selection[name])
+            yield self
+        finally:
+            for name, layer in self.dendritic_layers():
+                layer._dendrites_off = previous.get(name)
+
     # ------------------------------------------------------------------ accounting
     def dendrite_summary(self) -> DendriteSummary:
         """Exact parameter counts: base / dendrite / trainable, in total and per dendritic layer."""

@@ -27,6 +27,8 @@ EVAL_CSV_FIELDS = (
     "lr_factor",
     "dendrite_weight_max",
     "dendrite_weight_median",
+    "ablation_score",
+    "ablation_delta",
     "decision",
 )
 
@@ -45,8 +47,9 @@ def write_eval_csv(records: Iterable[dict[str, Any]], path: str) -> str:
 
 def cycle_table(records: list[dict[str, Any]], history: list[dict[str, Any]], greater_is_better: bool) -> list[dict[str, Any]]:
     """One row per cycle try: cycle, try, num_dendrites, params, best_score, best_step, status, and where known
-    correlation (candidate S), dendrite_weight (a kept cycle's `{"max", "median"}` attribution, see
-    `callback.py`), lr_candidates and lr_pick (LR search).
+    correlation (candidate S), dendrite_weight (a kept cycle's `{"max", "median"}` weight ratio), ablation_score
+    and ablation_delta (a kept cycle's score with its new dendrites switched off, and the kept score's lead over it:
+    positive = the dendrites help; see `callback.py`), lr_candidates and lr_pick (LR search).
 
     `history` holds the schedule's finished cycles (`CycleRecord` dicts); a try that was still running when
     training stopped is listed with status "stopped".
@@ -60,13 +63,16 @@ def cycle_table(records: list[dict[str, Any]], history: list[dict[str, Any]], gr
         if row is None:
             row = {"cycle": r["cycle"], "try": r["try"], "num_dendrites": r["num_dendrites"], "params": r["params"],
                    "best_score": None, "best_step": None, "status": "stopped", "correlation": None,
-                   "dendrite_weight": None, "lr_candidates": None, "lr_pick": None}
+                   "dendrite_weight": None, "ablation_score": None, "ablation_delta": None, "lr_candidates": None,
+                   "lr_pick": None}
             seen[key] = row
             rows.append(row)
         if r.get("correlation") is not None:  # correlation rule: S of the candidates when they were installed
             row["correlation"] = r["correlation"]
         if r.get("dendrite_weight_max") is not None:  # measured when the cycle was kept
             row["dendrite_weight"] = {"max": r["dendrite_weight_max"], "median": r.get("dendrite_weight_median")}
+        if r.get("ablation_score") is not None:  # measured when the cycle was kept
+            row["ablation_score"], row["ablation_delta"] = r["ablation_score"], r.get("ablation_delta")
         if r.get("decision") in ("candidates", "install"):
             continue  # the network did not change during a candidate phase: its scores are not the cycle's
         # the dendrite count of a correlation cycle is known once its candidates are installed
@@ -140,15 +146,17 @@ def plot_training_curve(
     if rows:
         with_s = any(r.get("correlation") is not None for r in rows)
         with_w = any(r.get("dendrite_weight") is not None for r in rows)
+        with_a = any(r.get("ablation_delta") is not None for r in rows)
         cells = [
             [str(r["cycle"]), str(r["try"]), str(r["num_dendrites"]), f"{r['params']:,}",
              "n/a" if r["best_score"] is None else f"{r['best_score']:.5g}", r["status"]]
             + (["" if r.get("correlation") is None else f"{r['correlation']:.3g}"] if with_s else [])
             + (["" if r.get("dendrite_weight") is None else f"{r['dendrite_weight']['max']:.3g}"] if with_w else [])
+            + (["" if r.get("ablation_delta") is None else f"{r['ablation_delta']:+.3g}"] if with_a else [])
             for r in rows
         ]
         labels = (["cycle", "try", "dendrites", "params", f"best {metric}", "status"] + (["candidate S"] if with_s else [])
-                  + (["dendrite weight (max)"] if with_w else []))
+                  + (["dendrite weight (max)"] if with_w else []) + (["gain over without"] if with_a else []))
         table = table_ax.table(cellText=cells, colLabels=labels, loc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(8)

@@ -364,6 +364,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
                 "(Evaluation or prediction alone, `trainer.evaluate()` / `trainer.predict()`, work without.)"
             )
         follow_transformers_verbosity()
+        self.dendrite_ignore_keys_for_eval = ignore_keys_for_eval  # for the ablation evaluations of kept cycles
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)

@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import logging
 import os
 import random
 import socket
@@ -42,6 +43,20 @@ def _tiny_models():
 
 
 TINY_MODELS = _tiny_models()
+
+
+@pytest.fixture
+def info_logs(caplog):
+    """hf_dendrites' log records at info and above, with transformers' verbosity at info (as a script sets it)."""
+    from hf_dendrites.logging_utils import follow_transformers_verbosity
+
+    transformers.logging.set_verbosity_info()
+    caplog.set_level(logging.INFO)
+    try:
+        yield lambda: [r for r in caplog.records if r.name.startswith("hf_dendrites")]
+    finally:
+        transformers.logging.set_verbosity_error()
+        follow_transformers_verbosity()
 
 
 def tiny_inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from hf_dendrites import DendriteConfig, DendriticTrainingArguments
+from hf_dendrites.callback import ablation_evaluation_running
 
 VOCAB = 24
 SEQ = 8
@@ -77,15 +78,20 @@ def make_args(output_dir: str, **overrides: Any) -> DendriticTrainingArguments:
 class ScriptedMetric:
     """`compute_metrics` returning a fixed sequence of scores as "eval_scripted" (the last one repeats).
 
-    Drives the schedule through chosen decisions whatever the model computes.
+    Drives the schedule through chosen decisions whatever the model computes. The evaluation of a kept cycle with its
+    dendrites switched off (`ablation_evaluation_running()`) gets `ablation` (default: the first score, the worst in
+    these scripts) and does not advance the sequence.
     """
 
-    def __init__(self, scores: list[float]):
+    def __init__(self, scores: list[float], ablation: float | None = None):
         self.scores = list(scores)
         self._it = itertools.chain(self.scores, itertools.repeat(self.scores[-1]))
+        self.ablation = self.scores[0] if ablation is None else ablation
         self.calls = 0
 
     def __call__(self, eval_pred) -> dict[str, float]:
+        if ablation_evaluation_running():
+            return {"scripted": float(self.ablation)}
         self.calls += 1
         return {"scripted": float(next(self._it))}
 

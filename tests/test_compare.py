@@ -359,6 +359,12 @@ def test_baseline_restarts_restarts_where_the_dendritic_run_grows(data, tmp_path
     assert by["baseline-restarts"]["growth_steps"] == by["dendrites"]["growth_steps"]
     assert by["baseline-restarts"]["steps"] == by["dendrites"]["steps"]  # the same training budget
     assert by["baseline-restarts"]["dendrites_kept"] == 0 and results["reference"] == "baseline-restarts"
+    # per cycle try: a kept cycle with dendrites records its ablation (the control has no dendrites to switch off)
+    assert all({"dendrite_weight", "ablation_score", "ablation_delta"} <= set(c) for c in by["dendrites"]["cycles"])
+    kept = [c for c in by["dendrites"]["cycles"] if c["status"] == "accepted" and c["cycle"] >= 1]
+    assert all(isinstance(c["ablation_score"], float) and isinstance(c["ablation_delta"], float) for c in kept)
+    assert len(by["dendrites"]["cycles"]) == len(by["dendrites"]["growth_steps"]) + 1
+    assert all(c["ablation_score"] is None for c in by["baseline-restarts"]["cycles"])
     # the control needs the run it replays
     with pytest.raises(ValueError, match="replays the growth and retry steps of the dendritic run.*add dendrites or "
                        "frozen-dendrites"):

@@ -31,6 +31,8 @@ def test_two_processes_decide_together_and_stay_identical(tmp_path):
         assert res["dendrite_counts"] == [2]
     assert results[0]["history"] == results[1]["history"]
     assert [r["decision"] for r in results[0]["history"]].count("continue") == 7
+    # Both kept cycles with dendrites were evaluated once more without them, by both ranks together (issue 23).
+    assert [r["decision"] for r in results[0]["history"] if "ablation_score" in r] == ["grow", "complete"]
 
 
 def test_correlation_rule_on_two_processes_installs_identical_candidates(tmp_path):

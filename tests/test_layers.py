@@ -1,5 +1,6 @@
 """Each dendritic layer kind against a plain-loop reference of docs/dendritic_layer.md."""
 
+import copy
 import math
 
 import pytest
@@ -96,18 +97,25 @@ def test_identity_at_insertion_is_bit_exact(kind, rank, cascade):
         assert torch.equal(layer(x), expected)
 
 
+def grown_layer(base, **kwargs):
+    """`base` converted with two growths (2 + 1 dendrites) whose output, bias and cascade weights are non-zero, so
+    that every term matters."""
+    layer = convert(base, **kwargs)
+    layer.add_dendrites(2)
+    layer.add_dendrites(1)
+    with torch.no_grad():
+        for p in (layer.dendrite_out, layer.dendrite_bias) + ((layer.dendrite_cascade,) if layer.dendrite_cascade_enabled else ()):
+            p.normal_()
+    return layer
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rank", [None, 3])
 @pytest.mark.parametrize("cascade", [False, True])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "gelu"])
 def test_matches_per_dendrite_reference(kind, rank, cascade, activation):
     base, x = make_layer(kind)
-    layer = convert(base, rank=rank, cascade=cascade, activation=activation)
-    layer.add_dendrites(2)
-    layer.add_dendrites(1)
-    with torch.no_grad():  # non-zero output, bias and cascade weights so every term matters
-        for p in (layer.dendrite_out, layer.dendrite_bias) + ((layer.dendrite_cascade,) if cascade else ()):
-            p.normal_()
+    layer = grown_layer(base, rank=rank, cascade=cascade, activation=activation)
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
 
 
@@ -245,3 +253,71 @@ def test_repr_shows_the_dendrite_count():
     c = convert(Conv1D(5, 6))
     c.add_dendrites(1)
     assert "dendrites=1" in repr(c)
+
+
+def without_dendrites(layer, off):
+    """A copy of `layer` whose dendrites `off` are gone from the output: their output weights and their cascade
+    weights into later dendrites are zero (the definition of switching them off)."""
+    ref = copy.deepcopy(layer)
+    ref.enable_dendrites()
+    ref.unfuse()
+    with torch.no_grad():
+        for j in off:
+            ref.dendrite_out[j].zero_()
+            for k in range(j + 1, ref.num_dendrites if ref.dendrite_cascade_enabled else 0):
+                ref.dendrite_cascade[k * (k - 1) // 2 + j].zero_()
+    return ref
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rank", [None, 2])
+@pytest.mark.parametrize("cascade", [False, True])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "fused", "reference"])
+def test_switched_off_dendrites_leave_the_output_and_switching_on_is_bit_exact(kind, rank, cascade, mode):
+    base, x = make_layer(kind)
+    with torch.no_grad():
+        plain = base(x)
+    layer = grown_layer(base, rank=rank, cascade=cascade)
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    if mode == "reference":
+        layer.dendrite_fast_path = False
+    if mode == "fused":
+        layer.fuse()
+
+    def run():
+        with torch.enable_grad() if mode == "grad" else torch.no_grad():
+            return layer(x)
+
+    before = run().detach()
+    for off in ([0], [1, 2], [0, 2], [0, 1, 2]):
+        layer.disable_dendrites(off)
+        assert layer.disabled_dendrites == tuple(off)
+        out = run()
+        torch.testing.assert_close(out.detach(), reference_forward(without_dendrites(layer, off), x), rtol=1e-5, atol=1e-5)
+        if len(off) == 3 and mode != "fused":  # all off: exactly the plain layer (fused: one concatenated matmul)
+            assert torch.equal(out.detach(), plain)
+        if mode == "grad":
+            layer.zero_grad()
+            out.square().sum().backward()
+            grads = layer.dendrite_out.grad.abs().sum(-1)
+            assert all(grads[k] == 0 for k in off) and all(grads[k] > 0 for k in range(3) if k not in off)
+        layer.enable_dendrites()
+        assert layer.disabled_dendrites == ()
+        assert torch.equal(run().detach(), before)
+    assert all(torch.equal(p, params[n]) for n, p in layer.named_parameters())  # nothing was written
+
+
+def test_switched_off_dendrites_stay_off_through_growth_and_truncation():
+    base, x = make_layer("linear")
+    layer = convert(base)
+    layer.add_dendrites(2)
+    with torch.no_grad():
+        layer.dendrite_out.normal_()
+    layer.disable_dendrites([1])
+    layer.add_dendrites(1)  # the new dendrite is on
+    assert layer.disabled_dendrites == (1,)
+    layer.truncate_dendrites(1)
+    assert layer.disabled_dendrites == ()
+    with pytest.raises(ValueError, match=">= 0"):
+        layer.disable_dendrites([-1])
+    assert "_dendrites_off" not in layer.to_base_layer().__dict__

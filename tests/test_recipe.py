@@ -17,7 +17,6 @@ from transformers import TrainerCallback
 from hf_dendrites import DendriteConfig, DendriticTrainer, DendriticTrainingArguments, get_dendritic_model
 from hf_dendrites.callback import NEGLIGIBLE_DENDRITE_WEIGHT
 from hf_dendrites.constants import DENDRITE_SCHEDULE_NAME
-from hf_dendrites.logging_utils import follow_transformers_verbosity
 from hf_dendrites.trainer import PhaseReduceLROnPlateau
 
 
@@ -79,17 +78,6 @@ def assert_same_state(got, expected):
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
-
-
-@pytest.fixture
-def info_logs(caplog):
-    transformers.logging.set_verbosity_info()
-    caplog.set_level(logging.INFO)
-    try:
-        yield lambda: [r for r in caplog.records if r.name.startswith("hf_dendrites")]
-    finally:
-        transformers.logging.set_verbosity_error()
-        follow_transformers_verbosity()
 
 
 class _Interrupted(Exception):

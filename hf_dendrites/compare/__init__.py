@@ -34,7 +34,9 @@ validation evaluation. The arms (`settings.ARMS`):
 
 Outputs in `--output-dir`: `compare.md` (the table), `compare.json` (settings, summary, every run),
 `compare.png`, and `runs/<arm>/seed-<k>.json`, written atomically when a run ends (beside it, the trainer's
-`seed-<k>-trainer/` folder with its evaluation CSV and training curve); a rerun with the same settings skips
+`seed-<k>-trainer/` folder with its evaluation CSV and training curve; the run's JSON lists every cycle try under
+`cycles`, with a kept cycle's attribution: `dendrite_weight` and `ablation_score` / `ablation_delta`, its validation
+score with its new dendrites switched off and the kept score's lead over it); a rerun with the same settings skips
 finished runs, and a folder holding runs with other settings is an error. SIGTERM (like Ctrl-C) stops the worker
 processes of `--jobs N` too; the runs they had not finished are trained again by the rerun.
 """

@@ -372,6 +372,11 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
         "completed": completed,
         "curve": [{"step": r["step"], "score": r["score"], "cycle": r.get("cycle"), "decision": r.get("decision")} for r in history],
         "growth_steps": [r["step"] for r in history if r.get("decision") in ("grow", "retry")],
+        # per cycle try, with a kept cycle's attribution: its dendrites' weight ratio and the validation score of the
+        # kept model with them switched off (ablation_delta > 0: the dendrites help)
+        "cycles": [{k: r.get(k) for k in ("cycle", "try", "status", "best_score", "best_step", "num_dendrites",
+                                          "dendrite_weight", "ablation_score", "ablation_delta")}
+                   for r in trainer.dendrite_callback.cycle_rows()],
         "seconds": round(time.perf_counter() - start, 2),
         "settings_fingerprint": s.fingerprint(),
         **extra,
