@@ -12,6 +12,13 @@ running candidate phase. It reacts to public Trainer events:
 - `on_train_end`: drop a candidate phase cut short, warn when the step / epoch cap stopped the schedule, and write
   the evaluation CSV and the training curve into `output_dir`.
 
+The saved model: `weights` records which evaluation the model's current weights are (its step, metrics, cycle and
+try, and how they got there: the last model, restored by the schedule, or loaded as the best checkpoint by
+`load_best_model_at_end`); None while they were trained past their last evaluation or changed by a growth.
+Every step, restore, growth and checkpoint load updates it, checkpoints carry it, and `DendriticTrainer.train`
+evaluates the final model when it is None. `training_summary()["saved_model"]` and its `eval_results` report it,
+so the model card describes the saved model, not the last evaluation.
+
 Growth recipe options (`DendriticTrainingArguments`): `dendrite_restarts_only` carries out every growth event
 without adding dendrites; `dendrite_restart_steps` makes the schedule end cycles at fixed steps (see `schedule.py`),
 and this callback asks for an evaluation at `max_steps` so the last cycle is judged; `dendrite_lr_search` trains
@@ -61,6 +68,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import DENDRITE_CURVE_NAME, DENDRITE_EVAL_CSV_NAME
 from .learning_rules import CorrelationRule, perforate
@@ -85,6 +93,10 @@ EVENT_CODES = {Action.GROW: 1, Action.RETRY: 2, Action.SWITCH: 3, Action.COMPLET
 NEGLIGIBLE_DENDRITE_WEIGHT = 0.05
 # Status of a cycle try in `training_summary["cycles"]`.
 STATUS_KEPT, STATUS_DISCARDED, STATUS_CUT_SHORT = "kept", "discarded", "cut short"
+# How the saved model's weights got there (`DendriteScheduleCallback.weights["origin"]`).
+ORIGIN_LAST, ORIGIN_RESTORED, ORIGIN_BEST_CHECKPOINT, ORIGIN_AFTER_TRAINING = (
+    "last model", "restored by the schedule", "best checkpoint", "evaluated after training",
+)
 
 
 _ABLATION_RUNNING = False
@@ -165,6 +177,14 @@ class DendriteScheduleCallback(TrainerCallback):
         self.correlation_state = CorrelationPhaseState()
         self.curve_path: str | None = None
         self.stopped_by_cap = False
+        # Whether this callback holds a training run (`train()` started, or a checkpoint's schedule was loaded): an
+        # evaluation-only trainer leaves the model's own training summary (the one its checkpoint carries) alone.
+        self.has_run = False
+        # The evaluation the model's current weights are (see the module docstring), and why they are the saved ones.
+        self.weights: dict[str, Any] | None = None
+        self.weights_note: str | None = None
+        self.loaded_checkpoint: str | None = None  # the best checkpoint `load_best_model_at_end` loaded
+        self.loaded_view: dict[str, Any] | None = None  # its cycle and try, when its weights are no evaluation's
         model = self.trainer.model if model is None else model
         dendrite_ids = {id(p) for p in model.dendrite_parameters()}
         self.base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters() if id(p) not in dendrite_ids}
@@ -236,9 +256,12 @@ class DendriteScheduleCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, **kwargs):
         self.stopped_by_cap = False
+        self.has_run = True
+        self.weights_note = self.loaded_checkpoint = self.loaded_view = None
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.weights = None  # an optimizer step: the weights are no longer those of any evaluation
         # Replayed growth steps: the last cycle is judged at the last step, so make sure there is an evaluation.
         if args.dendrite_restart_steps is not None and state.global_step >= state.max_steps and not self.schedule.done:
             control.should_evaluate = True
@@ -265,6 +288,17 @@ class DendriteScheduleCallback(TrainerCallback):
             self.correlation.finish()
             self.correlation = None
             self.apply_phase_trainability()
+        best_step = getattr(state, "best_global_step", None)
+        if args.load_best_model_at_end and state.best_model_checkpoint is None and best_step and not self.schedule.done:
+            # The Trainer dropped a best checkpoint that no longer exists (it warned when the run resumed).
+            self.weights_note = (
+                f"`load_best_model_at_end` is set, but no checkpoint of the best evaluation (step {best_step}, "
+                f"{self.score_key()} {state.best_metric:.6g}) existed when training ended (`{PREFIX_CHECKPOINT_DIR}-"
+                f"{best_step}` was deleted, e.g. before the run was resumed, or never written), so the "
+                "Trainer kept the last model."
+            )
+            if self._main:
+                logger.warning("%s The saved model is the last one.", self.weights_note)
         if not self.schedule.done and self.history:
             self.stopped_by_cap = state.global_step >= state.max_steps
             if self.stopped_by_cap and self._main:
@@ -298,6 +332,7 @@ class DendriteScheduleCallback(TrainerCallback):
 
     def _schedule_step(self, metrics: dict[str, Any], state, control) -> None:
         view = self.model_view()  # the model that was evaluated (nothing changed since the evaluation)
+        self.weights = self._evaluated(state.global_step, metrics, view, ORIGIN_LAST)
         final = self.trainer.args.dendrite_restart_steps is not None and state.global_step >= state.max_steps
         score, decision = self._decide(self._score_from(metrics), state.global_step, final=final)
         record = {"step": state.global_step, "epoch": state.epoch, "score": score, **view, "decision": decision.action.value}
@@ -448,6 +483,7 @@ class DendriteScheduleCallback(TrainerCallback):
             return
         if dm.dendrite_config.learning_rule != "correlation":
             dm.add_dendrites()
+            self.weights = None  # new dendrites: not the evaluated model
             if self._main:
                 logger.info("Grew %d dendrite(s) in each of %d layers.", dm.dendrite_config.dendrites_per_cycle, len(dm.dendrite_counts()))
             return
@@ -479,6 +515,7 @@ class DendriteScheduleCallback(TrainerCallback):
         st.history_index = len(rule.history)
         view = self.model_view()
         score = self._score_from(metrics)
+        self.weights = self._evaluated(state.global_step, metrics, view, ORIGIN_LAST)
         if not recent:  # no optimizer step since the last evaluation
             self.history.append({"step": state.global_step, "epoch": state.epoch, "score": score, **view, "decision": "candidates"})
             return
@@ -504,6 +541,7 @@ class DendriteScheduleCallback(TrainerCallback):
                 state.global_step, s_value, args.correlation_patience, args.correlation_improvement_threshold, per_cycle,
             )
         self.correlation.install(per_cycle)
+        self.weights = None  # new dendrites: not the evaluated model
         self.correlation = None
         if self.schedule.settings.lr_search:
             self.lr_start = Snapshot.of(self.model, state.global_step, {})
@@ -519,11 +557,80 @@ class DendriteScheduleCallback(TrainerCallback):
         dm = self.model
         dm.set_dendrite_counts(snapshot.counts)
         dm.load_state_dict(snapshot.state, strict=True)
+        # a snapshot without metrics (the post-growth weights of an LR search) was never evaluated
+        self.weights = self._evaluation_at(snapshot.step, snapshot.metrics, ORIGIN_RESTORED) if snapshot.metrics else None
         if self._main:
             logger.info(
                 "Restored %s: the weights of step %d (%s=%s, %d dendrites).", what, snapshot.step, self.score_key(),
                 snapshot.metrics.get(self.score_key()), sum(snapshot.counts.values()),
             )
+
+    # ------------------------------------------------------------------ the saved model's provenance
+    @staticmethod
+    def _evaluated(step: int, metrics: dict[str, Any], view: dict[str, Any], origin: str) -> dict[str, Any]:
+        return {"step": int(step), "metrics": _numeric(metrics), "cycle": view["cycle"], "try": view["try"], "origin": origin}
+
+    def _evaluation_at(self, step: int, metrics: dict[str, Any], origin: str) -> dict[str, Any]:
+        """The weights evaluated at `step` (a snapshot's): their cycle and try are those of that evaluation's record."""
+        record = next((r for r in reversed(self.history) if r["step"] == step), None)
+        view = record if record is not None else {"cycle": None, "try": None}
+        return self._evaluated(step, metrics, view, origin)
+
+    def loaded_best_checkpoint(self, directory: str) -> None:
+        """`load_best_model_at_end` replaced the weights with checkpoint `directory`'s: they are the evaluation that
+        checkpoint recorded, or none when the schedule changed the weights at that evaluation (before the checkpoint
+        was written) or the checkpoint predates these records."""
+        payload = read_schedule_payload(directory) or {}
+        recorded = payload.get("weights")
+        name = self.loaded_checkpoint = os.path.basename(os.path.normpath(directory))
+        if isinstance(recorded, dict):
+            self.weights = {**recorded, "origin": ORIGIN_BEST_CHECKPOINT, "checkpoint": name}
+            return
+        self.weights = None
+        written = (payload.get("schedule") or {}).get("state") or {}  # the schedule when the checkpoint was written
+        self.loaded_view = {"cycle": written.get("cycle"), "try": written.get("attempt")}
+        self.weights_note = (
+            f"`load_best_model_at_end` loaded the best checkpoint, `{name}`, whose weights are not those of the "
+            "evaluation that made it the best (the schedule changed them at that step, or the checkpoint does not "
+            "record it), so they were evaluated again after training."
+        )
+
+    def record_final_evaluation(self, metrics: dict[str, Any]) -> None:
+        """`DendriticTrainer.train` evaluated the final model because its weights were no evaluation's: record it and
+        refresh the model's training summary."""
+        step = self.trainer.state.global_step
+        view = self.loaded_view or {"cycle": self.schedule.cycle, "try": self.schedule.attempt}
+        self.weights = self._evaluated(step, metrics, view, ORIGIN_AFTER_TRAINING)
+        self.weights["checkpoint"] = self.loaded_checkpoint
+        self.model.training_summary = self.training_summary()
+
+    def saved_model(self) -> dict[str, Any]:
+        """Where the model's current weights come from (the `saved_model` entry of `training_summary()`): `evaluated`,
+        `step` (the evaluation they are), `cycle`, `try`, `status` of that try, `origin` ("last model", "restored by
+        the schedule", "best checkpoint" or "evaluated after training"), `checkpoint`, `end_step` (where training
+        stopped), `last_evaluation_step`, `note` (why they are the saved ones, when that is unusual) and `metrics`."""
+        names = {"accepted": STATUS_KEPT, "discarded": STATUS_DISCARDED, "stopped": STATUS_CUT_SHORT}
+        statuses = {(r["cycle"], r["try"]): names[r["status"]] for r in self.cycle_rows()}
+        w = self.weights
+        out: dict[str, Any] = {
+            "evaluated": w is not None,
+            "step": None,
+            "cycle": self.schedule.cycle,
+            "try": self.schedule.attempt,
+            "origin": ORIGIN_LAST,
+            "checkpoint": None,
+            "end_step": int(self.trainer.state.global_step),
+            "last_evaluation_step": self.history[-1]["step"] if self.history else None,
+            "note": self.weights_note,
+            "metrics": {},
+        }
+        if w is not None:
+            out.update({k: w.get(k) for k in ("step", "cycle", "try", "origin", "checkpoint")})
+            out["metrics"] = {k: v for k, v in w["metrics"].items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+        out["status"] = statuses.get((out["cycle"], out["try"]))
+        if out["status"] is None and not self.schedule.done and (out["cycle"], out["try"]) == (self.schedule.cycle, self.schedule.attempt):
+            out["status"] = STATUS_CUT_SHORT  # the try training stopped in, before its first evaluation
+        return out
 
     def apply_phase_trainability(self) -> None:
         """requires_grad for the phase: dendrites always train; other parameters are frozen in the dendrites-only
@@ -556,7 +663,7 @@ class DendriteScheduleCallback(TrainerCallback):
         write_schedule_state(
             directory, self.model, schedule=self.schedule.to_dict(), history=self.history,
             snapshots={"cycle_best": self.cycle_best, "accepted": self.accepted, "lr_start": self.lr_start, "lr_best": self.lr_best},
-            candidates=candidates, correlation=correlation,
+            candidates=candidates, correlation=correlation, weights=self.weights,
         )
 
     def load_state(self, directory: str) -> dict[str, Any] | None:
@@ -574,6 +681,8 @@ class DendriteScheduleCallback(TrainerCallback):
             )
         self.schedule = schedule
         self.history = list(payload.get("history", []))
+        self.has_run = True
+        self.weights = payload.get("weights")  # the checkpoint's weights are the model's now
         snaps = read_snapshots(directory, payload, self.model)
         self.cycle_best, self.accepted = snaps["cycle_best"], snaps["accepted"]
         self.lr_start, self.lr_best = snaps.get("lr_start"), snaps.get("lr_best")
@@ -618,9 +727,16 @@ class DendriteScheduleCallback(TrainerCallback):
         history = [dataclasses.asdict(h) for h in self.schedule.history]
         return cycle_table(self.history, history, bool(self.trainer.args.greater_is_better))
 
-    def training_summary(self) -> dict[str, Any]:
-        """What the model card shows (`DendriticModel.training_summary`); see `DendriticTrainer.save_model`."""
+    def training_summary(self) -> dict[str, Any] | None:
+        """What the model card shows (`DendriticModel.training_summary`); see `DendriticTrainer.save_model`.
+
+        `eval_results` and `saved_model` describe the model as it is now (see `saved_model()`). A trainer that never
+        trained (evaluation or prediction only) returns the model's own summary unchanged: the one its checkpoint
+        carries, describing the run that trained it (None for a model that no `DendriticTrainer` trained)."""
         from transformers.modelcard import extract_hyperparameters_from_trainer
+
+        if not self.has_run:
+            return self.model.training_summary
 
         args = self.trainer.args
         rows = self.cycle_rows()
@@ -632,9 +748,7 @@ class DendriteScheduleCallback(TrainerCallback):
              "ablation_delta": r.get("ablation_delta"), "lr_candidates": r.get("lr_candidates"), "lr_pick": r.get("lr_pick")}
             for r in rows
         ]
-        final = self.accepted.metrics if self.schedule.done and self.accepted is not None else None
-        if final is None and self.history:
-            final = {self.score_key(): self.history[-1]["score"]}
+        saved = self.saved_model()
         settings = self.schedule.settings
         try:
             hyperparameters = extract_hyperparameters_from_trainer(self.trainer)
@@ -667,7 +781,8 @@ class DendriteScheduleCallback(TrainerCallback):
             # older key (every try, with the candidates' S of the correlation rule), read by earlier model-card code
             "tries": [{**r, "status": status[r["status"]]} for r in rows],
             "curve_png": self.curve_path if self.curve_path and os.path.isfile(self.curve_path) else None,
-            "eval_results": {k: v for k, v in (final or {}).items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
+            "saved_model": saved,
+            "eval_results": dict(saved["metrics"]),
         }
 
     def write_report(self) -> None:

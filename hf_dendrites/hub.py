@@ -175,6 +175,48 @@ def _describe_schedule(training: dict[str, Any]) -> str:
     return text
 
 
+def _describe_saved_model(training: dict[str, Any], num_dendrites: int) -> Optional[str]:
+    """Which model was saved and why (`training["saved_model"]`, see `DendriteScheduleCallback.saved_model`); None for
+    summaries written before it was recorded."""
+    saved = training.get("saved_model")
+    if not isinstance(saved, dict):
+        return None
+    cycle, attempt, status = saved.get("cycle"), saved.get("try"), saved.get("status")
+    where = f"cycle {cycle}, try {attempt}" + (f", {_STATUS_NAMES.get(status, status)}" if status else "")
+    origin, step, end = saved.get("origin"), saved.get("step"), saved.get("end_step")
+    checkpoint = f"`{saved['checkpoint']}`" if saved.get("checkpoint") else None
+    if not saved.get("evaluated"):
+        text = (
+            f"The saved model is the one at step {end} ({where}). It was trained past its last evaluation (step "
+            f"{saved.get('last_evaluation_step')}) and has not been evaluated since: no evaluation results are shown."
+        )
+    elif origin == "restored by the schedule":
+        text = f"The saved model is the one the schedule restored when training ended at step {end}: the weights evaluated at step {step} ({where})."
+    elif origin == "best checkpoint":
+        text = (
+            f"The saved model is the best checkpoint, {checkpoint}, that `load_best_model_at_end` loaded when training "
+            f"ended at step {end}: the weights evaluated at step {step} ({where})."
+        )
+    elif origin == "evaluated after training":
+        source = f"the best checkpoint {checkpoint}, loaded by `load_best_model_at_end`" if checkpoint else "the last model"
+        text = (
+            f"The saved model is {source} ({where}), as it was when training ended at step {end}; no evaluation during "
+            "training was of these weights, so they were evaluated after training."
+        )
+    else:
+        text = f"The saved model is the last one, as training left it at step {end}: the weights evaluated at step {step} ({where})."
+    if saved.get("note"):
+        text += " " + saved["note"]
+    if isinstance(cycle, int) and cycle >= 1:
+        text += (
+            f" It holds {num_dendrites} dendrites (see [Parameters](#parameters)): those of cycle {cycle} (try {attempt}) "
+            "and of the cycles kept before it; the other tries in the table are not in it."
+        )
+    elif cycle == 0:
+        text += f" It comes from cycle 0, before any growth ({num_dendrites} dendrites); no later try is in it."
+    return text
+
+
 def build_model_card(
     *,
     architecture: str,
@@ -201,7 +243,8 @@ def build_model_card(
             Keys used: "metric", "greater_is_better", "completed", "stopped_by_cap", "cycles" (one entry per try with
             "cycle", "try", "num_dendrites", "params", "best_score", "best_step", "status" and, for kept cycles,
             "dendrite_weight", "ablation_score", "ablation_delta"; older summaries: "tries"),
-            "schedule" (the settings used), "hyperparameters", "eval_results".
+            "schedule" (the settings used), "hyperparameters", "saved_model" (which model was saved and why),
+            "eval_results" (the saved model's own evaluation).
         repo_id: the Hub repo the card is for (title and loading example).
         tags: extra tags.
         curve_file: the training curve's file name next to the card, or None.
@@ -232,7 +275,13 @@ def build_model_card(
         training["schedule_items"] = sorted((training.get("schedule") or {}).items())
         training["hyperparameter_items"] = list((training.get("hyperparameters") or {}).items())
         training["curve"] = curve_file
+        training["saved_description"] = _describe_saved_model(training, summary["num_dendrites"])
         eval_rows, eval_results = _eval_results(training, task or "other")
+    saved = (training or {}).get("saved_model") or {}
+    eval_caption = None
+    if eval_rows and saved.get("step") is not None:
+        when = "after training" if saved.get("origin") == "evaluated after training" else "during training"
+        eval_caption = f"Of the saved model: its evaluation at step {saved['step']} ({when}, on the evaluation set)."
 
     card_data = ModelCardData(
         base_model=base_id,
@@ -255,6 +304,7 @@ def build_model_card(
         summary=summary_view,
         training=training,
         eval_results=eval_rows,
+        eval_caption=eval_caption,
         load_id=repo_id or "path/to/this/folder",
         versions={
             "hf_dendrites": library_version(),

@@ -97,7 +97,15 @@ Logging
 -------
 The library logs through the `hf_dendrites` logger, whose level follows transformers' verbosity (set by the
 Trainer from `log_level`, or by `transformers.logging.set_verbosity_info()`) whenever a `DendriticTrainer` is
-built or starts training; every schedule decision is logged at info with its reason.
+built (first thing, before it converts the model) or starts training; every schedule decision is logged at info
+with its reason.
+
+The saved model
+---------------
+`DendriteScheduleCallback.weights` records which evaluation the model's weights are; `_load_best_model` sets it to
+the loaded checkpoint's, and `train` evaluates the final model when no evaluation was of its weights, so that the
+training summary and the model card report the saved model's own scores and where it came from. A trainer that
+never trained leaves the model's training summary (its checkpoint's) as it is.
 """
 
 from __future__ import annotations
@@ -217,6 +225,9 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
                 "choose the schedule with `lr_scheduler_type` instead."
             )
         _check_args_supported(args)
+        # The level Trainer.__init__ is about to apply, applied before the model is converted, so that the
+        # conversion's lines (e.g. the dendrites restored from a checkpoint) show at the user's log level.
+        follow_transformers_verbosity(args.get_process_log_level())
         if isinstance(model, DendriticModel):
             if dendrite_config is not None and dendrite_config != model.dendrite_config:
                 raise ValueError(
@@ -375,7 +386,22 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             payload = read_schedule_payload(os.fspath(checkpoint))
             if payload is not None and payload["schedule"]["state"].get("done"):
                 return self._finished_run(os.fspath(checkpoint))
-        return super().train(resume_from_checkpoint=checkpoint or None, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+        output = super().train(resume_from_checkpoint=checkpoint or None, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+        self._evaluate_final_model()
+        return output
+
+    def _evaluate_final_model(self) -> None:
+        """Evaluate the model training ended with when its weights are no evaluation's (trained past the last one,
+        given new dendrites, or loaded from a best checkpoint written after the schedule changed them), so that the
+        training summary and the model card report the saved model's own scores."""
+        cb = self.dendrite_callback
+        if cb.weights is not None or not cb.has_run or self.eval_dataset is None:
+            return
+        logger.info(
+            "The model at the end of training (step %d) has not been evaluated as it is; evaluating it for the training "
+            "summary and the model card.", self.state.global_step,
+        )
+        cb.record_final_evaluation(self.evaluate())
 
     def _check_restart_steps(self) -> None:
         """`dendrite_restart_steps` must fall on evaluations (a growth event happens at an evaluation)."""
@@ -590,6 +616,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
         checkpoint = self.state.best_model_checkpoint
         logger.info("Loading best model from %s (score: %s).", checkpoint, self.state.best_metric)
         load_dendritic_state(self.model, checkpoint)
+        self.dendrite_callback.loaded_best_checkpoint(checkpoint)
         self.dendrite_callback.apply_phase_trainability()
 
     def create_model_card(
@@ -606,7 +633,9 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
     ) -> None:
         """Write the dendritic model card (dendrite config, parameter counts, per-cycle table, training curve) into
         `output_dir`. The Trainer's own card knows nothing of dendrites and would replace the one `save_model`
-        wrote when `push_to_hub()` runs; only `tags` is used from the arguments."""
+        wrote when `push_to_hub()` runs; only `tags` is used from the arguments. A trainer that did not train
+        (evaluation / prediction only) writes the card of the model it evaluated, with the training summary its
+        checkpoint carries (docs/checkpoints.md)."""
         if not self.is_world_process_zero():
             return
         from .hub import write_model_card

@@ -148,11 +148,13 @@ def write_schedule_state(
     snapshots: dict[str, Snapshot | None],
     candidates: dict[str, torch.Tensor] | None = None,
     correlation: dict[str, Any] | None = None,
+    weights: dict[str, Any] | None = None,
 ) -> None:
     """Write the schedule state into checkpoint `directory`, after the model files were saved there.
 
     `snapshots` maps the `SNAPSHOT_NAMES` to a `Snapshot` (the same object under several names when they coincide,
     stored once) or None. `candidates` / `correlation`: a running candidate phase's tensors and JSON state.
+    `weights`: which evaluation the checkpoint's model weights are (`DendriteScheduleCallback.weights`), or None.
     """
     info: dict[str, Any] = {}
     stored: dict[int, str] = {}
@@ -180,6 +182,7 @@ def write_schedule_state(
         "growth_count": int(dm.growth_count),
         "snapshots": info,
         "correlation": correlation,
+        "weights": weights,
     }
     atomic_write_text(os.path.join(directory, DENDRITE_SCHEDULE_NAME), json.dumps(payload, indent=2) + "\n")
 

@@ -70,6 +70,12 @@ def training_summary(curve_png=None, dendrites_only_phase=False):
             "optimizer": "adamw_torch", "lr_scheduler_type": "linear", "num_epochs": 10,
         },
         "curve_png": curve_png,
+        # the saved model: load_best_model_at_end loaded the checkpoint of cycle 1's best evaluation
+        "saved_model": {
+            "evaluated": True, "step": 40, "cycle": 1, "try": 0, "status": "kept", "origin": "best checkpoint",
+            "checkpoint": "checkpoint-40", "end_step": 90, "last_evaluation_step": 90, "note": None,
+            "metrics": {"eval_accuracy": 0.7525, "eval_loss": 0.51},
+        },
         "eval_results": {"eval_accuracy": 0.7525, "eval_loss": 0.51},
     }
 
@@ -336,7 +342,15 @@ def test_model_card_tells_the_truth_about_the_run(tmp_path):
         (2, 1): ["cut short", "26", "49,652", "0.7450", "80"],
     }
     summary = dm.dendrite_summary()
-    assert f"which holds {summary.num_dendrites} dendrites" in " ".join(text.split())
+    flat = " ".join(text.split())
+    # Which model was saved and why (issue 22), not a claim that it is the best one or that cut-short tries are not in it
+    assert (
+        "**Saved model.** The saved model is the best checkpoint, `checkpoint-40`, that `load_best_model_at_end` loaded "
+        "when training ended at step 90: the weights evaluated at step 40 (cycle 1, try 0, kept). "
+        f"It holds {summary.num_dendrites} dendrites" in flat
+    )
+    assert "best one found" not in flat and "are not in the saved model" not in flat
+    assert "Of the saved model: its evaluation at step 40 (during training" in flat
     assert f"{summary.num_dendrites} dendrites in\n{len(summary.layers)} layers" in text
     assert "before the schedule completed" in text
     # dendrites_only_phase=False: no claim of alternating phases
@@ -374,6 +388,8 @@ def test_model_card_reads_older_training_summaries(tmp_path):
         (1, 1): ["cut short", "13", "200", "", ""],
     }
     assert "alternates" not in text
+    # no record of where the saved model came from: the card claims nothing about it beyond its dendrites
+    assert f"The saved model holds {dm.dendrite_summary().num_dendrites} dendrites" in text and "**Saved model.**" not in text
 
 
 def test_model_card_without_training_summary(tmp_path):

@@ -359,6 +359,70 @@ def test_load_best_model_at_end_rebuilds_the_best_checkpoints_architecture(tmp_p
     load_dendritic_state(expected, trainer.state.best_model_checkpoint)
     for name, value in state_of(expected).items():
         torch.testing.assert_close(trainer.model.state_dict()[name], value)
+    # Issue 22: the summary (model card, model-index) reports the restored checkpoint's evaluation, not the last one.
+    summary = trainer.model.training_summary
+    saved = summary["saved_model"]
+    assert (saved["origin"], saved["checkpoint"], saved["step"], saved["cycle"], saved["try"]) == ("best checkpoint", "checkpoint-4", 4, 0, 1)
+    assert saved["status"] == "kept" and saved["end_step"] == 20 and saved["evaluated"]
+    assert summary["eval_results"]["eval_scripted"] == 1.0 and trainer.dendrite_history[-1]["score"] == 3.0
+
+
+def test_a_model_changed_after_its_last_evaluation_is_evaluated_for_the_summary(tmp_path):
+    """Issue 22: the step cap ends training at the evaluation that grows dendrites (step 12): the final model (the
+    restored best of step 4 with new dendrites) was never evaluated, so train() evaluates it and the summary reports
+    that evaluation and where the model came from."""
+    trainer = scripted(tmp_path, [1.0, 2.0, 2.0, 0.5], max_steps=12)
+    trainer.train()
+    assert decisions(trainer) == [(4, "continue"), (8, "continue"), (12, "grow")] and trainer.compute_metrics.calls == 4
+    summary = trainer.model.training_summary
+    saved = summary["saved_model"]
+    assert (saved["origin"], saved["step"], saved["cycle"], saved["try"], saved["status"]) == ("evaluated after training", 12, 1, 1, "cut short")
+    assert summary["eval_results"]["eval_scripted"] == 0.5 and trainer.state.log_history[-1]["eval_scripted"] == 0.5
+    # a checkpoint written between evaluations says its weights were not evaluated (and claims no score)
+    trainer.dendrite_callback.weights = None
+    unevaluated = trainer.dendrite_callback.training_summary()
+    assert not unevaluated["saved_model"]["evaluated"] and unevaluated["eval_results"] == {}
+
+
+def test_a_best_checkpoint_written_after_a_growth_is_evaluated_again(tmp_path):
+    """Issue 22: the Trainer's best evaluation (step 12, a raw best too small to count as an improvement) is also the
+    schedule's plateau, so the checkpoint of that step holds the restored weights with new dendrites; after the cap,
+    `load_best_model_at_end` loads it, and the summary reports its own evaluation, not the one that made it the best."""
+    trainer = scripted(
+        tmp_path, [1.0, 0.999, 0.998, 2.0, 0.7], max_steps=16, save_strategy="steps", save_steps=4, load_best_model_at_end=True
+    )
+    trainer.train()
+    assert decisions(trainer) == [(4, "continue"), (8, "continue"), (12, "grow"), (16, "continue")]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-12") and trainer.compute_metrics.calls == 5
+    summary = trainer.model.training_summary
+    saved = summary["saved_model"]
+    assert (saved["origin"], saved["checkpoint"], saved["step"], saved["cycle"], saved["try"], saved["status"]) == (
+        "evaluated after training", "checkpoint-12", 16, 1, 1, "cut short")
+    assert "`checkpoint-12`" in saved["note"] and summary["eval_results"]["eval_scripted"] == 0.7
+
+
+def test_log_level_applies_to_what_the_conversion_of_a_dendritic_checkpoint_logs(tmp_path):
+    """Issue 22 (5): a model loaded with plain transformers from a dendritic checkpoint is converted inside
+    DendriticTrainer.__init__, before Trainer.__init__ applies `log_level`; its "restored N dendrites" line must still
+    show at that level, the first time."""
+    dm = get_dendritic_model(tiny_bert(), all_linear())
+    dm.add_dendrites(1)
+    dm.save_pretrained(tmp_path / "ckpt")
+    plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "ckpt")
+    library = logging.getLogger("hf_dendrites")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library.addHandler(handler)
+    library.setLevel(logging.NOTSET)  # as in a fresh process: nothing has set the library's level yet
+    transformers.logging.set_verbosity_warning()
+    try:
+        DendriticTrainer(plain, make_args(str(tmp_path / "out"), log_level="info"), eval_dataset=task_data(8, 0))
+    finally:
+        library.removeHandler(handler)
+        transformers.logging.set_verbosity_error()
+        follow_transformers_verbosity()
+    assert any("is a dendritic checkpoint: restored its 7 dendrites" in r.getMessage() for r in records)
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 `Trainer` names swapped for their dendritic versions and `DendriteConfig` added to the parser.
 
 tests/test_dropin_script.py runs it as a user would (a real process, CSV files, `--do_train` / `--do_eval` /
-`--do_predict`), to check that hf_dendrites is a drop-in replacement in a stock script.
+`--do_predict`, `--resume_from_checkpoint`), to check that hf_dendrites is a drop-in replacement in a stock script and
+that what it writes (model card, training summary) describes the saved model.
 """
 
 import logging
@@ -90,7 +91,7 @@ def main():
     )
 
     if training_args.do_train:
-        train_result = trainer.train()
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
@@ -108,6 +109,9 @@ def main():
                 writer.write("index\tprediction\n")
                 for index, item in enumerate(predictions):
                     writer.write(f"{index}\t{label_list[item]}\n")
+
+    # as run_glue.py ends when it does not push to the Hub
+    trainer.create_model_card(finetuned_from=model_args.model_name_or_path, tasks="text-classification")
 
 
 if __name__ == "__main__":
