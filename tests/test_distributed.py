@@ -1,14 +1,16 @@
-"""DendriticTrainer under DDP: two real CPU processes (gloo) launched with torch.distributed.run."""
+"""DendriticTrainer under DDP: two real CPU processes (gloo) launched with torch.distributed.run or accelerate launch,
+and the CPU launches that cannot train together, refused while the trainer is built."""
 
 import os
 
-from conftest import run_two_processes
+import pytest
+from conftest import launch_two_processes, run_two_processes
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "ddp_train.py")
 
 
 def test_two_processes_decide_together_and_stay_identical(tmp_path):
-    results = run_two_processes(SCRIPT, tmp_path)
+    results = run_two_processes(SCRIPT, tmp_path, "--use_cpu", "--ddp_backend", "gloo")
 
     for res in results:
         assert res["world_size"] == 2 and res["distributed_type"].endswith("MULTI_CPU")
@@ -34,9 +36,12 @@ def test_two_processes_decide_together_and_stay_identical(tmp_path):
 
 
 def test_correlation_rule_on_two_processes_installs_identical_candidates(tmp_path):
-    results = run_two_processes(os.path.join(os.path.dirname(SCRIPT), "ddp_correlation.py"), tmp_path)
+    # Launched as docs/distributed.md says for CPU with accelerate: `accelerate launch --multi_gpu ... --use_cpu`.
+    results = run_two_processes(
+        os.path.join(os.path.dirname(SCRIPT), "ddp_correlation.py"), tmp_path, "--use_cpu", launcher="accelerate"
+    )
     for res in results:
-        assert res["world_size"] == 2
+        assert res["world_size"] == 2 and res["distributed_type"].endswith("MULTI_CPU")
         assert "install" in res["decisions"]  # at least one candidate phase ran to installation
         # candidates stayed identical on both ranks after every candidate step (all-reduced statistics)
         assert res["candidate_steps"] > 0 and all(res["candidates_identical"])
@@ -47,3 +52,45 @@ def test_correlation_rule_on_two_processes_installs_identical_candidates(tmp_pat
         assert {"DistributedDataParallel"} <= {e["wrapper"] for e in res["events"]}
     assert results[0]["dendrite_counts"] == results[1]["dendrite_counts"]
     assert results[0]["decisions"] == results[1]["decisions"]
+
+
+@pytest.mark.parametrize(
+    "launcher, flags",
+    [
+        ("torchrun", ["--ddp_backend", "gloo"]),  # was: a process group without DDP; rank 1 crashed in the broadcast
+        ("torchrun", []),  # was: two single-process runs writing the same files
+        ("accelerate", []),  # `accelerate launch --multi_gpu` without a config: the same as plain torchrun
+        ("env", []),  # RANK / WORLD_SIZE set by hand, no LOCAL_RANK: two single-process runs
+    ],
+    ids=["torchrun-gloo", "torchrun", "accelerate-multi_gpu", "env-vars"],
+)
+def test_cpu_launch_without_use_cpu_stops_while_building_the_trainer(tmp_path, launcher, flags):
+    proc = launch_two_processes(SCRIPT, tmp_path, *flags, launcher=launcher)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    # Both processes stop in DendriticTrainer.__init__ with the error that names the flag to add ...
+    refusal = "RuntimeError: DendriticTrainer cannot train or evaluate this launch: 2 processes were launched (WORLD_SIZE=2)"
+    assert output.count(refusal) >= 2, output[-4000:]
+    assert "add `--use_cpu`" in output and "in __init__" in output
+    # ... before anything trained, evaluated or wrote a file.
+    assert "TypeError" not in output and "save_pretrained wrote no" not in output
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and ".hf_home" not in p.parts] == []
+
+
+def test_schedule_decision_refuses_processes_outside_one_job(tmp_path, monkeypatch):
+    # The state rank 1 had under `torchrun --ddp_backend gloo` without `--use_cpu`: two processes, distributed type
+    # NO. The broadcast did nothing there (TypeError on the missing payload); now the decision says why it cannot run.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from dendritic_task import all_linear, make_args, task_data, tiny_bert
+
+    from hf_dendrites import DendriticTrainer
+
+    trainer = DendriticTrainer(tiny_bert(), make_args(str(tmp_path)), eval_dataset=task_data(8, 2), dendrite_config=all_linear())
+    schedule = trainer.dendrite_schedule.to_dict()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trainer.accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.NO, is_main_process=False)
+    with pytest.raises(RuntimeError, match=r"cannot take one decision for all processes: .*type NO.*add `--use_cpu`"):
+        trainer.dendrite_callback._decide(1.0, 4)
+    assert trainer.dendrite_schedule.to_dict() == schedule  # no half-taken step
