@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,8 +85,8 @@ def minilm_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
-def launch_two_processes(script: str, out_dir, *script_args: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run `script out_dir *script_args` as two real CPU processes (no GPU visible) and return the finished launch.
+def launch_two_processes(script: str, *script_args: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run `script *script_args` as two real CPU processes (no GPU visible) and return the finished launch.
 
     `launcher`: "torchrun" (torch.distributed.run), "accelerate" (`accelerate launch --multi_gpu --num_processes 2`,
     with no accelerate config file) or "env" (two plain `python script` processes given RANK, WORLD_SIZE,
@@ -96,7 +97,7 @@ def launch_two_processes(script: str, out_dir, *script_args: str, launcher: str 
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    run_args = [script, str(out_dir), *script_args]
+    run_args = [str(script), *script_args]
     if launcher == "env":
         procs = [
             subprocess.Popen(
@@ -110,20 +111,21 @@ def launch_two_processes(script: str, out_dir, *script_args: str, launcher: str 
         return subprocess.CompletedProcess(
             run_args, max((p.returncode for p in procs), key=abs), "".join(o[0] for o in outputs), "".join(o[1] for o in outputs)
         )
-    if launcher == "accelerate":  # HF_HOME without accelerate/default_config.yaml: the launch a new user starts with
-        env["HF_HOME"] = os.path.join(str(out_dir), ".hf_home")
+    if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port)]
-    return subprocess.run(cmd + run_args, env=env, capture_output=True, text=True, timeout=600, check=False)
+    with tempfile.TemporaryDirectory() as home:  # an HF_HOME without accelerate/default_config.yaml, as for a new user
+        return subprocess.run(cmd + run_args, env={**env, "HF_HOME": home}, capture_output=True, text=True, timeout=600,
+                              check=False)
 
 
 def run_two_processes(script: str, out_dir, *script_args: str, launcher: str = "torchrun") -> list[dict]:
     """Run `script out_dir *script_args` in two real CPU processes (see `launch_two_processes`) and return what each
     rank wrote to `out_dir/rank<r>.json`."""
-    proc = launch_two_processes(script, out_dir, *script_args, launcher=launcher)
+    proc = launch_two_processes(script, str(out_dir), *script_args, launcher=launcher)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads(open(os.path.join(out_dir, f"rank{r}.json")).read()) for r in range(2)]
 
