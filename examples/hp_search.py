@@ -16,7 +16,7 @@ init scale, learning rule, the schedule's patience, threshold and number of cycl
 `hp_space` below to search other `DendriteConfig` fields or training arguments. A quick check (a minute or two):
 `--smoke`. Every field of `ExampleArguments`, `DendriteConfig` (the fixed settings, e.g. `--target_modules`) and
 `DendriticTrainingArguments` is a flag; `--help` lists them. On several processes (`torchrun --nproc_per_node 2
-hp_search.py`) every process runs the same trials.
+hp_search.py`, on CPU with `--use_cpu`) every process runs the same trials.
 
 Output (`--output_dir`, default `outputs/hp_search`): one folder per trial (`run-<n>`, with checkpoints when
 `--save_strategy steps`), `trials.json` (each trial's settings, state, objective and dendrite summary), and in

@@ -146,6 +146,57 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# Where launchers put the number of processes they started: torchrun, `accelerate launch` and hand-set environments
+# WORLD_SIZE; MPI launchers (which accelerate also reads for CPU runs) their own variable.
+LAUNCH_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> tuple[int, str | None]:
+    """How many processes the launcher started, and the environment variable that says so ((1, None) without one)."""
+    launched: tuple[int, str | None] = (1, None)
+    for name in LAUNCH_WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > launched[0]:
+            launched = (int(value), name)
+    return launched
+
+
+def processes_out_of_step(accelerator: Any) -> str | None:
+    """Why the processes of this run cannot share the schedule's decisions, or None when they can.
+
+    The schedule steps on the main process, which broadcasts its decision (accelerate's `broadcast_object_list`);
+    that reaches the other processes only when accelerate runs them as one distributed job. A launcher can start
+    processes that accelerate does not join: without a GPU, `torchrun` without `--use_cpu` leaves every process a
+    single-process state (each trains its own copy and writes the same files), and with `--ddp_backend gloo` a
+    process group but no DDP (distributed type NO: the broadcast does nothing and the other processes get no
+    decision).
+    """
+    import torch.distributed as dist
+    from accelerate.utils import TORCH_DISTRIBUTED_OPERATION_TYPES, DistributedType
+
+    launched, variable = launched_processes()
+    processes, kind = accelerator.num_processes, accelerator.distributed_type
+    if kind == DistributedType.XLA:  # accelerate's broadcast goes through XLA; the launcher sets no WORLD_SIZE
+        return None
+    joined = kind in TORCH_DISTRIBUTED_OPERATION_TYPES and dist.is_available() and dist.is_initialized()
+    if (processes == 1 and launched == 1) or (joined and launched in (1, processes)):
+        return None
+    started = f"{launched} processes were launched ({variable}={launched})" if variable else "several processes run"
+    consequence = (
+        "each process would train its own copy of the model and write the same files"
+        if processes == 1
+        else "the processes would train separate copies, and the schedule's decisions, taken on the main process, "
+        "would not reach the others"
+    )
+    return (
+        f"{started}, but accelerate runs this one as {processes} process(es) with distributed type {kind.value}, "
+        f"not one DDP job: {consequence}. On CPU, accelerate joins the processes only when asked to: add `--use_cpu` "
+        "to the script's arguments (`use_cpu=True` in the training arguments); `--ddp_backend gloo` alone is not "
+        "enough. For example `torchrun --nproc_per_node 2 train.py --use_cpu ...` or `accelerate launch --multi_gpu "
+        "--num_processes 2 train.py --use_cpu ...` (see docs/distributed.md)."
+    )
+
+
 class DendriteScheduleCallback(TrainerCallback):
     """Runs the dendrite schedule of a `DendriticTrainer` (see the module docstring).
 
@@ -316,6 +367,9 @@ class DendriteScheduleCallback(TrainerCallback):
     def _decide(self, score: float, step: int, final: bool = False) -> tuple[float, Decision]:
         """Step the schedule once, on the main process, and give every process the same state and decision."""
         acc = self.trainer.accelerator
+        problem = processes_out_of_step(acc)  # refused when the trainer was built: only if the state changed since
+        if problem is not None:
+            raise RuntimeError(f"The dendrite schedule cannot take one decision for all processes: {problem}")
         if acc.num_processes <= 1:
             return score, self.schedule.step(score, step, final=final)
         from accelerate.utils import broadcast_object_list

@@ -134,7 +134,7 @@ from transformers.trainer_utils import (
 from transformers.utils import can_return_loss, find_labels
 
 from . import trainer_internals
-from .callback import DendriteScheduleCallback
+from .callback import DendriteScheduleCallback, processes_out_of_step
 from .config import DendriteConfig
 from .constants import DENDRITE_CONFIG_NAME
 from .hp_search import DendriteHPSearchMixin
@@ -185,9 +185,10 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
     the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
     `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
 
-    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`). Not supported, with an
-    error at construction: DeepSpeed, FSDP, tensor / context / sequence parallelism, SageMaker model parallelism and
-    models sharded at load time.
+    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
+    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
+    parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
+    does not run as one job (on CPU without `use_cpu=True`).
     """
 
     dendrite_callback: DendriteScheduleCallback | None = None  # set once Trainer.__init__ has run
@@ -307,7 +308,8 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
 
     # ------------------------------------------------------------------ construction checks
     def _check_setup_supported(self) -> None:
-        """Raise for distributed setups whose wrappers cannot follow a change of the parameter set."""
+        """Raise for distributed setups whose wrappers cannot follow a change of the parameter set, and for
+        launches whose processes accelerate does not run as one job (they could not share the schedule's decisions)."""
         unsupported = []
         if self.is_deepspeed_enabled:
             unsupported.append("DeepSpeed")
@@ -329,6 +331,9 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
                 "`accelerate launch` without a DeepSpeed or FSDP config); use low-rank dendrites "
                 "(DendriteConfig(rank=...)) to keep large models affordable."
             )
+        problem = processes_out_of_step(self.accelerator)
+        if problem is not None:
+            raise RuntimeError(f"DendriticTrainer cannot train or evaluate this launch: {problem}")
 
     def _inspect_wrapped_model(self) -> None:
         """Take from the wrapped transformers model what the Trainer reads off the class of the model it trains.

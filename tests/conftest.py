@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -99,19 +100,47 @@ def minilm_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
-def run_two_processes(script: str, out_dir) -> list[dict]:
-    """Run `script out_dir` in two real CPU processes (torch.distributed.run, gloo) and return what each rank wrote
-    to `out_dir/rank<r>.json`."""
+def launch_two_processes(script: str, *script_args: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run `script *script_args` as two real CPU processes (no GPU visible) and return the finished launch.
+
+    `launcher`: "torchrun" (torch.distributed.run), "accelerate" (`accelerate launch --multi_gpu --num_processes 2`,
+    with no accelerate config file) or "env" (two plain `python script` processes given RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT by hand, as a cluster scheduler's own launch would, without LOCAL_RANK).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), script, str(out_dir),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    run_args = [str(script), *script_args]
+    if launcher == "env":
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *run_args], env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port)},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for rank in range(2)
+        ]
+        outputs = [p.communicate(timeout=600) for p in procs]
+        return subprocess.CompletedProcess(
+            run_args, max((p.returncode for p in procs), key=abs), "".join(o[0] for o in outputs), "".join(o[1] for o in outputs)
+        )
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port)]
+    with tempfile.TemporaryDirectory() as home:  # an HF_HOME without accelerate/default_config.yaml, as for a new user
+        return subprocess.run(cmd + run_args, env={**env, "HF_HOME": home}, capture_output=True, text=True, timeout=600,
+                              check=False)
+
+
+def run_two_processes(script: str, out_dir, *script_args: str, launcher: str = "torchrun") -> list[dict]:
+    """Run `script out_dir *script_args` in two real CPU processes (see `launch_two_processes`) and return what each
+    rank wrote to `out_dir/rank<r>.json`."""
+    proc = launch_two_processes(script, str(out_dir), *script_args, launcher=launcher)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads(open(os.path.join(out_dir, f"rank{r}.json")).read()) for r in range(2)]
 

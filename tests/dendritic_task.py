@@ -6,6 +6,7 @@ tiny BERT learns in a few dozen steps), with 10 % of labels flipped so that the 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from typing import Any
 
@@ -73,6 +74,15 @@ def make_args(output_dir: str, **overrides: Any) -> DendriticTrainingArguments:
     }
     kwargs.update(overrides)
     return DendriticTrainingArguments(**kwargs)
+
+
+def launch_flags(argv: list[str]) -> dict[str, Any]:
+    """The launch-related training arguments of a command line, read as a stock script's HfArgumentParser reads them
+    (`--use_cpu`, `--ddp_backend NAME`): overrides for `make_args`, whose own default is `use_cpu=True`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--use_cpu", action="store_true")
+    parser.add_argument("--ddp_backend", default=None)
+    return vars(parser.parse_args(argv))
 
 
 class ScriptedMetric:

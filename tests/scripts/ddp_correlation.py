@@ -1,6 +1,7 @@
-"""DendriticTrainer with the correlation rule under DDP: `torch.distributed.run --nproc_per_node 2 ddp_correlation.py OUT`.
+"""DendriticTrainer with the correlation rule under DDP: `accelerate launch --multi_gpu --num_processes 2
+ddp_correlation.py OUT --use_cpu` (or torch.distributed.run; the flags after OUT are launch-related training arguments).
 
-Two CPU ranks (gloo) train the tiny task with gradient accumulation 2 and different data shards. The candidates'
+Two CPU ranks train the tiny task with gradient accumulation 2 and different data shards. The candidates'
 statistics are all-reduced, so after every candidate step the candidates must be identical on both ranks, and
 after every installation and at the end all parameters must be. Results go to OUT/rank<r>.json.
 """
@@ -17,7 +18,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ddp_train import digest, same_on_all_ranks
-from dendritic_task import make_args, task_data, tiny_bert
+from dendritic_task import launch_flags, make_args, task_data, tiny_bert
 
 from hf_dendrites import DendriteConfig, DendriticTrainer
 
@@ -48,7 +49,7 @@ class Probe(TrainerCallback):
             )
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, flags: list[str]) -> None:
     transformers.logging.set_verbosity_error()
     args = make_args(
         output_dir,
@@ -60,7 +61,7 @@ def main(output_dir: str) -> None:
         correlation_patience=1,
         max_dendrite_cycles=2,
         max_steps=60,
-        ddp_backend="gloo",
+        **launch_flags(flags),
     )
     probe = Probe()
     config = DendriteConfig(target_modules="all-linear", dendrite_seed=0, learning_rule="correlation", candidate_pool_size=2)
@@ -71,6 +72,7 @@ def main(output_dir: str) -> None:
     trainer.train()
     result = {
         "world_size": dist.get_world_size(),
+        "distributed_type": str(trainer.accelerator.distributed_type),
         "candidate_steps": probe.candidate_steps,
         "candidates_identical": probe.candidates_identical,
         "events": probe.events,
@@ -88,4 +90,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -1,4 +1,5 @@
-"""DendriticTrainer under DDP: run with `python -m torch.distributed.run --nproc_per_node 2 ddp_train.py OUTPUT_DIR`.
+"""DendriticTrainer under DDP: `python -m torch.distributed.run --nproc_per_node 2 ddp_train.py OUTPUT_DIR --use_cpu
+--ddp_backend gloo` (the flags after OUTPUT_DIR are the launch-related training arguments, as a user passes them).
 
 Each rank trains the tiny task on CPU (gloo) with gradient accumulation 2, through a scripted sequence of scores
 that makes the schedule grow, switch phases, discard and retry a cycle, and complete. It checks across ranks, with
@@ -9,7 +10,8 @@ collectives, that:
 - the model is wrapped anew (a new DDP wrapper around the same DendriticModel) after every rebuild;
 - every rank holds the same schedule and evaluation log.
 
-and writes what it saw to OUTPUT_DIR/rank<r>.json for the test to assert on.
+and writes what it saw to OUTPUT_DIR/rank<r>.json for the test to assert on. Launched without `--use_cpu`, it must
+stop while building the trainer.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import transformers
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dendritic_task import ScriptedMetric, all_linear, make_args, task_data, tiny_bert
+from dendritic_task import ScriptedMetric, all_linear, launch_flags, make_args, task_data, tiny_bert
 
 from hf_dendrites import DendriticTrainer
 
@@ -103,7 +105,7 @@ class EventChecker(TrainerCallback):
         )
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, flags: list[str]) -> None:
     transformers.logging.set_verbosity_error()
     args = make_args(
         output_dir,
@@ -118,7 +120,7 @@ def main(output_dir: str) -> None:
         max_dendrite_tries=2,
         metric_for_best_model="scripted",
         greater_is_better=False,
-        ddp_backend="gloo",
+        **launch_flags(flags),
     )
     checker = EventChecker()
     trainer = CheckingTrainer(
@@ -156,4 +158,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])
