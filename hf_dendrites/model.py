@@ -43,7 +43,7 @@ from .saving import (
     find_dendritic_checkpoint,
     plain_load_notice_hidden,
     prepare_save_directory,
-    read_base_tensors,
+    read_base_state,
     read_checkpoint_metadata,
     read_dendrite_tensors,
     resolve_checkpoint_dir,
@@ -924,7 +924,9 @@ class DendriticModel(nn.Module):
         growing; a layer whose count already matches keeps its Parameter objects), then copies the base weights and
         the dendrite weights in and restores `growth_count` and `training_summary`. `DendriticTrainer` uses it to
         resume from a checkpoint and for `load_best_model_at_end`: rebuild the optimizer afterwards when counts
-        changed.
+        changed. The base weights are read by the wrapped class's own `from_pretrained` into a CPU copy built from
+        its config (`hf_dendrites.saving.read_base_state`), so names that transformers changes on save (its
+        checkpoint conversion mapping: ViT and GPT-NeoX in transformers 5) map back to the model's.
 
         The model must have the same dendritic layers (same base architecture and `target_modules`) and the same
         dendrite kind (activation, rank, cascade) as the checkpoint. Any missing, unexpected or mis-shaped tensor,
@@ -937,7 +939,7 @@ class DendriticModel(nn.Module):
         layers = dict(self.dendritic_layers())
         architecture = type(self.model).__name__
         check_layer_names(directory, payload, set(layers), architecture)
-        base = read_base_tensors(directory, payload)
+        base = read_base_state(directory, payload, self.model)
         dendrite_keys = set(self.dendrite_state_dict()) | {
             f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
         }

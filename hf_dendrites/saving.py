@@ -429,23 +429,48 @@ def training_summary_from_metadata(directory: str, payload: dict[str, Any]) -> O
     return summary
 
 
-def read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
-    """{state name: (file, tensor)} for the base weight files listed in the manifest (safetensors only), without the
-    plain-load notice tensor."""
-    names = [n for n in payload["files"] if n != DENDRITE_WEIGHTS_NAME and not n.endswith(".json")]
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    for name in sorted(names):
-        path = os.path.join(directory, name)
+def read_base_state(directory: str, payload: dict[str, Any], model: Any) -> dict[str, tuple[str, torch.Tensor]]:
+    """{state name: (folder, tensor)}: the folder's base weights as `model`'s own class loads them, keyed like
+    `model.state_dict()` (on the CPU; `model` itself is not touched).
+
+    transformers does not always save a model under the names it has in memory: its checkpoint conversion mapping
+    renames keys on save and back on load (transformers 5 saves ViT's `vit.layers.0.attention.q_proj` under the
+    original `vit.encoder.layer.0.attention.attention.query`, GPT-NeoX's `lm_head` as `embed_out`) and may fuse or
+    split tensors. So the files are not matched by name: the class's own `from_pretrained` (safetensors only) loads
+    them into a copy built from `model.config`, in the widest floating dtype of `model` (each value then reaches
+    `model` cast once, as if copied from the file). Its load report must list no missing, unexpected or mis-shaped
+    key other than the plain-load notice (`check_loading_info`), else `CheckpointError`. The global random state is
+    left as it was.
+    """
+    from_pretrained = getattr(model, "from_pretrained", None)
+    config = getattr(model, "config", None)
+    if not callable(from_pretrained) or config is None:
+        raise TypeError(
+            f"load_dendritic_state needs a DendriticModel of a transformers PreTrainedModel, got "
+            f"{type(model).__name__}; for a plain torch module load a saved `state_dict()` with `load_state_dict`."
+        )
+    floating = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    dtype = max(floating, key=lambda d: torch.finfo(d).bits) if floating else None
+    architecture = type(model).__name__
+    kwargs = {"dtype": dtype} if dtype is not None else {}  # else "auto" would take config.dtype
+    with torch.random.fork_rng(devices=[]), plain_load_notice_hidden(directory):
         try:
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if key != PLAIN_LOAD_NOTICE_KEY:
-                        out[key] = (path, handle.get_tensor(key))
-        except (SafetensorError, OSError, ValueError) as err:
+            # Eager attention: the copy never runs, and a CPU copy could not be built with e.g. flash attention.
+            # Mismatched shapes are reported in `info` (checked below) rather than raised.
+            loaded, info = type(model).from_pretrained(
+                directory, config=config, use_safetensors=True, output_loading_info=True,
+                ignore_mismatched_sizes=True, attn_implementation="eager", **kwargs,
+            )
+        except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(
-                f"{path} is not a readable safetensors file ({err}); save the checkpoint again."
+                f"transformers could not load the base weights in {directory} into {architecture} ({err}); the base "
+                "checkpoint does not match the model."
             ) from err
-    return out
+    check_loading_info(
+        directory, payload, info, architecture,
+        remedy="The base checkpoint does not match the model (another architecture or size).",
+    )
+    return {key: (directory, tensor) for key, tensor in loaded.state_dict().items()}
 
 
 def check_base_tensors(
@@ -458,7 +483,9 @@ def check_base_tensors(
     ignore_patterns: list[str],
     architecture: str,
 ) -> None:
-    """Check base tensors read by `read_base_tensors` against a model's state before anything is copied.
+    """Check base tensors read by `read_base_state` (keyed like the model's state) against a model's state before
+    anything is copied: the same names (a model changed since it was built from its config may differ from a fresh
+    copy), the same shapes, nothing offloaded.
 
     Args:
         model_state: the wrapped model's `state_dict()`.
@@ -637,9 +664,16 @@ def check_base_folder(directory: str) -> None:
         )
 
 
-def check_loading_info(directory: str, payload: dict[str, Any], info: dict[str, Any], architecture: str) -> None:
-    """transformers' `output_loading_info` of the base model: any missing / unexpected / mismatched key is an error,
-    except the plain-load notice tensor, which every checkpoint of format >= 2 has."""
+def check_loading_info(
+    directory: str,
+    payload: dict[str, Any],
+    info: dict[str, Any],
+    architecture: str,
+    *,
+    remedy: str = "The base checkpoint does not belong to these dendrites, or `model_class` is wrong.",
+) -> None:
+    """transformers' `output_loading_info` of the base model: any missing / unexpected / mismatched key is an error
+    (its message ends with `remedy`), except the plain-load notice tensor, which every checkpoint of format >= 2 has."""
     found = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
     found["unexpected_keys"] = [k for k in found["unexpected_keys"] or () if k != PLAIN_LOAD_NOTICE_KEY]
     problems = {key: value for key, value in found.items() if value}
@@ -647,8 +681,7 @@ def check_loading_info(directory: str, payload: dict[str, Any], info: dict[str, 
         files = ", ".join(n for n in sorted(payload["files"]) if n != DENDRITE_WEIGHTS_NAME)
         detail = "; ".join(f"{key}: {sorted(map(str, value))[:5]}" for key, value in problems.items())
         raise CheckpointError(
-            f"The base weights ({files} in {directory}) do not match {architecture}: {detail}. The base "
-            "checkpoint does not belong to these dendrites, or `model_class` is wrong."
+            f"The base weights ({files} in {directory}) do not match {architecture}: {detail}. {remedy}"
         )
 
 

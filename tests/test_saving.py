@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 import transformers
-from conftest import make_tiny, minilm_dir, tiny_inputs
+from conftest import TINY_MODELS, make_tiny, minilm_dir, tiny_inputs
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
@@ -184,8 +184,7 @@ def test_plain_transformers_loads_the_base_model_and_says_the_dendrites_were_not
     # hf_dendrites' own loaders expect the notice: no report, the dendrites loaded, the outputs the saved model's.
     with transformers_records() as records:
         reloaded = DendriticModel.from_pretrained(tmp_path)
-        if name != "vit":  # transformers 5 saves ViT under its original key names, which load_dendritic_state (it
-            dm.load_dendritic_state(tmp_path)  # reads the files' keys) does not map back to the model's: a known gap
+        dm.load_dendritic_state(tmp_path)
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert torch.equal(outputs(reloaded.eval(), name), outputs(dm, name))
 
@@ -462,6 +461,78 @@ def test_load_dendritic_state_resizes_and_loads_in_place(tmp_path):
     assert fresh.growth_count == 2 and fresh.training_summary["metric"] == "eval_accuracy"
     # tied output embedding follows the loaded input embedding
     assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight
+
+
+def _tiny_gpt_neox(seed):
+    torch.manual_seed(seed)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40
+    )
+    return transformers.GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("name", [*TINY_MODELS, "gpt_neox"])
+def test_load_dendritic_state_round_trip(tmp_path, name):
+    """Every tiny architecture, including those transformers saves under other names than it has in memory (ViT's
+    original `vit.encoder.layer.*.attention.attention.query` for `vit.layers.*.attention.q_proj`, GPT-NeoX's
+    `embed_out` for `lm_head`): the in-place loader maps the files' keys as transformers' own loading does."""
+    build = _tiny_gpt_neox if name == "gpt_neox" else lambda seed: make_tiny(name, seed)
+    config = DendriteConfig(target_modules="all-linear", dendrite_seed=0)
+    saved = get_dendritic_model(build(0), config)
+    saved.add_dendrites(1)
+    saved.add_dendrites(1)
+    with torch.no_grad():
+        for p in saved.dendrite_parameters():
+            p.normal_(0, 0.3)
+    saved.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        renamed = set(handle.keys()) - {PLAIN_LOAD_NOTICE_KEY} - set(saved.model.state_dict())
+    assert bool(renamed) == (name in ("vit", "gpt_neox")), sorted(renamed)[:3]  # what the loader must map
+
+    fresh = get_dendritic_model(build(1), DendriteConfig(target_modules="all-linear", dendrite_seed=1))
+    fresh.add_dendrites(3)  # other weights, other counts
+    before = outputs(fresh, name)
+    rng = torch.random.get_rng_state()
+    with transformers_records() as records:
+        fresh.load_dendritic_state(tmp_path)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert fresh.dendrite_counts() == saved.dendrite_counts() and fresh.growth_count == 2
+    expected = saved.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in fresh.model.state_dict().items())
+    after = outputs(fresh.eval(), name)
+    assert torch.equal(after, outputs(saved.eval(), name)) and not torch.equal(after, before)
+
+
+def test_load_dendritic_state_keeps_the_files_values_whatever_the_config_says(tmp_path):
+    """The base weights are read in the model's own dtype, not the one its config names (a model loaded in bfloat16,
+    then trained in float32, keeps `config.dtype` bfloat16), and with an attention kernel the CPU read can build
+    (a model trained with flash attention reloads in place)."""
+    saved = dendritic("bert")
+    saved.save_pretrained(tmp_path)
+    fresh = dendritic("bert", seed=1)
+    fresh.model.config.dtype = torch.bfloat16
+    fresh.model.config._attn_implementation = "flash_attention_2"  # not installed here: a copy with it cannot be built
+    fresh.load_dendritic_state(tmp_path)
+    expected = saved.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in fresh.model.state_dict().items())
+    assert fresh.model.config._attn_implementation == "flash_attention_2"  # the model's own config is not changed
+
+
+def test_load_dendritic_state_needs_a_transformers_model(tmp_path):
+    """A plain torch module with the same names cannot be rebuilt by transformers (nor saved): a clear error."""
+    dendritic("bert").save_pretrained(tmp_path)
+    bert = make_tiny("bert")
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert, self.dropout, self.classifier = bert.bert, bert.dropout, bert.classifier
+
+    plain = get_dendritic_model(Plain(), DendriteConfig(target_modules="all-linear", dendrite_seed=0))
+    with pytest.raises(TypeError, match="needs a DendriticModel of a transformers PreTrainedModel, got Plain"):
+        plain.load_dendritic_state(tmp_path)
+    assert set(plain.dendrite_counts().values()) == {0}
 
 
 def test_load_dendritic_state_checks_before_modifying(tmp_path):

@@ -425,6 +425,52 @@ def test_log_level_applies_to_what_the_conversion_of_a_dendritic_checkpoint_logs
     assert any("is a dendritic checkpoint: restored its 7 dendrites" in r.getMessage() for r in records)
 
 
+def _tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
+def _image_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 8, 8, generator=g)
+    return [{"pixel_values": x, "labels": int(x[0, 0, 0] > 0)} for x in images]
+
+
+def test_vit_resumes_and_loads_its_best_checkpoint(tmp_path):
+    """transformers saves ViT under other key names than it has in memory: resuming (with the schedule's model
+    snapshots) and load_best_model_at_end still load every weight."""
+
+    def run(output_dir, model, resume=None):
+        args = make_args(
+            str(output_dir), max_steps=16, save_strategy="steps", save_steps=4, load_best_model_at_end=True,
+            metric_for_best_model="scripted", greater_is_better=False,
+        )
+        trainer = DendriticTrainer(
+            model, args, train_dataset=_image_data(64, 1), eval_dataset=_image_data(32, 2), dendrite_config=all_linear(),
+            compute_metrics=ScriptedMetric([1.0, 2.0, 2.0, 3.0]),  # best at step 4, growth at step 12
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    reference = run(tmp_path / "reference", _tiny_vit())
+    assert decisions(reference)[2] == (12, "grow") and reference.state.best_model_checkpoint.endswith("checkpoint-4")
+    best = get_dendritic_model(_tiny_vit(seed=5), all_linear())
+    load_dendritic_state(best, reference.state.best_model_checkpoint)
+    assert set(reference.model.dendrite_counts().values()) == {0}
+    for name, value in state_of(best).items():
+        assert torch.equal(reference.model.state_dict()[name], value), name
+
+    # A fresh model (other init) resumes after the growth and computes what the uninterrupted run computed.
+    resumed = run(tmp_path / "resumed", _tiny_vit(seed=3), resume=str(tmp_path / "reference" / "checkpoint-12"))
+    assert decisions(resumed) == decisions(reference)
+    losses = [[r["eval_loss"] for r in t.state.log_history if "eval_loss" in r] for t in (reference, resumed)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+
+
 @pytest.fixture
 def info_logs(caplog):
     """hf_dendrites' log messages at info and above, with transformers' verbosity at info (as a script sets it)."""
