@@ -22,6 +22,7 @@ from .constants import (
     BASE_WEIGHT_FILE_GLOBS,
     DEFAULT_MODEL_CARD_TAGS,
     DENDRITE_CONFIG_NAME,
+    DENDRITE_TRAINED_BASE_NAME,
     DENDRITE_WEIGHTS_NAME,
     LIBRARY_NAME,
     MODEL_CARD_NAME,
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 # Remote files that a push owns: those the new upload does not have are deleted in the same commit, so a repo never
 # mixes the shards of two saves, nor shows the training curve of an earlier run.
-MANAGED_FILE_GLOBS = (*BASE_WEIGHT_FILE_GLOBS, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, TRAINING_CURVE_NAME)
+MANAGED_FILE_GLOBS = (
+    *BASE_WEIGHT_FILE_GLOBS, DENDRITE_WEIGHTS_NAME, DENDRITE_TRAINED_BASE_NAME, DENDRITE_CONFIG_NAME, TRAINING_CURVE_NAME
+)
 
 # How the card names a try's outcome; `DendriticTrainer` summaries written before the "kept / discarded / cut short"
 # vocabulary used "accepted" and "stopped".

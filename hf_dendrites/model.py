@@ -37,6 +37,7 @@ from .saving import (
     CheckpointError,
     base_fingerprint,
     base_model_class,
+    cached_hub_commit,
     check_adapter_only_keys,
     check_base_fingerprint,
     check_base_folder,
@@ -699,7 +700,8 @@ class DendriticModel(nn.Module):
             base_model_name_or_path: with `adapter_only`, the base to reference (a Hub id or a local folder, which
                 only that machine can load); default: the reference of the adapter-only checkpoint this model was
                 loaded from, else `config._name_or_path` (a pushed checkpoint needs a Hub id).
-            base_revision: the base's revision (default: the commit it was loaded at, for a Hub id).
+            base_revision: the base's revision (default, for a Hub id: the commit of its main branch in the local
+                Hub cache, which a load of the default branch used; pass it when the base was loaded at another).
 
         Returns:
             The folder path.
@@ -780,7 +782,7 @@ class DendriticModel(nn.Module):
             revision = base_revision or self.base_reference.get("revision")
         else:
             source = getattr(config, "_name_or_path", None) or None
-            revision = base_revision or (getattr(config, "_commit_hash", None) if hub_model_id(source) else None)
+            revision = base_revision or (cached_hub_commit(source) if hub_model_id(source) else None)
         if source and hub_model_id(source) is None and os.path.exists(source):
             source = os.path.abspath(source)
         dtype = getattr(self.model, "dtype", None)

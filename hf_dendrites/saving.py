@@ -729,6 +729,19 @@ def read_trained_base_tensors(directory: str, payload: dict[str, Any]) -> dict[s
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); save the checkpoint again.") from err
 
 
+def cached_hub_commit(repo_id: str) -> Optional[str]:
+    """The commit that `repo_id`'s main branch points to in the local Hub cache (where a model loaded from the Hub
+    has its files), or None. transformers does not record the commit a model was loaded at; this is the commit a
+    load of the default branch used."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, CONFIG_NAME)
+    except ValueError:  # not a repo id
+        return None
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None
+
+
 def checkpoint_save_options(requires_grad: dict[str, bool]) -> dict[str, Any]:
     """How a Trainer checkpoint is saved (`save_pretrained` arguments), given the run's trainability: for every base
     parameter (names of `DendriticModel.named_parameters()`), whether the user lets it train.
