@@ -30,7 +30,13 @@ from unittest import mock
 import torch
 import transformers
 
-from hf_dendrites import DendriteConfig, DendriticModel, DendriticTrainer, DendriticTrainingArguments, get_dendritic_model
+from hf_dendrites import (
+    DendriteConfig,
+    DendriticModel,
+    DendriticTrainer,
+    DendriticTrainingArguments,
+    get_dendritic_model,
+)
 from hf_dendrites.example_data import minilm_path, smollm2_path
 from hf_dendrites.saving import base_fingerprint, split_adapter_state
 

@@ -1168,6 +1168,9 @@ class DendriticModel(nn.Module):
         resume from a checkpoint and for `load_best_model_at_end`: rebuild the optimizer afterwards when counts
         changed.
 
+        An adapter-only checkpoint holds no base weights: the model's frozen ones must match its fingerprint (else
+        `CheckpointError`); the trained base entries (e.g. a head) are copied in.
+
         The model must have the same dendritic layers (same base architecture and `target_modules`) and the same
         dendrite kind (activation, rank, cascade) as the checkpoint. Any missing, unexpected or mis-shaped tensor,
         a truncated / corrupt file or an incomplete folder raises `CheckpointError` naming the file and the layer;

@@ -55,6 +55,8 @@ def test_adapter_only_save_holds_what_trains_and_reloads_bit_identically(tmp_pat
     dm.save_pretrained(str(folder), adapter_only=True)
 
     assert not any(f.startswith("model") for f in os.listdir(folder))  # no base weights
+    with pytest.raises(OSError):  # plain transformers finds nothing to load, rather than loading half a model
+        getattr(transformers, type(dm.model).__name__).from_pretrained(str(folder))
     meta = json.loads((folder / DENDRITE_CONFIG_NAME).read_text())
     assert meta["format_version"] == ADAPTER_ONLY_FORMAT_VERSION
     base = meta["base_model"]
