@@ -773,7 +773,9 @@ class DendriticModel(nn.Module):
             names = {n if n in own else n[len("model."):] for n in trainable}
             unknown = sorted(names - own)
             if unknown:
-                raise ValueError(f"save_pretrained(trainable=...) names parameters the model does not have, e.g. {unknown[:3]}.")
+                raise ValueError(
+                    f"save_pretrained(trainable=...) names parameters the model does not have, e.g. {unknown[:3]}."
+                )
         config = getattr(self.model, "config", None)
         if base_model_name_or_path is not None:
             source, revision = os.fspath(base_model_name_or_path), base_revision
@@ -842,7 +844,8 @@ class DendriticModel(nn.Module):
                     "checkpoint would hold all of them; freeze the base (requires_grad=False) or save with "
                     "adapter_only=False."
                 )
-            adapter_entry = {"reference": adapter["reference"], "fingerprint": base_fingerprint(frozen), "aliases": aliases}
+            fingerprint = base_fingerprint(frozen)
+            adapter_entry = {"reference": adapter["reference"], "fingerprint": fingerprint, "aliases": aliases}
         prepare_save_directory(directory)
         if adapter is None:
             base_files = save_base_weights(
@@ -1064,9 +1067,10 @@ class DendriticModel(nn.Module):
         reference = dict(entry["reference"])
         path = os.path.join(directory, DENDRITE_CONFIG_NAME)
         if isinstance(base_model, nn.Module):
-            if isinstance(base_model, DendriticModel) or any(isinstance(m, DendriticLayerMixin) for m in base_model.modules()):
+            if any(isinstance(m, (DendriticModel, DendriticLayerMixin)) for m in base_model.modules()):
                 raise ValueError("from_pretrained(base_model=...) takes the plain base model, not a dendritic one.")
-            given = [n for n, v in (("dtype", dtype), ("device_map", device_map), ("base_revision", base_revision)) if v is not None]
+            options = (("dtype", dtype), ("device_map", device_map), ("base_revision", base_revision))
+            given = [n for n, v in options if v is not None]
             if given or model_kwargs:
                 raise ValueError(
                     f"from_pretrained(base_model=<a model>) uses that model as it is; {given + sorted(model_kwargs)} "
@@ -1093,10 +1097,12 @@ class DendriticModel(nn.Module):
 
             config_class = getattr(model_class, "config_class", None) or transformers.AutoConfig
             config = config_class.from_pretrained(directory, **({"trust_remote_code": True} if trust_remote_code else {}))
-            if dtype is None and reference.get("dtype") and isinstance(getattr(torch, reference["dtype"], None), torch.dtype):
-                dtype = getattr(torch, reference["dtype"])
+            saved_dtype = getattr(torch, reference.get("dtype") or "", None)
+            if dtype is None and isinstance(saved_dtype, torch.dtype):
+                dtype = saved_dtype
             kwargs = {**model_kwargs, **{k: v for k, v in hub.items() if v}, "config": config, "use_safetensors": True}
-            kwargs.update({k: v for k, v in (("dtype", dtype), ("device_map", device_map), ("revision", revision)) if v is not None})
+            options = (("dtype", dtype), ("device_map", device_map), ("revision", revision))
+            kwargs.update({k: v for k, v in options if v is not None})
             if trust_remote_code:
                 kwargs["trust_remote_code"] = True
             with plain_load_notice_hidden(name):
@@ -1250,7 +1256,8 @@ class DendriticModel(nn.Module):
         """
         from huggingface_hub import HfApi
 
-        adapter = dict(adapter_only=adapter_only, base_model_name_or_path=base_model_name_or_path, base_revision=base_revision)
+        adapter = {"adapter_only": adapter_only, "base_model_name_or_path": base_model_name_or_path,
+                   "base_revision": base_revision}
         self._check_pushable(self._adapter_save_options(adapter_only, None, base_model_name_or_path, base_revision))
         repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
         with tempfile.TemporaryDirectory(prefix="hf_dendrites_push_") as folder:

@@ -555,16 +555,19 @@ def _check_adapter_only_entry(path: str, payload: dict[str, Any]) -> None:
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes: its values in its own dtype, in row-major order (dtype and shape are recorded
     beside it)."""
-    data = tensor.detach()
-    if data.device.type == "meta":
-        raise ValueError("a tensor on the meta device (offloaded) has no values to fingerprint")
-    data = data.to("cpu").contiguous().reshape(-1)
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
     return hashlib.sha256(data.view(torch.uint8).numpy()).hexdigest()
 
 
 def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """`tensor_sha256` of every tensor, hashed on several threads (hashlib releases the GIL on large buffers)."""
     names = list(tensors)
+    offloaded = [name for name in names if tensors[name].device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"Cannot fingerprint the frozen base weights: {offloaded[:3]} are on the meta device (offloaded). Load the "
+            "model without disk offloading, or save a full checkpoint (adapter_only=False)."
+        )
     workers = max(1, min(8, os.cpu_count() or 1, len(names)))
     with ThreadPoolExecutor(workers) as pool:
         return dict(zip(names, pool.map(lambda name: tensor_sha256(tensors[name]), names)))
@@ -673,7 +676,9 @@ def check_adapter_only_keys(
             raise CheckpointError(f"Cannot load {key} in place: the model keeps it offloaded (meta device).")
 
 
-def check_base_fingerprint(directory: str, payload: dict[str, Any], model_state: dict[str, torch.Tensor], base: str) -> None:
+def check_base_fingerprint(
+    directory: str, payload: dict[str, Any], model_state: dict[str, torch.Tensor], base: str
+) -> None:
     """The frozen tensors of the base model (`model_state`: its `state_dict()` entries, names relative to the
     wrapped model; `base` says where it came from) are the ones the adapter-only checkpoint was trained on: same
     dtype, shape and SHA-256, else `CheckpointError` naming the tensors and the fix."""

@@ -247,7 +247,8 @@ def read_snapshots(directory: str, payload: dict[str, Any], dm) -> dict[str, Sna
                 state = load_file(source, device="cpu") if os.path.isfile(source) else {}
                 if state and frozen_names - set(state):  # stored without the frozen base (adapter-only checkpoint)
                     if frozen is None:
-                        frozen = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items() if k in frozen_names}
+                        current = dm.state_dict()
+                        frozen = {k: current[k].detach().to("cpu", copy=True) for k in frozen_names if k in current}
                     state.update({k: v for k, v in frozen.items() if k not in state})
             location = (stored["kind"], source)
         if not state:
