@@ -45,6 +45,7 @@ from .saving import (
     check_dendrite_kind,
     check_layer_names,
     check_loading_info,
+    describe_base_reference,
     find_dendritic_checkpoint,
     is_adapter_only,
     plain_load_notice_hidden,
@@ -874,6 +875,7 @@ class DendriticModel(nn.Module):
             repo_id=repo_id,
             tags=tags,
             curve_file=TRAINING_CURVE_NAME if curve_bytes is not None else None,
+            adapter_base=describe_base_reference(adapter["reference"]) if adapter is not None else None,
         )
         if processing_class is not None:
             processing_class.save_pretrained(directory)

@@ -57,6 +57,8 @@ def test_adapter_only_save_holds_what_trains_and_reloads_bit_identically(tmp_pat
     assert not any(f.startswith("model") for f in os.listdir(folder))  # no base weights
     with pytest.raises(OSError):  # plain transformers finds nothing to load, rather than loading half a model
         getattr(transformers, type(dm.model).__name__).from_pretrained(str(folder))
+    card = (folder / "README.md").read_text()
+    assert "adapter-only" in card and str(tmp_path / "base") in card and "model.safetensors` (the base" not in card
     meta = json.loads((folder / DENDRITE_CONFIG_NAME).read_text())
     assert meta["format_version"] == ADAPTER_ONLY_FORMAT_VERSION
     base = meta["base_model"]
