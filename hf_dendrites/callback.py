@@ -72,6 +72,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import DENDRITE_CURVE_NAME, DENDRITE_EVAL_CSV_NAME
 from .learning_rules import CorrelationRule, perforate
+from .saving import checkpoint_save_options
 from .schedule import PHASE_DENDRITE, Action, Decision, DendriteSchedule
 from .trainer_state import (
     Snapshot,
@@ -706,6 +707,15 @@ class DendriteScheduleCallback(TrainerCallback):
                 perforate(layer)
 
     # ------------------------------------------------------------------ checkpoints
+    def save_options(self, output_dir: str, internal_call: bool) -> dict[str, Any]:
+        """The `save_pretrained` arguments of a save by the trainer: a Trainer checkpoint of a run whose base the user
+        froze is adapter-only (`checkpoint_save_options`); `trainer.save_model()` writes a full model."""
+        trainer = self.trainer
+        name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        if internal_call and trainer.is_in_train and os.path.basename(os.path.normpath(output_dir)) == name:
+            return checkpoint_save_options(self.base_requires_grad)
+        return {}
+
     def write_state(self, directory: str) -> None:
         """Write the schedule state into checkpoint `directory` (after the model files; main process only)."""
         candidates = correlation = None

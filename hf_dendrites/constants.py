@@ -7,6 +7,9 @@ The standard transformers file names (`config.json`, `model.safetensors`, ...) a
 # Files written next to the standard transformers files by `DendriticModel.save_pretrained`.
 DENDRITE_CONFIG_NAME = "dendrite_config.json"
 DENDRITE_WEIGHTS_NAME = "dendrite_model.safetensors"
+# In an adapter-only checkpoint (no base weight files): the base model's entries that training changes (trainable
+# parameters such as a task head or adapters, and the persistent buffers), under their transformers names.
+DENDRITE_TRAINED_BASE_NAME = "dendrite_base_trained.safetensors"
 
 # Written by `DendriticTrainer`: into every Trainer checkpoint (schedule state; the weights the schedule may restore)
 # and, at the end of training, into `output_dir` (one CSV row per evaluation; the plot of the score over training).
@@ -33,6 +36,10 @@ BASE_WEIGHT_FILE_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", "mode
 # Bump it when a checkpoint written by a newer library could not be read correctly by an older one.
 # 2: the base weights hold the plain-load notice tensor (`PLAIN_LOAD_NOTICE_KEY`); format 1 folders still load.
 CHECKPOINT_FORMAT_VERSION = 2
+# 3: an adapter-only checkpoint: no base weight files but `DENDRITE_TRAINED_BASE_NAME`, and in `dendrite_config.json`
+# a reference to the base model and a fingerprint of its frozen weights. Written for adapter-only checkpoints only
+# (full checkpoints stay format 2, which older releases read); this library reads formats up to this one.
+ADAPTER_ONLY_FORMAT_VERSION = 3
 
 # A one-element tensor that `DendriticModel.save_pretrained` adds to the base weights (`model.safetensors` or a
 # shard) under this name. No transformers model has such a parameter, so a plain `AutoModelFor*.from_pretrained`

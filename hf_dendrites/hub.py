@@ -22,6 +22,7 @@ from .constants import (
     BASE_WEIGHT_FILE_GLOBS,
     DEFAULT_MODEL_CARD_TAGS,
     DENDRITE_CONFIG_NAME,
+    DENDRITE_TRAINED_BASE_NAME,
     DENDRITE_WEIGHTS_NAME,
     LIBRARY_NAME,
     MODEL_CARD_NAME,
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 # Remote files that a push owns: those the new upload does not have are deleted in the same commit, so a repo never
 # mixes the shards of two saves, nor shows the training curve of an earlier run.
-MANAGED_FILE_GLOBS = (*BASE_WEIGHT_FILE_GLOBS, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, TRAINING_CURVE_NAME)
+MANAGED_FILE_GLOBS = (
+    *BASE_WEIGHT_FILE_GLOBS, DENDRITE_WEIGHTS_NAME, DENDRITE_TRAINED_BASE_NAME, DENDRITE_CONFIG_NAME, TRAINING_CURVE_NAME
+)
 
 # How the card names a try's outcome; `DendriticTrainer` summaries written before the "kept / discarded / cut short"
 # vocabulary used "accepted" and "stopped".
@@ -228,6 +231,7 @@ def build_model_card(
     repo_id: Optional[str] = None,
     tags: Optional[list[str]] = None,
     curve_file: Optional[str] = None,
+    adapter_base: Optional[str] = None,
 ) -> ModelCard:
     """Render a dendritic model's card (a `huggingface_hub.ModelCard`) from plain data.
 
@@ -248,6 +252,7 @@ def build_model_card(
         repo_id: the Hub repo the card is for (title and loading example).
         tags: extra tags.
         curve_file: the training curve's file name next to the card, or None.
+        adapter_base: for an adapter-only checkpoint, its base reference as the card names it; None for a full one.
 
     The metadata holds `library_name: hf_dendrites`, `base_model` (a Hub id), tags, the pipeline tag and, when the
     training summary has `eval_results`, a model-index.
@@ -306,6 +311,7 @@ def build_model_card(
         eval_results=eval_rows,
         eval_caption=eval_caption,
         load_id=repo_id or "path/to/this/folder",
+        adapter_base=adapter_base,
         versions={
             "hf_dendrites": library_version(),
             "transformers": transformers.__version__,

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Collection, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .config import DendriteConfig
 from .constants import (
     DEFAULT_TARGET_MODULES,
     DENDRITE_CONFIG_NAME,
+    DENDRITE_TRAINED_BASE_NAME,
     DENDRITE_WEIGHTS_NAME,
     HEAD_MODULE_NAMES,
     MODEL_CARD_NAME,
@@ -34,21 +35,29 @@ from .hub import hub_model_id, upload_checkpoint_folder, write_model_card
 from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_for, unsupported_reason
 from .saving import (
     CheckpointError,
+    base_fingerprint,
     base_model_class,
+    cached_hub_commit,
+    check_adapter_only_keys,
+    check_base_fingerprint,
     check_base_folder,
     check_base_tensors,
     check_dendrite_kind,
     check_layer_names,
     check_loading_info,
+    describe_base_reference,
     find_dendritic_checkpoint,
+    is_adapter_only,
     plain_load_notice_hidden,
     prepare_save_directory,
     read_base_state,
     read_checkpoint_metadata,
     read_dendrite_tensors,
+    read_trained_base_tensors,
     resolve_checkpoint_dir,
     save_base_weights,
     save_dendrite_weights,
+    split_adapter_state,
     split_state_dict,
     training_summary_from_metadata,
     write_checkpoint_metadata,
@@ -336,6 +345,9 @@ class DendriticModel(nn.Module):
         # The Hub id of the base model that a loaded checkpoint recorded, so that a model loaded from a local folder
         # and saved again keeps its card's `base_model` (see `_base_hub_id`).
         self.base_model_id: Optional[str] = None
+        # The base that an adapter-only checkpoint this model was loaded from references ({"name_or_path",
+        # "revision", "dtype"}): an adapter-only save references it again (see `save_pretrained`).
+        self.base_reference: Optional[dict[str, Any]] = None
         # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it).
         self.forward = functools.wraps(model.forward)(functools.partial(DendriticModel._forward, self))
         install_pipeline_type_check(DendriticModel)  # pipeline(task, model=self) checks the wrapped model's class
@@ -649,13 +661,25 @@ class DendriticModel(nn.Module):
         push_to_hub: bool = False,
         repo_id: Optional[str] = None,
         tags: Optional[list[str]] = None,
+        adapter_only: bool = False,
+        trainable: Optional[Collection[str]] = None,
+        base_model_name_or_path: Optional[str] = None,
+        base_revision: Optional[str] = None,
         **push_kwargs: Any,
     ) -> str:
         """Save the base model (standard transformers files), the dendrites, `dendrite_config.json` and a model card.
 
         The folder layout is described in `hf_dendrites.saving`. Files of an earlier save in the folder are replaced
         (weights, shards, training curve); other files (e.g. a Trainer's `optimizer.pt`) are left alone. The model is
-        not modified. `DendriticTrainer` checkpoints and `trainer.save_model()` call this with `state_dict=`.
+        not modified. `DendriticTrainer` checkpoints and `trainer.save_model()` call this.
+
+        With `adapter_only=True` (for a model whose base is frozen) the folder holds only what training changes: the
+        dendrites, the parameters that train (e.g. a task head, adapters) and the persistent buffers, plus
+        `config.json`, a reference to the base model (`base_model_name_or_path`, default: where the model was
+        loaded from) and a fingerprint of the frozen weights; `from_pretrained` loads the base from the reference
+        and refuses one whose frozen weights differ. The default is a full, self-contained save, as transformers'
+        `save_pretrained` writes (it loads with nothing else at hand, and plain transformers loads its base);
+        `DendriticTrainer` writes adapter-only Trainer checkpoints on its own when the run's base is frozen.
 
         Args:
             save_directory: the folder (created if needed).
@@ -670,6 +694,15 @@ class DendriticModel(nn.Module):
                 `commit_message`, `commit_description`, `revision`, `create_pr`).
             repo_id: the Hub repo the folder is for (used in the model card's loading example).
             tags: extra model card tags.
+            adapter_only: write an adapter-only checkpoint (see above). Needs at least one frozen parameter.
+            trainable: with `adapter_only`, the names of the parameters that train (as `named_parameters()` of this
+                model or of `.model` gives them), when `requires_grad` does not say it (the Trainer's dendrites-only
+                phase freezes the base for a while); default: those with `requires_grad=True`.
+            base_model_name_or_path: with `adapter_only`, the base to reference (a Hub id or a local folder, which
+                only that machine can load); default: the reference of the adapter-only checkpoint this model was
+                loaded from, else `config._name_or_path` (a pushed checkpoint needs a Hub id).
+            base_revision: the base's revision (default, for a Hub id: the commit of its main branch in the local
+                Hub cache, which a load of the default branch used; pass it when the base was loaded at another).
 
         Returns:
             The folder path.
@@ -687,11 +720,13 @@ class DendriticModel(nn.Module):
         directory = os.fspath(save_directory)
         if os.path.isfile(directory):
             raise ValueError(f"save_pretrained needs a folder, but {directory} is a file.")
+        adapter = self._adapter_save_options(adapter_only, trainable, base_model_name_or_path, base_revision)
         if not is_main_process:
             return directory
         if not push_to_hub:
-            self._write_checkpoint(directory, state_dict, max_shard_size, processing_class, repo_id, tags)
+            self._write_checkpoint(directory, state_dict, max_shard_size, processing_class, repo_id, tags, adapter)
             return directory
+        self._check_pushable(adapter)
 
         from huggingface_hub import HfApi
 
@@ -707,12 +742,73 @@ class DendriticModel(nn.Module):
             return {e.name: e.stat().st_mtime_ns for e in os.scandir(directory) if e.is_file()}
 
         before = stamps()
-        own = self._write_checkpoint(directory, state_dict, max_shard_size, processing_class, repo_id, tags)
+        own = self._write_checkpoint(directory, state_dict, max_shard_size, processing_class, repo_id, tags, adapter)
         # The files this save wrote: its own, plus the processing class's (changed since), whatever the clock's
         # granularity; files that were already in the folder (e.g. Trainer checkpoints) stay local.
         written = sorted(name for name, stamp in stamps().items() if before.get(name) != stamp or name in own)
         upload_checkpoint_folder(directory, repo_id, token=token, allow_patterns=written, **push_kwargs)
         return directory
+
+    def _adapter_save_options(
+        self,
+        adapter_only: bool,
+        trainable: Optional[Collection[str]],
+        base_model_name_or_path: Optional[str],
+        base_revision: Optional[str],
+    ) -> Optional[dict[str, Any]]:
+        """None for a full save; for `adapter_only=True`: the trainable names (relative to `.model`) and the base
+        reference."""
+        if not isinstance(adapter_only, bool):
+            raise TypeError(f"save_pretrained(adapter_only=...) takes True or False, got {adapter_only!r}.")
+        if not adapter_only:
+            given = [n for n, v in (("trainable", trainable), ("base_model_name_or_path", base_model_name_or_path),
+                                    ("base_revision", base_revision)) if v is not None]
+            if given:
+                raise TypeError(f"save_pretrained({', '.join(given)}=...) applies to adapter_only=True saves only.")
+            return None
+        names = None
+        if trainable is not None:
+            if isinstance(trainable, str):
+                raise TypeError("save_pretrained(trainable=...) takes a collection of parameter names, not one string.")
+            own = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+            names = {n if n in own else n[len("model."):] for n in trainable}
+            unknown = sorted(names - own)
+            if unknown:
+                raise ValueError(
+                    f"save_pretrained(trainable=...) names parameters the model does not have, e.g. {unknown[:3]}."
+                )
+        config = getattr(self.model, "config", None)
+        if base_model_name_or_path is not None:
+            source, revision = os.fspath(base_model_name_or_path), base_revision
+        elif self.base_reference is not None:
+            source = self.base_reference.get("name_or_path")
+            revision = base_revision or self.base_reference.get("revision")
+        else:
+            source = getattr(config, "_name_or_path", None) or None
+            revision = base_revision or (cached_hub_commit(source) if hub_model_id(source) else None)
+        if source and hub_model_id(source) is None and os.path.exists(source):
+            source = os.path.abspath(source)
+        dtype = getattr(self.model, "dtype", None)
+        reference = {
+            "name_or_path": source,
+            "revision": revision,
+            "dtype": str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None,
+        }
+        return {"trainable": names, "reference": reference}
+
+    @staticmethod
+    def _check_pushable(adapter: Optional[dict[str, Any]]) -> None:
+        """An adapter-only checkpoint goes to the Hub only with a base that others can load: a Hub id."""
+        if adapter is None:
+            return
+        source = adapter["reference"]["name_or_path"]
+        if hub_model_id(source) is None:
+            raise ValueError(
+                f"An adapter-only checkpoint pushed to the Hub must reference its base by Hub id, but the base is "
+                f"{source!r} (a local folder, or none). Pass base_model_name_or_path='<owner>/<repo>' (the repo "
+                "holding exactly these base weights; push the base there first), or push a full checkpoint "
+                "(adapter_only=False)."
+            )
 
     def _write_checkpoint(
         self,
@@ -722,9 +818,10 @@ class DendriticModel(nn.Module):
         processing_class: Any,
         repo_id: Optional[str],
         tags: Optional[list[str]],
+        adapter: Optional[dict[str, Any]] = None,
     ) -> set[str]:
         """Write the checkpoint files in the order that keeps an interrupted save unloadable (marker last); returns
-        the names of the checkpoint's own files."""
+        the names of the checkpoint's own files. `adapter` (from `_adapter_save_options`): an adapter-only save."""
         training = to_jsonable(self.training_summary) if self.training_summary else None
         # Read before the folder is cleaned: the curve may be the one an earlier save put there.
         curve = (training or {}).get("curve_png")
@@ -736,13 +833,29 @@ class DendriticModel(nn.Module):
             else:
                 logger.warning("Training curve %s not found; the model card will not show it.", curve)
 
-        prepare_save_directory(directory)
         model_state = self.model.state_dict()
         base_state, dendrite_state = split_state_dict(state_dict, model_state, set(self.dendrite_state_dict()))
         summary = self.dendrite_summary()
-        base_files = save_base_weights(
-            self.model, directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
-        )
+        adapter_entry: dict[str, Any] = {}
+        if adapter is not None:  # split and fingerprint before the folder is touched: errors leave it as it was
+            trained, frozen, aliases = split_adapter_state(self.model, base_state, adapter["trainable"])
+            if not frozen:
+                raise ValueError(
+                    "save_pretrained(adapter_only=True): every parameter of the base model trains, so an adapter-only "
+                    "checkpoint would hold all of them; freeze the base (requires_grad=False) or save with "
+                    "adapter_only=False."
+                )
+            fingerprint = base_fingerprint(frozen)
+            adapter_entry = {"reference": adapter["reference"], "fingerprint": fingerprint, "aliases": aliases}
+        prepare_save_directory(directory)
+        if adapter is None:
+            base_files = save_base_weights(
+                self.model, directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
+            )
+        else:
+            base_files = []
+            save_dendrite_weights(directory, trained, DENDRITE_TRAINED_BASE_NAME)
+            self._save_base_config(directory)
         save_dendrite_weights(directory, dendrite_state)
 
         if curve_bytes is not None:
@@ -762,6 +875,7 @@ class DendriticModel(nn.Module):
             repo_id=repo_id,
             tags=tags,
             curve_file=TRAINING_CURVE_NAME if curve_bytes is not None else None,
+            adapter_base=describe_base_reference(adapter["reference"]) if adapter is not None else None,
         )
         if processing_class is not None:
             processing_class.save_pretrained(directory)
@@ -775,6 +889,7 @@ class DendriticModel(nn.Module):
                 "model_type": getattr(config, "model_type", None),
                 # A Hub id only: a local path means nothing elsewhere (and would leak into pushed files).
                 "name_or_path": base_id,
+                **adapter_entry,
             },
             base_files=base_files,
             training_summary=training,
@@ -783,7 +898,30 @@ class DendriticModel(nn.Module):
             "Saved dendritic model (%d dendrites in %d layers) to %s", summary.num_dendrites, len(summary.layers), directory
         )
         own = {*base_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
+        own |= {DENDRITE_TRAINED_BASE_NAME} if adapter is not None else set()
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
+
+    def _save_base_config(self, directory: str) -> None:
+        """What transformers' `save_pretrained` writes besides the weights: the config (with the architecture and
+        dtype), the generation config, and the code of a model class registered for an Auto class."""
+        model = self.model
+        config = getattr(model, "config", None)
+        if config is None or not callable(getattr(model, "save_pretrained", None)):
+            raise TypeError(
+                f"DendriticModel.save_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}."
+            )
+        dtype = getattr(model, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            config.dtype = str(dtype).removeprefix("torch.")
+        config.architectures = [type(model).__name__]
+        if getattr(model, "_auto_class", None) is not None:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, directory, config=config)
+        config.save_pretrained(directory)
+        can_generate = getattr(model, "can_generate", None)
+        if callable(can_generate) and can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
 
     def _base_hub_id(self) -> Optional[str]:
         """The base model's Hub id: where the wrapped model was loaded from when that is a Hub repo, else the one a
@@ -835,6 +973,8 @@ class DendriticModel(nn.Module):
         cache_dir: Optional[str] = None,
         force_download: bool = False,
         local_files_only: bool = False,
+        base_model: Any = None,
+        base_revision: Optional[str] = None,
         **model_kwargs: Any,
     ) -> "DendriticModel":
         """Load a model saved by `save_pretrained` / `push_to_hub` from a folder or a Hub repo id.
@@ -849,6 +989,12 @@ class DendriticModel(nn.Module):
         (`hf_dendrites.modeling_mean_pooled`); code in the folder itself runs only with `trust_remote_code=True`.
         From the Hub only JSON configs and safetensors files are downloaded (`revision`, `token`, `cache_dir`,
         `force_download` and `local_files_only` as in `huggingface_hub.snapshot_download`).
+
+        An adapter-only checkpoint (`save_pretrained(adapter_only=True)`, or a Trainer checkpoint of a frozen-base run)
+        loads its base from the reference it records (a Hub id at its revision, or a local folder; with the saved
+        `config.json` and, unless `dtype` is given, the saved dtype), or from `base_model`: a path or Hub id (at
+        `base_revision`), or a transformers model, used in place. The base's frozen weights must match the
+        checkpoint's fingerprint, else `CheckpointError`; they come back frozen (`requires_grad=False`).
 
         This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
         them): pass the result to `DendriticTrainer`.
@@ -871,6 +1017,17 @@ class DendriticModel(nn.Module):
             code=trust_remote_code,
         )
         payload = read_checkpoint_metadata(directory)
+        if is_adapter_only(payload):
+            hub = dict(token=token, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only)
+            return cls._from_adapter_only(
+                directory, payload, pretrained_model_name_or_path, base_model, base_revision, model_class,
+                trust_remote_code, dtype, device_map, hub, model_kwargs,
+            )
+        if base_model is not None or base_revision is not None:
+            raise ValueError(
+                f"base_model= / base_revision= apply to adapter-only checkpoints; {pretrained_model_name_or_path} holds "
+                "its own base weights."
+            )
         check_base_folder(directory)
         model_class = model_class or base_model_class(directory, payload, trust_remote_code=trust_remote_code)
         if trust_remote_code:
@@ -890,6 +1047,99 @@ class DendriticModel(nn.Module):
         dm._load_dendrites(directory, payload)
         dm.train(model.training)
         return dm
+
+    @classmethod
+    def _from_adapter_only(
+        cls,
+        directory: str,
+        payload: dict[str, Any],
+        source: Union[str, os.PathLike],
+        base_model: Any,
+        base_revision: Optional[str],
+        model_class: Any,
+        trust_remote_code: bool,
+        dtype: Any,
+        device_map: Any,
+        hub: dict[str, Any],
+        model_kwargs: dict[str, Any],
+    ) -> "DendriticModel":
+        """`from_pretrained` of an adapter-only checkpoint: the base from its reference (or `base_model`), checked
+        against the fingerprint, then the trained base entries and the dendrites."""
+        entry = payload["base_model"]
+        reference = dict(entry["reference"])
+        path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+        if isinstance(base_model, nn.Module):
+            if any(isinstance(m, (DendriticModel, DendriticLayerMixin)) for m in base_model.modules()):
+                raise ValueError("from_pretrained(base_model=...) takes the plain base model, not a dendritic one.")
+            options = (("dtype", dtype), ("device_map", device_map), ("base_revision", base_revision))
+            given = [n for n, v in options if v is not None]
+            if given or model_kwargs:
+                raise ValueError(
+                    f"from_pretrained(base_model=<a model>) uses that model as it is; {given + sorted(model_kwargs)} "
+                    "apply when the base is loaded from a path or Hub id."
+                )
+            model, described = base_model, f"the given base_model, a {type(base_model).__name__}"
+        else:
+            if base_model is not None:
+                name, revision = os.fspath(base_model), base_revision
+            else:
+                name, revision = reference.get("name_or_path"), reference.get("revision")
+            if not name:
+                raise CheckpointError(
+                    f"{path}: this adapter-only checkpoint records no base model (the model it was saved from had no "
+                    "name or path); pass base_model= (the path, Hub id or model it was trained on)."
+                )
+            if base_model is None and os.path.isabs(name) and not os.path.isdir(name):
+                raise CheckpointError(
+                    f"{path}: this adapter-only checkpoint references its base as the local folder {name}, which does "
+                    "not exist here; pass base_model= (the path, Hub id or model it was trained on)."
+                )
+            model_class = model_class or base_model_class(directory, payload, trust_remote_code=trust_remote_code)
+            import transformers
+
+            config_class = getattr(model_class, "config_class", None) or transformers.AutoConfig
+            config = config_class.from_pretrained(directory, **({"trust_remote_code": True} if trust_remote_code else {}))
+            saved_dtype = getattr(torch, reference.get("dtype") or "", None)
+            if dtype is None and isinstance(saved_dtype, torch.dtype):
+                dtype = saved_dtype
+            kwargs = {**model_kwargs, **{k: v for k, v in hub.items() if v}, "config": config, "use_safetensors": True}
+            options = (("dtype", dtype), ("device_map", device_map), ("revision", revision))
+            kwargs.update({k: v for k, v in options if v is not None})
+            if trust_remote_code:
+                kwargs["trust_remote_code"] = True
+            with plain_load_notice_hidden(name):
+                model = model_class.from_pretrained(name, **kwargs)
+            described = f"{name!r}" + (f" at revision {revision}" if revision else "")
+            reference.update(name_or_path=name, revision=revision)
+        architecture = type(model).__name__
+        trained = read_trained_base_tensors(directory, payload)
+        state = model.state_dict()
+        check_adapter_only_keys(directory, payload, trained, state, architecture)
+        check_base_fingerprint(directory, payload, state, described)
+        config_dict = DendriteConfig.from_dict(payload["dendrite_config"])
+        dm = get_dendritic_model(model, config_dict, restore_dendrites=False)
+        try:
+            dm._load_dendrites(directory, payload)
+        except BaseException:
+            dm.unload()  # a model the user passed is left as it was
+            raise
+        dm._copy_trained_base(trained)
+        frozen = set(entry["fingerprint"]["tensors"]) | set(entry.get("aliases", {}))
+        for name, param in dm.model.named_parameters(remove_duplicate=False):
+            if name in frozen:  # the base stays frozen, as it was in training (further training trains the rest)
+                param.requires_grad_(False)
+        dm.base_reference = reference
+        if getattr(model, "config", None) is not None:
+            model.config._name_or_path = os.fspath(source)
+        logger.info("Loaded adapter-only checkpoint %s on the base %s.", source, described)
+        dm.train(model.training)
+        return dm
+
+    def _copy_trained_base(self, trained: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            state = self.model.state_dict(keep_vars=True)
+            for key, tensor in trained.items():
+                state[key].copy_(tensor)
 
     def _load_dendrites(self, directory: str, payload: dict[str, Any]) -> None:
         """Resize the layers to the checkpoint's counts and copy its dendrite tensors in (strict).
@@ -928,6 +1178,9 @@ class DendriticModel(nn.Module):
         its config (`hf_dendrites.saving.read_base_state`), so names that transformers changes on save (its
         checkpoint conversion mapping: ViT and GPT-NeoX in transformers 5) map back to the model's.
 
+        An adapter-only checkpoint holds no base weights: the model's frozen ones must match its fingerprint (else
+        `CheckpointError`); the trained base entries (e.g. a head) are copied in.
+
         The model must have the same dendritic layers (same base architecture and `target_modules`) and the same
         dendrite kind (activation, rank, cascade) as the checkpoint. Any missing, unexpected or mis-shaped tensor,
         a truncated / corrupt file or an incomplete folder raises `CheckpointError` naming the file and the layer;
@@ -939,6 +1192,17 @@ class DendriticModel(nn.Module):
         layers = dict(self.dendritic_layers())
         architecture = type(self.model).__name__
         check_layer_names(directory, payload, set(layers), architecture)
+        if is_adapter_only(payload):
+            trained = read_trained_base_tensors(directory, payload)
+            dendrite_keys = set(self.dendrite_state_dict())
+            state = {k: v for k, v in self.model.state_dict().items() if k not in dendrite_keys}
+            check_adapter_only_keys(directory, payload, trained, state, architecture)
+            check_base_fingerprint(directory, payload, state, f"this model's {architecture}")
+            self._load_dendrites(directory, payload)
+            self._copy_trained_base(trained)
+            self.base_reference = dict(payload["base_model"]["reference"])
+            logger.info("Loaded adapter-only checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
+            return
         base = read_base_state(directory, payload, self.model)
         dendrite_keys = set(self.dendrite_state_dict()) | {
             f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
@@ -976,8 +1240,14 @@ class DendriticModel(nn.Module):
         max_shard_size: Optional[Union[int, str]] = None,
         tags: Optional[list[str]] = None,
         safe_serialization: bool = True,
+        adapter_only: bool = False,
+        base_model_name_or_path: Optional[str] = None,
+        base_revision: Optional[str] = None,
     ):
         """Save the model (base, dendrites, model card, `processing_class`) and upload it to `repo_id` in one commit.
+
+        `adapter_only`, `base_model_name_or_path` and `base_revision` as in `save_pretrained`: an adapter-only
+        checkpoint must reference its base by Hub id.
 
         The repo is created if needed (`private` applies then); `revision` names a branch (created from the default
         branch if missing); `create_pr=True` opens a pull request instead. Remote weight files that the new save
@@ -990,6 +1260,9 @@ class DendriticModel(nn.Module):
         """
         from huggingface_hub import HfApi
 
+        adapter = {"adapter_only": adapter_only, "base_model_name_or_path": base_model_name_or_path,
+                   "base_revision": base_revision}
+        self._check_pushable(self._adapter_save_options(adapter_only, None, base_model_name_or_path, base_revision))
         repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
         with tempfile.TemporaryDirectory(prefix="hf_dendrites_push_") as folder:
             self.save_pretrained(
@@ -999,6 +1272,7 @@ class DendriticModel(nn.Module):
                 repo_id=repo_id,
                 tags=tags,
                 safe_serialization=safe_serialization,
+                **adapter,
             )
             info = upload_checkpoint_folder(
                 folder,

@@ -13,6 +13,20 @@ these functions; this module never sees the model class. A checkpoint folder hol
     dendrite_model.safetensors                  the dendrite parameters only, keyed `<layer name>.<parameter name>`
     README.md (+ training_curve.png)            the model card (see `hf_dendrites.hub`)
 
+An adapter-only checkpoint (`save_pretrained(adapter_only=True)`, and Trainer checkpoints of runs whose base is
+frozen) has no base weight files. In their place:
+
+    dendrite_base_trained.safetensors           the base model's entries that training changes: the parameters that
+                                                train (a task head, adapters) and the persistent buffers
+    dendrite_config.json: base_model            a reference to the base (`reference`: name or path, revision, dtype)
+                                                and a `fingerprint` of every frozen tensor (dtype, shape, SHA-256 of
+                                                its bytes), so a different base is refused instead of silently used
+
+`config.json` is still written (it carries what the base's own config lacks, e.g. a classifier's labels).
+`DendriticModel.from_pretrained` loads the base from the reference (or from `base_model=`), checks the fingerprint,
+then loads the trained entries and the dendrites; `load_dendritic_state` checks the fingerprint against the model it
+loads into. Such a folder is format 3 (`ADAPTER_ONLY_FORMAT_VERSION`); full checkpoints stay format 2.
+
 Safety and completeness:
 
 - Loading reads JSON and safetensors only. Nothing is ever unpickled: `.bin` / `.pt` files in the folder are
@@ -32,7 +46,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Optional, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Collection, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,9 +62,11 @@ from transformers.utils import (
 
 from .config import DendriteConfig
 from .constants import (
+    ADAPTER_ONLY_FORMAT_VERSION,
     BASE_WEIGHT_FILE_PATTERN,
     CHECKPOINT_FORMAT_VERSION,
     DENDRITE_CONFIG_NAME,
+    DENDRITE_TRAINED_BASE_NAME,
     DENDRITE_WEIGHTS_NAME,
     PLAIN_LOAD_NOTICE_KEY,
     TRAINING_CURVE_NAME,
@@ -144,6 +161,8 @@ def prepare_save_directory(directory: str) -> None:
         if BASE_WEIGHT_FILE_RE.fullmatch(name) or name in (
             DENDRITE_WEIGHTS_NAME,
             DENDRITE_WEIGHTS_NAME + ".tmp",
+            DENDRITE_TRAINED_BASE_NAME,
+            DENDRITE_TRAINED_BASE_NAME + ".tmp",
             TRAINING_CURVE_NAME,
         ):
             path = os.path.join(directory, name)
@@ -192,15 +211,16 @@ def save_base_weights(
     )
 
 
-def save_dendrite_weights(directory: str, tensors: dict[str, torch.Tensor]) -> str:
-    """Write the dendrite tensors as `dendrite_model.safetensors` (via a temporary name, so a partial file never has
-    the final name); returns its path."""
+def save_dendrite_weights(directory: str, tensors: dict[str, torch.Tensor], name: str = DENDRITE_WEIGHTS_NAME) -> str:
+    """Write the dendrite tensors as `dendrite_model.safetensors` (or, for an adapter-only checkpoint, the trained
+    base entries under `name`), via a temporary name so a partial file never has the final name; returns its path."""
     cpu = {}
+    file_name = name
     for name, tensor in tensors.items():
         if tensor.device.type == "meta":
             raise ValueError(
-                f"Cannot save dendrite parameter {name!r}: it is on the meta device (offloaded). Load the model "
-                "without disk offloading, or pass the gathered `state_dict=` to save_pretrained."
+                f"Cannot save {name!r}: it is on the meta device (offloaded). Load the model without disk "
+                "offloading, or pass the gathered `state_dict=` to save_pretrained."
             )
         cpu[name] = tensor.detach().to("cpu").contiguous()
     metadata = {
@@ -208,7 +228,7 @@ def save_dendrite_weights(directory: str, tensors: dict[str, torch.Tensor]) -> s
         "hf_dendrites_version": library_version(),
         "format_version": str(CHECKPOINT_FORMAT_VERSION),
     }
-    path = os.path.join(directory, DENDRITE_WEIGHTS_NAME)
+    path = os.path.join(directory, file_name)
     save_file(cpu, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)
     return path
@@ -227,14 +247,18 @@ def write_checkpoint_metadata(
     """Write `dendrite_config.json`, the marker that makes the folder loadable: last, and atomically.
 
     It records the config, the dendrite count of every layer, the base model (`architecture`, `model_type`,
-    `name_or_path`), the size of every weight file and the SHA-256 of the dendrite file, so `read_checkpoint_metadata`
-    detects missing, truncated or replaced files. `training_summary` must be plain JSON data. Returns the path.
+    `name_or_path`; for an adapter-only checkpoint also `reference` and `fingerprint`), the size of every weight file
+    and the SHA-256 of the dendrite file (and of the trained base file of an adapter-only checkpoint), so
+    `read_checkpoint_metadata` detects missing, truncated or replaced files. `training_summary` must be plain JSON
+    data. Returns the path.
     """
     files = {name: {"size": os.path.getsize(os.path.join(directory, name))} for name in base_files}
-    dendrite_path = os.path.join(directory, DENDRITE_WEIGHTS_NAME)
-    files[DENDRITE_WEIGHTS_NAME] = {"size": os.path.getsize(dendrite_path), "sha256": _sha256(dendrite_path)}
+    adapter_only = "fingerprint" in base_model
+    for name in (DENDRITE_WEIGHTS_NAME, DENDRITE_TRAINED_BASE_NAME) if adapter_only else (DENDRITE_WEIGHTS_NAME,):
+        path = os.path.join(directory, name)
+        files[name] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
     payload = {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "format_version": ADAPTER_ONLY_FORMAT_VERSION if adapter_only else CHECKPOINT_FORMAT_VERSION,
         "library_version": library_version(),
         "dendrite_config": dendrite_config,
         "layers": dict(layers),
@@ -289,11 +313,15 @@ def read_checkpoint_metadata(directory: Union[str, os.PathLike], *, check_files:
         raise CheckpointError(
             f"{path} lacks the 'files' manifest or 'base_model' entry; the file is damaged, save the model again."
         )
-    strange = sorted(n for n in files if not (BASE_WEIGHT_FILE_RE.fullmatch(n) or n == DENDRITE_WEIGHTS_NAME))
+    adapter_only = "fingerprint" in payload["base_model"]
+    allowed = {DENDRITE_WEIGHTS_NAME, DENDRITE_TRAINED_BASE_NAME} if adapter_only else {DENDRITE_WEIGHTS_NAME}
+    strange = sorted(n for n in files if not (n in allowed or (not adapter_only and BASE_WEIGHT_FILE_RE.fullmatch(n))))
     if strange:
         raise CheckpointError(
             f"{path} lists unexpected files {strange[:3]} (only safetensors weight files belong there); the file is damaged."
         )
+    if adapter_only:
+        _check_adapter_only_entry(path, payload)
     try:
         DendriteConfig.from_dict(payload["dendrite_config"])
     except (TypeError, ValueError, NotImplementedError) as err:
@@ -322,6 +350,17 @@ def _check_manifest(directory: str, payload: dict[str, Any]) -> None:
             )
 
 
+def _check_sha256(directory: str, payload: dict[str, Any], name: str) -> None:
+    """The file `name` has the SHA-256 that the manifest records (when it records one)."""
+    path = os.path.join(directory, name)
+    recorded = payload["files"][name].get("sha256")
+    if recorded is not None and _sha256(path) != recorded:
+        raise CheckpointError(
+            f"{path} is corrupt: its SHA-256 differs from the one recorded in {DENDRITE_CONFIG_NAME}. Save or download "
+            "the checkpoint again."
+        )
+
+
 def read_dendrite_tensors(
     directory: str, payload: dict[str, Any], expected: dict[str, dict[str, tuple[int, ...]]]
 ) -> dict[str, torch.Tensor]:
@@ -344,12 +383,7 @@ def read_dendrite_tensors(
             f"{path} is missing: the checkpoint in {directory} is incomplete (interrupted copy or download); save or "
             "download it again."
         )
-    recorded = payload["files"][DENDRITE_WEIGHTS_NAME].get("sha256")
-    if recorded is not None and _sha256(path) != recorded:
-        raise CheckpointError(
-            f"{path} is corrupt: its SHA-256 differs from the one recorded in {DENDRITE_CONFIG_NAME}. Save or download "
-            "the checkpoint again."
-        )
+    _check_sha256(directory, payload, DENDRITE_WEIGHTS_NAME)
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -521,6 +555,249 @@ def check_base_tensors(
             )
         if model_state[key].device.type == "meta":
             raise CheckpointError(f"Cannot load {key} from {file} in place: the model keeps it offloaded (meta device).")
+
+
+# ---------------------------------------------------------------------------------------------- adapter-only checkpoints
+def is_adapter_only(payload: dict[str, Any]) -> bool:
+    """Whether a checkpoint (its `read_checkpoint_metadata`) is adapter-only: no base weights, a base reference."""
+    return isinstance(payload.get("base_model"), dict) and "fingerprint" in payload["base_model"]
+
+
+def _check_adapter_only_entry(path: str, payload: dict[str, Any]) -> None:
+    entry = payload["base_model"]
+    fingerprint, reference = entry.get("fingerprint"), entry.get("reference")
+    if (
+        not isinstance(fingerprint, dict)
+        or not isinstance(fingerprint.get("tensors"), dict)
+        or not isinstance(reference, dict)
+        or not isinstance(entry.get("aliases", {}), dict)
+        or DENDRITE_TRAINED_BASE_NAME not in payload["files"]
+    ):
+        raise CheckpointError(
+            f"{path} is an adapter-only checkpoint but lacks its base reference, fingerprint or "
+            f"{DENDRITE_TRAINED_BASE_NAME} entry; the file is damaged, save the model again."
+        )
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: its values in its own dtype, in row-major order (dtype and shape are recorded
+    beside it)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy()).hexdigest()
+
+
+def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """`tensor_sha256` of every tensor, hashed on several threads (hashlib releases the GIL on large buffers)."""
+    names = list(tensors)
+    offloaded = [name for name in names if tensors[name].device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"Cannot fingerprint the frozen base weights: {offloaded[:3]} are on the meta device (offloaded). Load the "
+            "model without disk offloading, or save a full checkpoint (adapter_only=False)."
+        )
+    workers = max(1, min(8, os.cpu_count() or 1, len(names)))
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(names, pool.map(lambda name: tensor_sha256(tensors[name]), names)))
+
+
+def split_adapter_state(
+    model: Any, base_state: dict[str, torch.Tensor], trainable: Optional[Collection[str]] = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Split the base entries of an adapter-only save into (trained, frozen, aliases).
+
+    Args:
+        model: the wrapped model (its `state_dict(keep_vars=True)` tells parameters from buffers and tied names).
+        base_state: the base entries to save (`split_state_dict`), names relative to `model`.
+        trainable: the names of the parameters that train (names relative to `model`); None: those with
+            `requires_grad=True`.
+
+    Trained: the parameters that train and every persistent buffer (buffers change without gradients, e.g. running
+    statistics, and are small). Frozen: the other parameters, which the checkpoint references and fingerprints
+    instead of storing. A tensor under several names (tied weights) is kept under its first name; `aliases` maps
+    its other names to that one.
+    """
+    kept = model.state_dict(keep_vars=True)
+    param_ids = {id(p) for p in model.parameters()}
+    groups: dict[int, list[str]] = {}
+    for key, tensor in kept.items():
+        groups.setdefault(id(tensor), []).append(key)
+    names = {group[0]: group for group in groups.values() if any(k in base_state for k in group)}
+    aliases = {alias: canonical for canonical, group in names.items() for alias in group if alias != canonical}
+    trained: dict[str, torch.Tensor] = {}
+    frozen: dict[str, torch.Tensor] = {}
+    for canonical, group in names.items():
+        tensor = kept[canonical]
+        value = next((base_state[k] for k in group if k in base_state), None)
+        if value is None:
+            raise ValueError(f"save_pretrained(state_dict=...) lacks {canonical!r}; pass the model's full state dict.")
+        if id(tensor) not in param_ids:
+            trains = True
+        elif trainable is None:
+            trains = tensor.requires_grad
+        else:
+            trains = any(k in trainable for k in group)
+        (trained if trains else frozen)[canonical] = value
+    return trained, frozen, aliases
+
+
+def base_fingerprint(frozen: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The fingerprint of the frozen base tensors: per tensor its dtype, shape and `tensor_sha256`, and one SHA-256
+    over that table."""
+    digests = tensor_digests(frozen)
+    tensors = {
+        name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": digests[name]}
+        for name, t in sorted(frozen.items())
+    }
+    table = json.dumps(tensors, sort_keys=True).encode("utf-8")
+    return {"algorithm": "sha256", "tensors": tensors, "sha256": hashlib.sha256(table).hexdigest()}
+
+
+def describe_base_reference(reference: dict[str, Any]) -> str:
+    """`name` (revision `rev`) of a checkpoint's base reference, for messages."""
+    name = reference.get("name_or_path")
+    if not name:
+        return "no base (the model it was saved from had no name or path)"
+    revision = reference.get("revision")
+    return f"{name!r}" + (f" at revision {revision}" if revision else "")
+
+
+def _base_fix(entry: dict[str, Any]) -> str:
+    return (
+        f"Load it with the base it was trained on, unchanged ({describe_base_reference(entry['reference'])}): "
+        "`DendriticModel.from_pretrained(folder, base_model=...)` takes a path, a Hub id or the model itself. A base "
+        "with other weights (another revision or dtype, a fine-tuned copy) would silently change the outputs."
+    )
+
+
+def check_adapter_only_keys(
+    directory: str,
+    payload: dict[str, Any],
+    trained: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor],
+    architecture: str,
+) -> None:
+    """The base model (its non-dendrite `state_dict()` entries, `model_state`) has exactly the entries the
+    adapter-only checkpoint covers (frozen, trained, tied names) and the trained ones with the saved shapes."""
+    entry = payload["base_model"]
+    path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+    covered = set(entry["fingerprint"]["tensors"]) | set(trained) | set(entry.get("aliases", {}))
+    missing, extra = sorted(covered - set(model_state)), sorted(set(model_state) - covered)
+    if missing or extra:
+        detail = []
+        if missing:
+            detail.append(f"the checkpoint has {len(missing)} tensor(s) the model lacks, e.g. {missing[:3]}")
+        if extra:
+            detail.append(f"the model has {len(extra)} tensor(s) the checkpoint does not cover, e.g. {extra[:3]}")
+        raise CheckpointError(
+            f"{path}: the base model ({architecture}) does not match the adapter-only checkpoint ({'; '.join(detail)}). "
+            + _base_fix(entry)
+        )
+    for key, tensor in sorted(trained.items()):
+        if tuple(tensor.shape) != tuple(model_state[key].shape):
+            raise CheckpointError(
+                f"{os.path.join(directory, DENDRITE_TRAINED_BASE_NAME)}: {key} has shape {tuple(tensor.shape)}, but the "
+                f"model's has {tuple(model_state[key].shape)}: the base model does not match the checkpoint. "
+                + _base_fix(entry)
+            )
+        if model_state[key].device.type == "meta":
+            raise CheckpointError(f"Cannot load {key} in place: the model keeps it offloaded (meta device).")
+
+
+def check_base_fingerprint(
+    directory: str, payload: dict[str, Any], model_state: dict[str, torch.Tensor], base: str
+) -> None:
+    """The frozen tensors of the base model (`model_state`: its `state_dict()` entries, names relative to the
+    wrapped model; `base` says where it came from) are the ones the adapter-only checkpoint was trained on: same
+    dtype, shape and SHA-256, else `CheckpointError` naming the tensors and the fix."""
+    entry = payload["base_model"]
+    recorded = entry["fingerprint"]["tensors"]
+    path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+    missing = sorted(set(recorded) - set(model_state))
+    if missing:
+        raise CheckpointError(
+            f"{path}: the base model ({base}) lacks {len(missing)} frozen tensor(s) of the checkpoint's base, e.g. "
+            f"{missing[:3]}. " + _base_fix(entry)
+        )
+    offloaded = sorted(name for name in recorded if model_state[name].device.type == "meta")
+    if offloaded:
+        raise CheckpointError(
+            f"Cannot check the base model's frozen weights against {path}: {offloaded[:3]} are offloaded (meta "
+            "device). Load the base without disk offloading."
+        )
+    for name, info in sorted(recorded.items()):
+        tensor = model_state[name]
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != info.get("dtype"):
+            raise CheckpointError(
+                f"{path}: the base model ({base}) has {name} in {dtype}, but the checkpoint was trained on a base in "
+                f"{info.get('dtype')}: load the base with dtype=torch.{info.get('dtype')}. " + _base_fix(entry)
+            )
+        if list(tensor.shape) != list(info.get("shape", [])):
+            raise CheckpointError(
+                f"{path}: the base model ({base}) has {name} of shape {tuple(tensor.shape)}, but the checkpoint's base "
+                f"had {tuple(info.get('shape', []))}. " + _base_fix(entry)
+            )
+    digests = tensor_digests({name: model_state[name] for name in recorded})
+    differ = sorted(name for name, info in recorded.items() if digests[name] != info.get("sha256"))
+    if differ:
+        raise CheckpointError(
+            f"{path}: the base model ({base}) is not the one the checkpoint was trained on: {len(differ)} of its "
+            f"{len(recorded)} frozen tensors have other values (fingerprint mismatch), e.g. {differ[:3]}. "
+            + _base_fix(entry)
+        )
+
+
+def read_trained_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trained base entries of an adapter-only checkpoint (`dendrite_base_trained.safetensors`), after checking
+    the file's SHA-256."""
+    path = os.path.join(directory, DENDRITE_TRAINED_BASE_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint in {directory} is incomplete; save or download it again.")
+    _check_sha256(directory, payload, DENDRITE_TRAINED_BASE_NAME)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); save the checkpoint again.") from err
+
+
+def cached_hub_commit(repo_id: str) -> Optional[str]:
+    """The commit that `repo_id`'s main branch points to in the local Hub cache (where a model loaded from the Hub
+    has its files), or None. transformers does not record the commit a model was loaded at; this is the commit a
+    load of the default branch used."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, CONFIG_NAME)
+    except ValueError:  # not a repo id
+        return None
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None
+
+
+def checkpoint_save_options(requires_grad: dict[str, bool]) -> dict[str, Any]:
+    """How a Trainer checkpoint is saved (`save_pretrained` arguments), given the run's trainability: for every base
+    parameter (names of `DendriticModel.named_parameters()`), whether the user lets it train.
+
+    A run that freezes any of them writes adapter-only checkpoints holding only what trains: the frozen weights
+    cannot change during the run, so a resume (into the same base, checked by the fingerprint) is exact. The run's
+    flags are passed because the schedule freezes the base for a while (dendrites-only phase, candidate phase).
+    """
+    if all(requires_grad.values()):
+        return {}
+    return {"adapter_only": True, "trainable": {name for name, flag in requires_grad.items() if flag}}
+
+
+def frozen_state_names(directory: str) -> set[str]:
+    """The state names (relative to the wrapped model) that checkpoint `directory` fingerprints instead of storing:
+    empty for a full checkpoint (or a folder without `dendrite_config.json`)."""
+    path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return set()
+    payload = read_json_file(path, CheckpointError, "the checkpoint is damaged")
+    if not is_adapter_only(payload):
+        return set()
+    entry = payload["base_model"]
+    return set(entry["fingerprint"].get("tensors", {})) | set(entry.get("aliases", {}))
 
 
 def load_dendritic_state(model: Any, directory: Union[str, os.PathLike]) -> None:

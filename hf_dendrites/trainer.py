@@ -575,7 +575,8 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             processing_class = self.processing_class
             if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
                 processing_class = self.data_collator.tokenizer
-            dm.save_pretrained(output_dir, processing_class=processing_class)
+            options = self.dendrite_callback.save_options(output_dir, _internal_call)  # adapter-only for a frozen base
+            dm.save_pretrained(output_dir, processing_class=processing_class, **options)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
             is_checkpoint = os.path.basename(os.path.normpath(output_dir)) == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if _internal_call and self.is_in_train and is_checkpoint:

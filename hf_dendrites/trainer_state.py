@@ -15,7 +15,9 @@ A checkpoint folder holds, next to the model files and the Trainer's own files:
   * otherwise, when an earlier checkpoint already holds the snapshot, its files are hard-linked into
     `dendrite_snapshots/<name>/` (a copy where the file system refuses links), so rotation with
     `save_total_limit` never loses them and they cost no disk space twice;
-  * otherwise the snapshot is written once, as `dendrite_snapshots/<name>.safetensors`.
+  * otherwise the snapshot is written once, as `dendrite_snapshots/<name>.safetensors`; in an adapter-only
+    checkpoint (a run whose base is frozen) without the frozen tensors that the checkpoint's model files fingerprint,
+    which are taken from the model when the snapshot is read back.
 - `dendrite_candidates.safetensors`, during a candidate phase: the candidates (their Adam state is the checkpoint's
   optimizer state).
 
@@ -112,8 +114,9 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _store_snapshot(snapshot: Snapshot, name: str, directory: str, dm) -> dict[str, str]:
-    """Put `snapshot` into checkpoint `directory` at the lowest cost; return how it is stored."""
+def _store_snapshot(snapshot: Snapshot, name: str, directory: str, dm, frozen: set[str]) -> dict[str, str]:
+    """Put `snapshot` into checkpoint `directory` at the lowest cost (without the `frozen` entries, which the
+    checkpoint's adapter-only model files fingerprint); return how it is stored."""
     if snapshot.matches(dm):
         snapshot.location = ("model", directory)
         return {"kind": "model", "path": "."}
@@ -133,7 +136,8 @@ def _store_snapshot(snapshot: Snapshot, name: str, directory: str, dm) -> dict[s
         from safetensors.torch import save_file
 
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in snapshot.state.items()}, target + ".tmp", metadata={"format": "pt"})
+        tensors = {k: v.contiguous() for k, v in snapshot.state.items() if k not in frozen}
+        save_file(tensors, target + ".tmp", metadata={"format": "pt"})
         os.replace(target + ".tmp", target)
     snapshot.location = ("tensors", target)
     return {"kind": "tensors", "path": relative}
@@ -156,8 +160,11 @@ def write_schedule_state(
     stored once) or None. `candidates` / `correlation`: a running candidate phase's tensors and JSON state.
     `weights`: which evaluation the checkpoint's model weights are (`DendriteScheduleCallback.weights`), or None.
     """
+    from .saving import frozen_state_names
+
     info: dict[str, Any] = {}
     stored: dict[int, str] = {}
+    frozen = {f"model.{n}" for n in frozen_state_names(directory)}  # names of `dm.state_dict()`
     for name in SNAPSHOT_NAMES:
         snap = snapshots.get(name)
         if snap is None:
@@ -167,7 +174,7 @@ def write_schedule_state(
         else:
             stored[id(snap)] = name
             info[name] = {"counts": snap.counts, "step": snap.step, "metrics": snap.metrics,
-                          "stored": _store_snapshot(snap, name, directory, dm)}
+                          "stored": _store_snapshot(snap, name, directory, dm, frozen)}
     if candidates is not None:
         from safetensors.torch import save_file
 
@@ -208,9 +215,11 @@ def read_snapshots(directory: str, payload: dict[str, Any], dm) -> dict[str, Sna
     """
     from safetensors.torch import load_file
 
-    from .saving import load_dendritic_state
+    from .saving import frozen_state_names, load_dendritic_state
 
     path = os.path.join(directory, DENDRITE_SCHEDULE_NAME)
+    frozen_names = {f"model.{n}" for n in frozen_state_names(directory)}
+    frozen: dict[str, torch.Tensor] | None = None  # CPU copies of the model's frozen tensors, shared by the snapshots
     legacy: dict[str, torch.Tensor] | None = None
     snaps: dict[str, Snapshot | None] = {}
     for name in SNAPSHOT_NAMES:
@@ -236,6 +245,11 @@ def read_snapshots(directory: str, payload: dict[str, Any], dm) -> dict[str, Sna
                 state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
             else:
                 state = load_file(source, device="cpu") if os.path.isfile(source) else {}
+                if state and frozen_names - set(state):  # stored without the frozen base (adapter-only checkpoint)
+                    if frozen is None:
+                        current = dm.state_dict()
+                        frozen = {k: current[k].detach().to("cpu", copy=True) for k in frozen_names if k in current}
+                    state.update({k: v for k, v in frozen.items() if k not in state})
             location = (stored["kind"], source)
         if not state:
             raise ValueError(f"The {name!r} weights that {path} refers to are missing; the checkpoint is incomplete.")

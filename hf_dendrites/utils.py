@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import Any
 
-from .constants import CHECKPOINT_FORMAT_VERSION
+from .constants import ADAPTER_ONLY_FORMAT_VERSION
 
 
 def library_version() -> str:
@@ -88,10 +88,10 @@ def read_dendrite_config_file(path: str) -> dict[str, Any]:
     if not isinstance(payload, dict) or "dendrite_config" not in payload:
         raise ValueError(f"{path} has no 'dendrite_config' entry; it was not written by hf_dendrites.")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+    if not isinstance(version, int) or version > ADAPTER_ONLY_FORMAT_VERSION:
         raise ValueError(
             f"{path} uses checkpoint format {version!r} (written by hf_dendrites {payload.get('library_version')}), "
-            f"but this hf_dendrites {library_version()} reads format <= {CHECKPOINT_FORMAT_VERSION}; "
+            f"but this hf_dendrites {library_version()} reads format <= {ADAPTER_ONLY_FORMAT_VERSION}; "
             "upgrade with `pip install -U hf_dendrites`."
         )
     return payload

@@ -5,7 +5,7 @@ from dataclasses import fields
 import pytest
 
 from hf_dendrites import DendriteConfig
-from hf_dendrites.constants import CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME
+from hf_dendrites.constants import ADAPTER_ONLY_FORMAT_VERSION, CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME
 
 
 def test_defaults_and_help_texts():
@@ -83,7 +83,7 @@ def test_load_errors_name_the_file(tmp_path):
     path.write_text('{"format_version": 1, "dendrite_con')
     with pytest.raises(ValueError, match="not valid JSON"):
         DendriteConfig.from_pretrained(tmp_path)
-    path.write_text(json.dumps({"format_version": CHECKPOINT_FORMAT_VERSION + 1, "dendrite_config": {}}))
+    path.write_text(json.dumps({"format_version": max(CHECKPOINT_FORMAT_VERSION, ADAPTER_ONLY_FORMAT_VERSION) + 1, "dendrite_config": {}}))
     with pytest.raises(ValueError, match="upgrade"):
         DendriteConfig.from_pretrained(tmp_path)
     path.write_text(json.dumps({"format_version": 1, "dendrite_config": {"activation": "nope"}}))

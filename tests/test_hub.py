@@ -23,7 +23,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from test_saving import PNG_1X1, dendritic, outputs, training_summary, transformers_records
 
-from hf_dendrites import CheckpointError, DendriticModel, get_dendritic_model
+from hf_dendrites import CheckpointError, DendriteConfig, DendriticModel, get_dendritic_model
 from hf_dendrites.constants import PLAIN_LOAD_NOTICE_KEY
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which httpx deprecates: not ours to fix.
@@ -274,3 +274,55 @@ def test_get_dendritic_model_restores_a_hub_checkpoint(hub, hub_env, tmp_path):
     HfApi(token=TOKEN).upload_folder(folder_path=tmp_path / "plain", repo_id="tester/plain-for-scripts")
     plain = transformers.AutoModelForSequenceClassification.from_pretrained("tester/plain-for-scripts")
     assert set(get_dendritic_model(plain).dendrite_counts().values()) == {0}
+
+
+def test_adapter_only_push_loads_its_base_from_the_hub(hub, hub_env, tmp_path):
+    """Issue 18: an adapter-only checkpoint on the Hub references a base that is itself on the Hub (at the commit it
+    was loaded from); a fresh process loads both and gets bit-identical outputs."""
+    from hf_dendrites.constants import DENDRITE_CONFIG_NAME, DENDRITE_TRAINED_BASE_NAME
+
+    api = HfApi(token=TOKEN)
+    api.create_repo("tester/frozen-base")
+    make_tiny("bert").save_pretrained(tmp_path / "base")
+    api.upload_folder(folder_path=tmp_path / "base", repo_id="tester/frozen-base")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained("tester/frozen-base", token=TOKEN)
+    commit = hub.state.repos["tester/frozen-base"].branches["main"]
+    for name, param in base.named_parameters():
+        param.requires_grad_(name.startswith("classifier."))
+    dm = dendritic_from(base)
+
+    repo = "tester/frozen-base-dendrites"
+    dm.push_to_hub(repo, token=TOKEN, adapter_only=True)
+    files = set(hub.files(repo))
+    assert DENDRITE_TRAINED_BASE_NAME in files and not any(f.startswith("model") for f in files)
+    reference = json.loads(hub.file(repo, DENDRITE_CONFIG_NAME))["base_model"]["reference"]
+    assert reference == {"name_or_path": "tester/frozen-base", "revision": commit, "dtype": "float32"}
+
+    inputs = tiny_inputs("bert")
+    logits, meta = load_in_fresh_process(hub_env, tmp_path, repo, inputs)
+    assert torch.equal(logits, outputs(dm)) and meta["counts"] == dm.dendrite_counts()
+
+    # A later commit of the base changes its weights: the checkpoint still loads the commit it was trained on ...
+    make_tiny("bert", seed=4).save_pretrained(tmp_path / "base2")
+    api.upload_folder(folder_path=tmp_path / "base2", repo_id="tester/frozen-base")
+    cache = str(tmp_path / "cache2")
+    assert torch.equal(outputs(DendriticModel.from_pretrained(repo, token=TOKEN, cache_dir=cache)), outputs(dm))
+    # ... and refuses the new one when asked for it.
+    with pytest.raises(CheckpointError, match="fingerprint mismatch"):
+        DendriticModel.from_pretrained(repo, token=TOKEN, cache_dir=cache, base_model="tester/frozen-base")
+
+    # A full push over it replaces the adapter-only files (and the other way round).
+    dm.push_to_hub(repo, token=TOKEN)
+    assert "model.safetensors" in hub.files(repo) and DENDRITE_TRAINED_BASE_NAME not in hub.files(repo)
+
+
+def dendritic_from(model):
+    """`model` converted with grown, non-zero dendrites and a changed head (as after training)."""
+    dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear", dendrite_seed=0, rank=4))
+    dm.add_dendrites(2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in dm.dendrite_parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+        dm.model.classifier.weight.add_(1.0)
+    return dm.eval()
