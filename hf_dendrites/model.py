@@ -32,6 +32,26 @@ from .constants import (
 )
 from .hub import hub_model_id, upload_checkpoint_folder, write_model_card
 from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_for, unsupported_reason
+from .peft_support import (
+    ADAPTER,
+    MODEL,
+    adapter_layer_names,
+    check_not_merged,
+    checkpoint_peft_info,
+    has_peft_layers,
+    install_peft_save_guard,
+    is_peft_model,
+    is_plain_lora_layer,
+    is_tuner_layer,
+    load_adapter_tensors,
+    load_adapters,
+    module_roles,
+    names_adapter_layer,
+    plain_checkpoint_state,
+    plain_key,
+    save_adapters,
+    transformers_model,
+)
 from .saving import (
     CheckpointError,
     base_model_class,
@@ -149,6 +169,8 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         targets = DEFAULT_TARGET_MODULES[model_type]
 
+    if has_peft_layers(model):
+        return _resolve_peft_targets(model, config, targets)
     selected: list[str] = []
     if targets == "all-linear":
         excluded = _all_linear_exclusions(model)
@@ -165,6 +187,47 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
     if not names:
         raise ValueError(_no_match_message(model, config, targets, selected))
     modules = dict(model.named_modules())
+    for name in names:
+        reason = unsupported_reason(modules[name])
+        if reason is not None:
+            raise TypeError(
+                f"Module {name!r} was selected by target_modules={targets!r} but cannot get dendrites: {reason}. "
+                "Narrow `target_modules` or add it to `exclude_modules`."
+            )
+    return names
+
+
+def _resolve_peft_targets(model: nn.Module, config: DendriteConfig, targets: Union[str, list[str]]) -> list[str]:
+    """`resolve_target_modules` for a PeftModel or a model with PEFT layers: targets match the plain model's names
+    (`q_proj` is the layer LoRA wraps, `...q_proj.base_layer`); the adapter's own sublayers are selected only by a
+    list entry that names them (`"lora_A"`, `"q_proj.lora_B"`, ...), whose matching container's layers are taken."""
+    roles = module_roles(model)
+    modules = dict(model.named_modules())
+    adapter_names = adapter_layer_names(model)
+    own = [n for n, (_, role) in roles.items() if role == MODEL]
+    if targets == "all-linear":
+        inner = transformers_model(model)
+        excluded_ids = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
+        selected = [n for n in own if type(modules[n]) in (nn.Linear, Conv1D) and id(modules[n]) not in excluded_ids]
+    else:
+        selected = [n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))]
+        if isinstance(targets, list):
+            entries = [t for t in targets if names_adapter_layer(t, adapter_names)]
+            for name, (plain, role) in roles.items():
+                if role == ADAPTER and entries and _matches(plain, entries):
+                    found = [name] if dendritic_class_for(modules[name]) else [
+                        f"{name}.{c}" for c, child in modules[name].named_children() if dendritic_class_for(child)
+                    ]
+                    selected += [n for n in found if n not in selected]
+    names = selected
+    if config.exclude_modules is not None:
+        names = [n for n in selected if not (_matches(roles[n][0], config.exclude_modules) or _matches(n, config.exclude_modules))]
+    if not names:
+        message = _no_match_message(transformers_model(model), config, targets, selected)
+        raise ValueError(
+            f"{message} In a PEFT model, names are those of the model without PEFT (`q_proj` is the layer LoRA wraps); "
+            f"the adapter's own layers are selected by naming them in a list, e.g. target_modules={sorted(adapter_names)[:2]!r}."
+        )
     for name in names:
         reason = unsupported_reason(modules[name])
         if reason is not None:
@@ -336,8 +399,10 @@ class DendriticModel(nn.Module):
         # The Hub id of the base model that a loaded checkpoint recorded, so that a model loaded from a local folder
         # and saved again keeps its card's `base_model` (see `_base_hub_id`).
         self.base_model_id: Optional[str] = None
-        # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it).
-        self.forward = functools.wraps(model.forward)(functools.partial(DendriticModel._forward, self))
+        # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it); a PeftModel's
+        # forward takes (*args, **kwargs), so the signature is the transformers model's under it.
+        self.forward = functools.wraps(transformers_model(model).forward)(functools.partial(DendriticModel._forward, self))
+        install_peft_save_guard()
         install_pipeline_type_check(DendriticModel)  # pipeline(task, model=self) checks the wrapped model's class
 
     def _forward(self, *args, **kwargs):
@@ -358,6 +423,14 @@ class DendriticModel(nn.Module):
             if isinstance(module, DendriticLayerMixin):
                 yield name, module
 
+    def _checkpoint_layers(self) -> dict[str, DendriticLayerMixin]:
+        """The dendritic layers by the names checkpoints use: the wrapped model's names, or for a PEFT model the
+        plain model's names (`...q_proj`, not `base_model.model....q_proj.base_layer`; see peft_support.py)."""
+        if not has_peft_layers(self.model):
+            return dict(self.dendritic_layers())
+        roles = module_roles(self.model)
+        return {roles[name][0]: layer for name, layer in self.dendritic_layers()}
+
     def dendrite_counts(self) -> dict[str, int]:
         """Number of dendrites of every dendritic layer, by layer name."""
         return {name: layer.num_dendrites for name, layer in self.dendritic_layers()}
@@ -376,7 +449,8 @@ class DendriticModel(nn.Module):
         """Give every dendritic layer `n` more dendrites (default: `dendrite_config.dendrites_per_cycle`).
 
         The new dendrites' output weights are zero, so the model computes exactly what it computed before. New
-        parameters are new `Parameter` objects: rebuild any optimizer afterwards.
+        parameters are new `Parameter` objects: rebuild any optimizer afterwards. Every dendrite parameter is
+        trainable afterwards, whatever froze it before (e.g. `peft.get_peft_model`, which freezes all but the adapter).
         """
         n = self.dendrite_config.dendrites_per_cycle if n is None else n
         if not isinstance(n, int) or n < 1:
@@ -384,6 +458,8 @@ class DendriticModel(nn.Module):
         generator = self._growth_generator()
         for _, layer in self.dendritic_layers():
             layer.add_dendrites(n, generator=generator)
+            for param in layer.dendrite_parameters():
+                param.requires_grad_(True)
         self.growth_count += 1
 
     def set_dendrite_counts(self, counts: Union[int, dict[str, int]], *, initialize: bool = True) -> None:
@@ -636,6 +712,44 @@ class DendriticModel(nn.Module):
         del self.model
         return model
 
+    def merge_and_unload(self, **kwargs: Any) -> "DendriticModel":
+        """For a `DendriticModel` wrapping a LoRA `PeftModel`: merge the adapter into the base weights
+        (`PeftModel.merge_and_unload(**kwargs)`) and return a `DendriticModel` of the plain transformers model, with
+        the same dendrites (same Parameter objects), `growth_count` and training summary.
+
+        The dendrites read the layer's input, so merging LoRA's update into the weight leaves them as they were.
+        Refused for dendrites on the adapter's own layers (merging would drop them) and for adapters other than
+        plain LoRA (DoRA, IA3, LoHa, ... rescale what the base layer computes, dendrites included). This
+        `DendriticModel` is unusable afterwards. See docs/peft.md.
+        """
+        if not is_peft_model(self.model):
+            raise ValueError(
+                "merge_and_unload() merges the PEFT adapter of a DendriticModel that wraps a PeftModel; this one wraps "
+                f"a {type(self.model).__name__}. When LoRA was added after the dendrites (`get_peft_model(dm.model, "
+                "...)`), call merge_and_unload() on that PeftModel: `dm` then holds the merged model."
+            )
+        roles = module_roles(self.model)
+        on_adapter = [name for name, _ in self.dendritic_layers() if roles[name][1] == ADAPTER]
+        if on_adapter:
+            raise ValueError(
+                f"Cannot merge: {on_adapter[0]!r} (and {len(on_adapter) - 1} more) is a layer of the adapter with "
+                "dendrites, which merging the adapter into the base weights would drop. Save the model as it is "
+                "(`save_pretrained`) instead."
+            )
+        other = [n for n, m in self.model.named_modules() if is_tuner_layer(m) and not is_plain_lora_layer(m)]
+        if other:
+            raise ValueError(
+                f"Cannot merge {type(self.model.get_submodule(other[0])).__module__} layers such as {other[0]!r} with "
+                "dendrites: only plain LoRA (no DoRA) adds its update to the layer's output, which merging keeps exact "
+                "with the dendrites."
+            )
+        merged = self.model.merge_and_unload(**kwargs)
+        dm = DendriticModel(merged, self.dendrite_config)
+        dm.growth_count, dm.training_summary, dm.base_model_id = self.growth_count, self.training_summary, self.base_model_id
+        dm.train(merged.training)
+        del self.model
+        return dm
+
     # ------------------------------------------------------------------ saving and loading (files: saving.py, card: hub.py)
     def save_pretrained(
         self,
@@ -736,14 +850,21 @@ class DendriticModel(nn.Module):
             else:
                 logger.warning("Training curve %s not found; the model card will not show it.", curve)
 
+        peft = has_peft_layers(self.model)
+        if peft:
+            check_not_merged(self.model, "DendriticModel.save_pretrained")
         prepare_save_directory(directory)
         model_state = self.model.state_dict()
         base_state, dendrite_state = split_state_dict(state_dict, model_state, set(self.dendrite_state_dict()))
+        layers = self.dendrite_counts()
+        if peft:  # the plain model's names, so the base files load into the transformers class (peft_support.py)
+            base_state, dendrite_state, layers = plain_checkpoint_state(self.model, base_state, dendrite_state, layers)
         summary = self.dendrite_summary()
         base_files = save_base_weights(
-            self.model, directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
+            transformers_model(self.model), directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
         )
         save_dendrite_weights(directory, dendrite_state)
+        adapters, adapter_files = save_adapters(self.model, directory) if peft else ([], [])
 
         if curve_bytes is not None:
             atomic_write_bytes(os.path.join(directory, TRAINING_CURVE_NAME), curve_bytes)
@@ -753,7 +874,7 @@ class DendriticModel(nn.Module):
         base_id = self._base_hub_id()
         write_model_card(
             directory,
-            architecture=type(self.model).__name__,
+            architecture=type(transformers_model(self.model)).__name__,
             model_type=getattr(config, "model_type", None),
             name_or_path=base_id,
             dendrite_config=self.dendrite_config.to_dict(),
@@ -768,21 +889,22 @@ class DendriticModel(nn.Module):
         write_checkpoint_metadata(
             directory,
             dendrite_config=self.dendrite_config.to_dict(),
-            layers=self.dendrite_counts(),
+            layers=layers,
             growth_count=self.growth_count,
             base_model={
-                "architecture": type(self.model).__name__,
+                "architecture": type(transformers_model(self.model)).__name__,
                 "model_type": getattr(config, "model_type", None),
                 # A Hub id only: a local path means nothing elsewhere (and would leak into pushed files).
                 "name_or_path": base_id,
+                **({"peft": {"adapters": adapters}} if peft else {}),
             },
-            base_files=base_files,
+            base_files=base_files + adapter_files,
             training_summary=training,
         )
         logger.info(
             "Saved dendritic model (%d dendrites in %d layers) to %s", summary.num_dendrites, len(summary.layers), directory
         )
-        own = {*base_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
+        own = {*base_files, *adapter_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
 
     def _base_hub_id(self) -> Optional[str]:
@@ -835,6 +957,7 @@ class DendriticModel(nn.Module):
         cache_dir: Optional[str] = None,
         force_download: bool = False,
         local_files_only: bool = False,
+        is_trainable: Optional[bool] = None,
         **model_kwargs: Any,
     ) -> "DendriticModel":
         """Load a model saved by `save_pretrained` / `push_to_hub` from a folder or a Hub repo id.
@@ -849,6 +972,9 @@ class DendriticModel(nn.Module):
         (`hf_dendrites.modeling_mean_pooled`); code in the folder itself runs only with `trust_remote_code=True`.
         From the Hub only JSON configs and safetensors files are downloaded (`revision`, `token`, `cache_dir`,
         `force_download` and `local_files_only` as in `huggingface_hub.snapshot_download`).
+
+        A checkpoint of a PEFT model (docs/peft.md) comes back as a `DendriticModel` wrapping a `PeftModel` with its
+        adapters (`is_trainable`, as in `PeftModel.from_pretrained`: False, the default, loads them frozen).
 
         This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
         them): pass the result to `DendriticTrainer`.
@@ -885,6 +1011,11 @@ class DendriticModel(nn.Module):
         if getattr(model, "config", None) is not None:
             # What the user asked for (repo id or folder), as transformers records it, not the cache folder.
             model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
+        peft = checkpoint_peft_info(payload)
+        if peft is not None:  # rebuilt as saved: the transformers model, in a PeftModel with the adapters, converted
+            model = load_adapters(model, directory, peft["adapters"], is_trainable=bool(is_trainable))
+        elif is_trainable is not None:
+            raise ValueError(f"is_trainable= applies to checkpoints of PEFT models; {directory} holds no adapter.")
         config = DendriteConfig.from_dict(payload["dendrite_config"])
         dm = get_dendritic_model(model, config, restore_dendrites=False)
         dm._load_dendrites(directory, payload)
@@ -897,12 +1028,13 @@ class DendriticModel(nn.Module):
         Every tensor is read and checked before the model changes; new dendrites are created uninitialised since
         every value is overwritten. Restores `growth_count` and `training_summary` too.
         """
-        layers = dict(self.dendritic_layers())
-        check_layer_names(directory, payload, set(layers), type(self.model).__name__)
+        layers = self._checkpoint_layers()
+        check_layer_names(directory, payload, set(layers), type(transformers_model(self.model)).__name__)
         counts = payload["layers"]
         expected = {name: layers[name].expected_dendrite_shapes(k) for name, k in counts.items()}
         tensors = read_dendrite_tensors(directory, payload, expected)
-        self.set_dendrite_counts(counts, initialize=False)
+        names = {id(layer): name for name, layer in self.dendritic_layers()}
+        self.set_dendrite_counts({names[id(layers[name])]: k for name, k in counts.items()}, initialize=False)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 layer_name, _, pname = name.rpartition(".")
@@ -934,20 +1066,31 @@ class DendriticModel(nn.Module):
         directory = os.fspath(directory)
         payload = read_checkpoint_metadata(directory)
         check_dendrite_kind(directory, payload, self.dendrite_config)
-        layers = dict(self.dendritic_layers())
-        architecture = type(self.model).__name__
+        peft = checkpoint_peft_info(payload)
+        if (peft is not None) != has_peft_layers(self.model):
+            raise CheckpointError(
+                f"{directory} was saved from a model {'with' if peft else 'without'} PEFT adapters, but this model has "
+                f"{'none' if peft else 'some'}: load it with `DendriticModel.from_pretrained` (docs/peft.md)."
+            )
+        layers = self._checkpoint_layers()
+        architecture = type(transformers_model(self.model)).__name__
         check_layer_names(directory, payload, set(layers), architecture)
         base = read_base_tensors(directory, payload)
-        dendrite_keys = set(self.dendrite_state_dict()) | {
+        roles = module_roles(self.model) if peft else {}
+        # The model's tensors by the checkpoint's names (a PEFT model's plain names, without the adapter's).
+        names = {k: (plain_key(k, roles) if peft else (k, MODEL)) for k in self.model.state_dict(keep_vars=True)}
+        dendrite_keys = {names[k][0] for k in self.dendrite_state_dict()} | {
             f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
         }
         by_id: dict[int, list[str]] = {}  # a tied weight appears under several names and is saved under one
         for name, tensor in [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers(remove_duplicate=False)]:
-            by_id.setdefault(id(tensor), []).append(name)
+            if names.get(name, (name, MODEL))[1] == MODEL:
+                by_id.setdefault(id(tensor), []).append(names.get(name, (name, MODEL))[0])
+        model_state = {names[k][0]: v for k, v in self.model.state_dict().items() if names[k][1] == MODEL}
         check_base_tensors(
             directory,
             base,
-            self.model.state_dict(),
+            model_state,
             dendrite_keys=dendrite_keys,
             tied_aliases={name: set(names) - {name} for names in by_id.values() for name in names},
             ignore_patterns=list(getattr(self.model, "_keys_to_ignore_on_save", None) or []),
@@ -955,9 +1098,11 @@ class DendriticModel(nn.Module):
         )
         self._load_dendrites(directory, payload)
         with torch.no_grad():
-            state = self.model.state_dict(keep_vars=True)
+            state = {names[k][0]: v for k, v in self.model.state_dict(keep_vars=True).items() if names[k][1] == MODEL}
             for key, (_, tensor) in base.items():
                 state[key].copy_(tensor)
+        if peft:
+            load_adapter_tensors(self.model, directory, peft["adapters"])
         logger.info("Loaded dendritic checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
 
     def push_to_hub(

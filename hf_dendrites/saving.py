@@ -51,6 +51,7 @@ from .constants import (
     CHECKPOINT_FORMAT_VERSION,
     DENDRITE_CONFIG_NAME,
     DENDRITE_WEIGHTS_NAME,
+    PEFT_ADAPTER_FILE_PATTERN,
     PLAIN_LOAD_NOTICE_KEY,
     TRAINING_CURVE_NAME,
 )
@@ -59,6 +60,7 @@ from .utils import atomic_write_text, library_version, read_dendrite_config_file
 logger = logging.getLogger(__name__)
 
 BASE_WEIGHT_FILE_RE = re.compile(BASE_WEIGHT_FILE_PATTERN)
+PEFT_ADAPTER_FILE_RE = re.compile(PEFT_ADAPTER_FILE_PATTERN)
 # Fetched from the Hub first; then only the safetensors weight files that dendrite_config.json lists (never a pickle).
 HUB_CONFIG_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME, DENDRITE_CONFIG_NAME)
 
@@ -289,7 +291,9 @@ def read_checkpoint_metadata(directory: Union[str, os.PathLike], *, check_files:
         raise CheckpointError(
             f"{path} lacks the 'files' manifest or 'base_model' entry; the file is damaged, save the model again."
         )
-    strange = sorted(n for n in files if not (BASE_WEIGHT_FILE_RE.fullmatch(n) or n == DENDRITE_WEIGHTS_NAME))
+    strange = sorted(
+        n for n in files if not (BASE_WEIGHT_FILE_RE.fullmatch(n) or n == DENDRITE_WEIGHTS_NAME or PEFT_ADAPTER_FILE_RE.fullmatch(n))
+    )
     if strange:
         raise CheckpointError(
             f"{path} lists unexpected files {strange[:3]} (only safetensors weight files belong there); the file is damaged."
@@ -432,7 +436,7 @@ def training_summary_from_metadata(directory: str, payload: dict[str, Any]) -> O
 def read_base_tensors(directory: str, payload: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
     """{state name: (file, tensor)} for the base weight files listed in the manifest (safetensors only), without the
     plain-load notice tensor."""
-    names = [n for n in payload["files"] if n != DENDRITE_WEIGHTS_NAME and not n.endswith(".json")]
+    names = [n for n in payload["files"] if BASE_WEIGHT_FILE_RE.fullmatch(n) and not n.endswith(".json")]
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for name in sorted(names):
         path = os.path.join(directory, name)
@@ -534,7 +538,9 @@ def resolve_checkpoint_dir(
     except CheckpointError as err:
         raise CheckpointError(f"Hub repo {path!r} (revision {revision or 'main'}): {err}") from err
     commit = os.path.basename(os.path.normpath(folder))  # the cache's snapshots/<commit hash> folder
-    weights = sorted(name for name in payload["files"] if name.endswith((".safetensors", ".safetensors.index.json")))
+    weights = sorted(
+        name for name in payload["files"] if name.endswith((".safetensors", ".safetensors.index.json")) or PEFT_ADAPTER_FILE_RE.fullmatch(name)
+    )
     return snapshot_download(path, revision=commit, allow_patterns=weights + (["*.py"] if code else []), **kwargs)
 
 
