@@ -1078,15 +1078,19 @@ class DendriticModel(nn.Module):
         base = read_base_tensors(directory, payload)
         roles = module_roles(self.model) if peft else {}
         # The model's tensors by the checkpoint's names (a PEFT model's plain names, without the adapter's).
-        names = {k: (plain_key(k, roles) if peft else (k, MODEL)) for k in self.model.state_dict(keep_vars=True)}
-        dendrite_keys = {names[k][0] for k in self.dendrite_state_dict()} | {
+
+        def checkpoint_key(key: str) -> tuple[str, str]:
+            return plain_key(key, roles) if peft else (key, MODEL)
+
+        dendrite_keys = {checkpoint_key(k)[0] for k in self.dendrite_state_dict()} | {
             f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
         }
         by_id: dict[int, list[str]] = {}  # a tied weight appears under several names and is saved under one
         for name, tensor in [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers(remove_duplicate=False)]:
-            if names.get(name, (name, MODEL))[1] == MODEL:
-                by_id.setdefault(id(tensor), []).append(names.get(name, (name, MODEL))[0])
-        model_state = {names[k][0]: v for k, v in self.model.state_dict().items() if names[k][1] == MODEL}
+            plain, role = checkpoint_key(name)
+            if role == MODEL:
+                by_id.setdefault(id(tensor), []).append(plain)
+        model_state = {checkpoint_key(k)[0]: v for k, v in self.model.state_dict().items() if checkpoint_key(k)[1] == MODEL}
         check_base_tensors(
             directory,
             base,
@@ -1098,7 +1102,7 @@ class DendriticModel(nn.Module):
         )
         self._load_dendrites(directory, payload)
         with torch.no_grad():
-            state = {names[k][0]: v for k, v in self.model.state_dict(keep_vars=True).items() if names[k][1] == MODEL}
+            state = {checkpoint_key(k)[0]: v for k, v in self.model.state_dict(keep_vars=True).items() if checkpoint_key(k)[1] == MODEL}
             for key, (_, tensor) in base.items():
                 state[key].copy_(tensor)
         if peft:
@@ -1195,6 +1199,12 @@ def get_dendritic_model(
     """
     if isinstance(model, DendriticModel):
         raise ValueError("This model is already a DendriticModel; grow it with `add_dendrites()` instead of converting it again.")
+    if any(isinstance(m, DendriticLayerMixin) for m in model.modules()) and has_peft_layers(model):
+        raise ValueError(
+            "This PEFT model's layers already have dendrites (PEFT was applied after `get_dendritic_model`): keep "
+            "using the DendriticModel that `get_dendritic_model` returned (PEFT changed its `.model` in place) with "
+            "DendriticTrainer and save_pretrained. See docs/peft.md."
+        )
     if any(isinstance(m, DendriticLayerMixin) for m in model.modules()):
         raise ValueError(
             "This model already contains dendritic layers; wrap it once with `get_dendritic_model`, or call "
@@ -1207,6 +1217,13 @@ def get_dendritic_model(
         checkpoint = find_dendritic_checkpoint(source, revision=revision)
         if checkpoint is not None:
             payload = read_checkpoint_metadata(checkpoint, check_files=False)
+            if checkpoint_peft_info(payload) is not None:
+                raise ValueError(
+                    f"{source} is a checkpoint of a PEFT model with dendrites: its adapter is in its "
+                    f"`peft_adapter` folder, which loading the base model alone leaves out. Load it with "
+                    f"`DendriticModel.from_pretrained({source!r})` (see docs/peft.md), or pass restore_dendrites=False "
+                    "to start from its base weights with zero dendrites and no adapter."
+                )
             saved = DendriteConfig.from_dict(payload["dendrite_config"])
             config = saved if config is None else _inherit_structure(config, saved)
             _check_restorable(model, config, saved, payload, source)
@@ -1269,6 +1286,10 @@ def _check_restorable(
     )
     saved_arch = payload["base_model"].get("architecture")
     layers = set(resolve_target_modules(model, config))
+    if has_peft_layers(model):  # the checkpoint's names are the plain model's
+        roles = module_roles(model)
+        layers = {roles[name][0] for name in layers}
+        model = transformers_model(model)
     if layers != set(payload["layers"]):
         if saved_arch and saved_arch != type(model).__name__:
             raise CheckpointError(

@@ -154,6 +154,12 @@ def check_not_merged(model: nn.Module, what: str) -> None:
         )
 
 
+def _without_dendrites(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` without the dendrite tensors, which PEFT would take for the adapter's: it keeps every
+    tensor whose name contains "lora_" (low-rank dendrites are `dendrite_lora_A`) or lies in an adapter sublayer."""
+    return {k: v for k, v in model.state_dict().items() if not k.rpartition(".")[2].startswith("dendrite_")}
+
+
 def save_adapters(model: nn.Module, directory: str) -> tuple[list[str], list[str]]:
     """Write the PEFT adapters of `model` (a PeftModel, or a model with PEFT layers injected) into
     `<directory>/peft_adapter/` as PEFT writes them (`adapter_config.json`, `adapter_model.safetensors`; an adapter
@@ -172,13 +178,8 @@ def save_adapters(model: nn.Module, directory: str) -> tuple[list[str], list[str
         relative = PEFT_ADAPTER_DIR if adapter == "default" else f"{PEFT_ADAPTER_DIR}/{adapter}"
         folder = os.path.join(directory, relative)
         os.makedirs(folder, exist_ok=True)
-        state = get_peft_model_state_dict(inner, adapter_name=adapter)
-        # PEFT keeps every tensor whose name contains "lora_", which includes low-rank dendrites (`dendrite_lora_A`).
-        state = {
-            "base_model.model." + k: v.detach().cpu().contiguous()
-            for k, v in state.items()
-            if not k.rpartition(".")[2].startswith("dendrite_")
-        }
+        state = get_peft_model_state_dict(inner, state_dict=_without_dendrites(inner), adapter_name=adapter)
+        state = {"base_model.model." + k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(folder)
         adapters.append(adapter)
@@ -215,10 +216,7 @@ def load_adapter_tensors(model: nn.Module, directory: str, adapters: list[str]) 
         relative = PEFT_ADAPTER_DIR if adapter == "default" else f"{PEFT_ADAPTER_DIR}/{adapter}"
         path = os.path.join(directory, relative, ADAPTER_WEIGHTS_NAME)
         saved = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
-        current = {
-            k: v for k, v in get_peft_model_state_dict(inner, adapter_name=adapter).items()
-            if not k.rpartition(".")[2].startswith("dendrite_")
-        }
+        current = get_peft_model_state_dict(inner, state_dict=_without_dendrites(inner), adapter_name=adapter)
         wrong = sorted(set(saved) ^ set(current)) or sorted(k for k in saved if saved[k].shape != current[k].shape)
         if wrong:
             raise CheckpointError(f"{path} does not match the model's adapter {adapter!r} (e.g. {wrong[0]!r}).")

@@ -1,6 +1,7 @@
 """PEFT models with dendrites (docs/peft.md): which layers get dendrites, training, saving and reloading in both
 orders of wrapping, merging, and the paths that would lose dendrites."""
 
+import inspect
 import os
 
 import pytest
@@ -62,9 +63,10 @@ def test_targets_name_the_models_own_layers_never_the_adapters(targets):
     assert torch.isfinite(logits(dm)).all()
 
 
-def test_other_adapter_kinds_that_wrap_a_layer_convert_the_same_way():
+@pytest.mark.parametrize("targets", [None, ["k_proj", "down_proj"], "all-linear"])
+def test_other_adapter_kinds_that_wrap_a_layer_convert_the_same_way(targets):
     pm = get_peft_model(make_tiny("llama"), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
-    dm = get_dendritic_model(pm, DendriteConfig(target_modules="all-linear"))
+    dm = get_dendritic_model(pm, DendriteConfig(target_modules=targets))
     names = dendritic_names(dm.model)
     assert PREFIX + "model.layers.0.self_attn.k_proj.base_layer" in names
     assert PREFIX + "model.layers.0.mlp.down_proj.base_layer" in names
@@ -99,6 +101,12 @@ def _lm_dataset(n, seed):
         ids = torch.randint(1, 99, (8,), generator=g).tolist()
         rows.append({"input_ids": ids, "attention_mask": [1] * 8, "labels": ids, "text": "unused column"})
     return Dataset.from_list(rows)
+
+
+def test_the_forward_signature_is_the_transformers_models():
+    """The Trainer drops dataset columns by it: a PeftModel's (*args, **kwargs) dropped every column."""
+    dm = get_dendritic_model(lora_llama(), DendriteConfig(target_modules="all-linear"))
+    assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(dm.forward).parameters)
 
 
 def test_trainer_takes_a_peft_model_and_its_growth_trains_dendrites_not_the_frozen_base(tmp_path):
@@ -235,3 +243,29 @@ def test_merge_and_unload_gives_a_plain_dendritic_model(tmp_path):
     dendrites_first, pm = _dendrites_then_lora()
     with pytest.raises(ValueError, match="call merge_and_unload\\(\\) on that PeftModel"):
         dendrites_first.merge_and_unload()
+
+
+def test_lora_on_a_model_loaded_from_a_dendritic_checkpoint_keeps_its_dendrites(tmp_path):
+    """A plain dendritic checkpoint, loaded by transformers, wrapped with LoRA, then converted: the checkpoint's
+    dendrites are restored on the layers LoRA wraps."""
+    import transformers
+
+    dm = get_dendritic_model(make_tiny("llama"), DendriteConfig(target_modules=["q_proj", "o_proj"], dendrite_seed=0))
+    dm.add_dendrites(2)
+    perturb(dm)
+    dm.save_pretrained(tmp_path)
+    pm = get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path), LoraConfig(**LORA))
+    restored = get_dendritic_model(pm)
+    assert sorted(restored.dendrite_counts().values()) == [2] * 4
+    torch.testing.assert_close(logits(restored), logits(dm), rtol=0, atol=0)  # LoRA starts at zero
+
+
+def test_the_paths_that_would_leave_the_adapter_or_the_dendrites_behind_say_what_to_do(tmp_path):
+    import transformers
+
+    _lora_then_dendrites().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="DendriticModel.from_pretrained"):  # base + dendrites, adapter left out
+        get_dendritic_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    _, pm = _dendrites_then_lora()
+    with pytest.raises(ValueError, match="keep using the DendriticModel that `get_dendritic_model` returned"):
+        DendriticTrainer(pm, DendriticTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[]))
