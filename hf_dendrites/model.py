@@ -419,6 +419,7 @@ class DendriticModel(nn.Module):
     # ------------------------------------------------------------------ layers
     def dendritic_layers(self) -> Iterator[tuple[str, DendriticLayerMixin]]:
         """(name, layer) for every dendritic layer, names relative to the wrapped model."""
+        install_peft_save_guard()  # peft may have been imported since this model was built (docs/peft.md)
         for name, module in self.model.named_modules():
             if isinstance(module, DendriticLayerMixin):
                 yield name, module

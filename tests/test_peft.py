@@ -109,32 +109,42 @@ def test_the_forward_signature_is_the_transformers_models():
     assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(dm.forward).parameters)
 
 
-def test_trainer_takes_a_peft_model_and_its_growth_trains_dendrites_not_the_frozen_base(tmp_path):
-    """Failed with `No columns in the dataset match the model's forward method signature`."""
+def _peft_trainer(output_dir):
     args = DendriticTrainingArguments(
-        output_dir=str(tmp_path), eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-        max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, dendrite_patience=[1],
+        output_dir=str(output_dir), eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        max_steps=7, per_device_train_batch_size=4, learning_rate=1e-2, dendrite_patience=[1],
         dendrite_improvement_threshold=[10.0], max_dendrite_cycles=1, report_to=[], disable_tqdm=True, use_cpu=True,
         seed=0,
     )
-    pm = lora_llama()
-    base_before = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad}
-    trainer = DendriticTrainer(
-        pm, args, train_dataset=_lm_dataset(32, 1), eval_dataset=_lm_dataset(8, 2),
+    return DendriticTrainer(
+        lora_llama(), args, train_dataset=_lm_dataset(32, 1), eval_dataset=_lm_dataset(8, 2),
         dendrite_config=DendriteConfig(target_modules=["q_proj", "o_proj"]),
     )
+
+
+def test_trainer_takes_a_peft_model_and_its_growth_trains_dendrites_not_the_frozen_base(tmp_path):
+    """Failed with `No columns in the dataset match the model's forward method signature`."""
+    trainer = _peft_trainer(tmp_path)
+    base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert trainer.label_names == ["labels"]
     trainer.train()
     dm = trainer.model
     assert set(dm.dendrite_counts().values()) == {1}  # grew once
     assert all(p.requires_grad for p in dm.dendrite_parameters())
-    for name, p in dm.model.named_parameters():
+    for name, p in dm.named_parameters():
         if name in base_before:  # LoRA froze the base: it stays frozen and unchanged
             assert not p.requires_grad and torch.equal(p, base_before[name]), name
     # Every checkpoint is a loadable, exact copy (Trainer checkpoints raised "wrote no model.safetensors").
     checkpoint = max((d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
     reloaded = DendriticModel.from_pretrained(tmp_path / checkpoint)
     torch.testing.assert_close(logits(reloaded), logits(dm), rtol=0, atol=0)
+    # Resuming from the checkpoint written after the growth ends with the same weights.
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    grown = next(s for s in steps if sum(DendriticModel.from_pretrained(tmp_path / f"checkpoint-{s}").dendrite_counts().values()))
+    assert grown < steps[-1]  # training went on after it
+    resumed = _peft_trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{grown}"))
+    torch.testing.assert_close(logits(resumed.model), logits(dm), rtol=0, atol=0)
 
 
 def test_growth_after_lora_makes_every_dendrite_trainable():
@@ -269,3 +279,17 @@ def test_the_paths_that_would_leave_the_adapter_or_the_dendrites_behind_say_what
     _, pm = _dendrites_then_lora()
     with pytest.raises(ValueError, match="keep using the DendriticModel that `get_dendritic_model` returned"):
         DendriticTrainer(pm, DendriticTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[]))
+
+
+def test_a_classifier_with_lora_and_a_trained_head_saves_and_reloads_exactly(tmp_path):
+    """BERT with task_type SEQ_CLS: PEFT wraps the classifier (modules_to_save) next to the LoRA layers."""
+    pm = get_peft_model(make_tiny("bert"), LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    dm = get_dendritic_model(pm, DendriteConfig(dendrite_seed=0))
+    assert PREFIX + "bert.encoder.layer.0.attention.self.query.base_layer" in dict(dm.dendritic_layers())
+    dm.add_dendrites()
+    perturb(dm)
+    dm.save_pretrained(tmp_path)
+    reloaded = DendriticModel.from_pretrained(tmp_path)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**inputs).logits, dm.eval()(**inputs).logits, rtol=0, atol=0)
