@@ -169,10 +169,13 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         targets = DEFAULT_TARGET_MODULES[model_type]
 
-    if has_peft_layers(model):
-        return _resolve_peft_targets(model, config, targets)
+    peft = has_peft_layers(model)
+    roles = module_roles(model) if peft else {}
+    modules = dict(model.named_modules())
     selected: list[str] = []
-    if targets == "all-linear":
+    if peft:
+        selected = _peft_selection(model, targets, roles, modules)
+    elif targets == "all-linear":
         excluded = _all_linear_exclusions(model)
         for name, module in model.named_modules():
             if type(module) in (nn.Linear, Conv1D) and name not in excluded:
@@ -183,10 +186,17 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
                 selected.append(name)
     names = selected
     if config.exclude_modules is not None:
-        names = [n for n in selected if not _matches(n, config.exclude_modules)]
+        exclude = config.exclude_modules
+        names = [n for n in selected if not (_matches(n, exclude) or (peft and _matches(roles[n][0], exclude)))]
     if not names:
-        raise ValueError(_no_match_message(model, config, targets, selected))
-    modules = dict(model.named_modules())
+        message = _no_match_message(transformers_model(model), config, targets, selected)
+        if peft:
+            example = sorted(adapter_layer_names(model))[:2]
+            message += (
+                " In a PEFT model, names are those of the model without PEFT (`q_proj` is the layer LoRA wraps); the "
+                f"adapter's own layers are selected by naming them in a list, e.g. target_modules={example!r}."
+            )
+        raise ValueError(message)
     for name in names:
         reason = unsupported_reason(modules[name])
         if reason is not None:
@@ -197,45 +207,31 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
     return names
 
 
-def _resolve_peft_targets(model: nn.Module, config: DendriteConfig, targets: Union[str, list[str]]) -> list[str]:
-    """`resolve_target_modules` for a PeftModel or a model with PEFT layers: targets match the plain model's names
-    (`q_proj` is the layer LoRA wraps, `...q_proj.base_layer`); the adapter's own sublayers are selected only by a
-    list entry that names them (`"lora_A"`, `"q_proj.lora_B"`, ...), whose matching container's layers are taken."""
-    roles = module_roles(model)
-    modules = dict(model.named_modules())
-    adapter_names = adapter_layer_names(model)
+def _peft_selection(
+    model: nn.Module, targets: Union[str, list[str]], roles: dict[str, tuple[str, str]], modules: dict[str, nn.Module]
+) -> list[str]:
+    """What `targets` selects in a PeftModel or a model with PEFT layers (docs/peft.md), in `named_modules()` order.
+
+    Targets match the model's own layers by the names of the model without PEFT (`q_proj` is the layer LoRA wraps,
+    `...q_proj.base_layer`) or by their full names; "all-linear" and the defaults never select an adapter's sublayer.
+    Those are selected only by a list entry that names one (`"lora_A"`, `"q_proj.lora_B"`): the supported layers of
+    the matching module (LoRA's `lora_A` is a ModuleDict of one Linear per adapter) are taken.
+    """
     own = [n for n, (_, role) in roles.items() if role == MODEL]
     if targets == "all-linear":
         inner = transformers_model(model)
-        excluded_ids = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
-        selected = [n for n in own if type(modules[n]) in (nn.Linear, Conv1D) and id(modules[n]) not in excluded_ids]
-    else:
-        selected = [n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))]
-        if isinstance(targets, list):
-            entries = [t for t in targets if names_adapter_layer(t, adapter_names)]
-            for name, (plain, role) in roles.items():
-                if role == ADAPTER and entries and _matches(plain, entries):
-                    found = [name] if dendritic_class_for(modules[name]) else [
-                        f"{name}.{c}" for c, child in modules[name].named_children() if dendritic_class_for(child)
-                    ]
-                    selected += [n for n in found if n not in selected]
-    names = selected
-    if config.exclude_modules is not None:
-        names = [n for n in selected if not (_matches(roles[n][0], config.exclude_modules) or _matches(n, config.exclude_modules))]
-    if not names:
-        message = _no_match_message(transformers_model(model), config, targets, selected)
-        raise ValueError(
-            f"{message} In a PEFT model, names are those of the model without PEFT (`q_proj` is the layer LoRA wraps); "
-            f"the adapter's own layers are selected by naming them in a list, e.g. target_modules={sorted(adapter_names)[:2]!r}."
-        )
-    for name in names:
-        reason = unsupported_reason(modules[name])
-        if reason is not None:
-            raise TypeError(
-                f"Module {name!r} was selected by target_modules={targets!r} but cannot get dendrites: {reason}. "
-                "Narrow `target_modules` or add it to `exclude_modules`."
-            )
-    return names
+        excluded = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
+        return [n for n in own if type(modules[n]) in (nn.Linear, Conv1D) and id(modules[n]) not in excluded]
+    selected = {n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))}
+    adapter_names = adapter_layer_names(model)
+    entries = [t for t in targets if names_adapter_layer(t, adapter_names)] if isinstance(targets, list) else []
+    for name, (plain, role) in roles.items():
+        if entries and role == ADAPTER and _matches(plain, entries):
+            if dendritic_class_for(modules[name]) is not None:
+                selected.add(name)
+            else:
+                selected.update(f"{name}.{c}" for c, child in modules[name].named_children() if dendritic_class_for(child))
+    return [n for n in modules if n in selected]
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -826,6 +822,7 @@ class DendriticModel(nn.Module):
         # The files this save wrote: its own, plus the processing class's (changed since), whatever the clock's
         # granularity; files that were already in the folder (e.g. Trainer checkpoints) stay local.
         written = sorted(name for name, stamp in stamps().items() if before.get(name) != stamp or name in own)
+        written += sorted(name for name in own if "/" in name)  # a PEFT model's adapter files (peft_adapter/)
         upload_checkpoint_folder(directory, repo_id, token=token, allow_patterns=written, **push_kwargs)
         return directory
 
@@ -934,7 +931,7 @@ class DendriticModel(nn.Module):
         config = getattr(self.model, "config", None)
         return write_model_card(
             directory,
-            architecture=type(self.model).__name__,
+            architecture=type(transformers_model(self.model)).__name__,
             model_type=getattr(config, "model_type", None),
             name_or_path=self._base_hub_id(),
             dendrite_config=self.dendrite_config.to_dict(),

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from conftest import make_tiny, tiny_inputs
+from test_hub import TOKEN, hub, hub_env  # noqa: F401 (the local Hub server's fixtures)
 
 peft = pytest.importorskip("peft")
 from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
@@ -20,6 +21,9 @@ from hf_dendrites import (  # noqa: E402
 )
 from hf_dendrites.layers import DendriticLayerMixin  # noqa: E402
 from hf_dendrites.saving import CheckpointError  # noqa: E402
+
+# peft's get_peft_model asks transformers for `is_gradient_checkpointing`, which transformers deprecates: not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 LORA = dict(r=2, target_modules=["q_proj", "v_proj"])
 PREFIX = "base_model.model."
@@ -61,6 +65,12 @@ def test_targets_name_the_models_own_layers_never_the_adapters(targets):
     dm.add_dendrites()
     perturb(dm)
     assert torch.isfinite(logits(dm)).all()
+
+
+def test_exclude_modules_uses_the_same_names():
+    dm = get_dendritic_model(lora_llama(), DendriteConfig(target_modules="all-linear", exclude_modules=["q_proj", "mlp.up_proj"]))
+    names = dendritic_names(dm.model)
+    assert not any("q_proj" in n or "up_proj" in n for n in names) and PREFIX + "model.layers.0.self_attn.v_proj.base_layer" in names
 
 
 @pytest.mark.parametrize("targets", [None, ["k_proj", "down_proj"], "all-linear"])
@@ -293,3 +303,16 @@ def test_a_classifier_with_lora_and_a_trained_head_saves_and_reloads_exactly(tmp
     inputs = tiny_inputs("bert")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**inputs).logits, dm.eval()(**inputs).logits, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
+def test_push_and_load_a_peft_model_with_dendrites_through_the_hub(hub, hub_env, tmp_path):  # noqa: F811
+    """The adapter files are uploaded (both push paths) and downloaded with the weights."""
+    dm = _lora_then_dendrites()
+    dm.push_to_hub("tester/lora-dendrites", token=TOKEN)
+    folder = tmp_path / "lora-dendrites-2"
+    dm.save_pretrained(folder, push_to_hub=True, token=TOKEN, repo_id="tester/lora-dendrites-2")
+    for repo in ("tester/lora-dendrites", "tester/lora-dendrites-2"):
+        assert {"peft_adapter/adapter_config.json", "peft_adapter/adapter_model.safetensors"} <= set(hub.files(repo))
+        loaded = DendriticModel.from_pretrained(repo, token=TOKEN, cache_dir=str(tmp_path / "cache"))
+        torch.testing.assert_close(logits(loaded), logits(dm), rtol=0, atol=0)
