@@ -35,6 +35,7 @@ from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_f
 from .peft_support import (
     ADAPTER,
     MODEL,
+    active_adapters,
     adapter_layer_names,
     check_not_merged,
     checkpoint_peft_info,
@@ -894,7 +895,7 @@ class DendriticModel(nn.Module):
                 "model_type": getattr(config, "model_type", None),
                 # A Hub id only: a local path means nothing elsewhere (and would leak into pushed files).
                 "name_or_path": base_id,
-                **({"peft": {"adapters": adapters}} if peft else {}),
+                **({"peft": {"adapters": adapters, "active": active_adapters(self.model)}} if peft else {}),
             },
             base_files=base_files + adapter_files,
             training_summary=training,
@@ -1011,7 +1012,7 @@ class DendriticModel(nn.Module):
             model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
         peft = checkpoint_peft_info(payload)
         if peft is not None:  # rebuilt as saved: the transformers model, in a PeftModel with the adapters, converted
-            model = load_adapters(model, directory, peft["adapters"], is_trainable=bool(is_trainable))
+            model = load_adapters(model, directory, peft, is_trainable=bool(is_trainable))
         elif is_trainable is not None:
             raise ValueError(f"is_trainable= applies to checkpoints of PEFT models; {directory} holds no adapter.")
         config = DendriteConfig.from_dict(payload["dendrite_config"])

@@ -187,14 +187,24 @@ def save_adapters(model: nn.Module, directory: str) -> tuple[list[str], list[str
     return adapters, files
 
 
-def load_adapters(model: nn.Module, directory: str, adapters: list[str], is_trainable: bool) -> nn.Module:
-    """Wrap the transformers `model` in a PeftModel with the adapters `save_adapters` wrote into `directory`."""
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters `model`'s PEFT layers compute with (PEFT sets them on every layer alike)."""
+    return next((list(m.active_adapters) for m in model.modules() if is_tuner_layer(m)), [])
+
+
+def load_adapters(model: nn.Module, directory: str, info: dict[str, Any], is_trainable: bool) -> nn.Module:
+    """Wrap the transformers `model` in a PeftModel with the adapters `save_adapters` wrote into `directory`, the
+    saved model's active ones active (`info`: the checkpoint's `peft` entry, see `checkpoint_peft_info`)."""
     from peft import PeftModel
 
     folder = os.path.join(directory, PEFT_ADAPTER_DIR)
+    adapters = info["adapters"]
     peft_model = PeftModel.from_pretrained(model, folder, adapter_name=adapters[0], is_trainable=is_trainable)
     for adapter in adapters[1:]:
         peft_model.load_adapter(os.path.join(folder, adapter), adapter_name=adapter, is_trainable=is_trainable)
+    active = info.get("active") or adapters[:1]
+    if active != active_adapters(peft_model):
+        peft_model.base_model.set_adapter(active if len(active) > 1 else active[0], inference_mode=not is_trainable)
     return peft_model
 
 

@@ -316,3 +316,14 @@ def test_push_and_load_a_peft_model_with_dendrites_through_the_hub(hub, hub_env,
         assert {"peft_adapter/adapter_config.json", "peft_adapter/adapter_model.safetensors"} <= set(hub.files(repo))
         loaded = DendriticModel.from_pretrained(repo, token=TOKEN, cache_dir=str(tmp_path / "cache"))
         torch.testing.assert_close(logits(loaded), logits(dm), rtol=0, atol=0)
+
+
+def test_two_adapters_come_back_with_the_saved_one_active(tmp_path):
+    dm = _lora_then_dendrites()
+    dm.model.add_adapter("other", LoraConfig(r=3, target_modules=["k_proj"]))
+    dm.model.set_adapter("other")
+    perturb(dm, seed=4)
+    dm.save_pretrained(tmp_path)
+    reloaded = DendriticModel.from_pretrained(tmp_path)
+    assert sorted(reloaded.model.peft_config) == ["default", "other"] and reloaded.model.active_adapters == ["other"]
+    torch.testing.assert_close(logits(reloaded), logits(dm), rtol=0, atol=0)
