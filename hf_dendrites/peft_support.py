@@ -47,7 +47,7 @@ def _is_aux_wrapper(module: nn.Module) -> bool:
     """PEFT's `modules_to_save` / trainable-token wrappers, which keep the model's layer as `original_module`."""
     if not peft_loaded():
         return False
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from peft.utils import AuxiliaryTrainingWrapper
 
     return isinstance(module, AuxiliaryTrainingWrapper)
 
