@@ -39,17 +39,18 @@ from .peft_support import (
     adapter_layer_names,
     check_not_merged,
     checkpoint_peft_info,
+    copy_adapter_tensors,
     has_peft_layers,
     install_peft_save_guard,
     is_peft_model,
     is_plain_lora_layer,
     is_tuner_layer,
-    load_adapter_tensors,
     load_adapters,
     module_roles,
     names_adapter_layer,
     plain_checkpoint_state,
     plain_key,
+    read_adapter_tensors,
     save_adapters,
     transformers_model,
 )
@@ -1075,10 +1076,11 @@ class DendriticModel(nn.Module):
         architecture = type(transformers_model(self.model)).__name__
         check_layer_names(directory, payload, set(layers), architecture)
         base = read_base_tensors(directory, payload)
+        adapter_tensors = read_adapter_tensors(self.model, directory, peft["adapters"]) if peft else []
         roles = module_roles(self.model) if peft else {}
-        # The model's tensors by the checkpoint's names (a PEFT model's plain names, without the adapter's).
 
         def checkpoint_key(key: str) -> tuple[str, str]:
+            """A model tensor's name in the checkpoint and its role (a PEFT model's plain names; see peft_support)."""
             return plain_key(key, roles) if peft else (key, MODEL)
 
         dendrite_keys = {checkpoint_key(k)[0] for k in self.dendrite_state_dict()} | {
@@ -1104,8 +1106,7 @@ class DendriticModel(nn.Module):
             state = {checkpoint_key(k)[0]: v for k, v in self.model.state_dict(keep_vars=True).items() if checkpoint_key(k)[1] == MODEL}
             for key, (_, tensor) in base.items():
                 state[key].copy_(tensor)
-        if peft:
-            load_adapter_tensors(self.model, directory, peft["adapters"])
+        copy_adapter_tensors(adapter_tensors)
         logger.info("Loaded dendritic checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
 
     def push_to_hub(

@@ -208,9 +208,10 @@ def load_adapters(model: nn.Module, directory: str, info: dict[str, Any], is_tra
     return peft_model
 
 
-def load_adapter_tensors(model: nn.Module, directory: str, adapters: list[str]) -> None:
-    """Copy the adapter tensors `save_adapters` wrote into `directory` into `model`'s adapters, in place and strictly
-    (every tensor of every adapter, same shapes): for resuming a Trainer checkpoint of a PEFT model."""
+def read_adapter_tensors(model: nn.Module, directory: str, adapters: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(model tensor, saved tensor) for every adapter tensor `save_adapters` wrote into `directory`, checked strictly
+    against `model`'s adapters (same adapters, same tensors, same shapes) before anything is copied: for resuming a
+    Trainer checkpoint of a PEFT model. Copy with `copy_adapter_tensors`."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -221,20 +222,24 @@ def load_adapter_tensors(model: nn.Module, directory: str, adapters: list[str]) 
         raise CheckpointError(
             f"{directory} holds the PEFT adapters {sorted(adapters)}, but the model has {sorted(getattr(inner, 'peft_config', {}))}."
         )
-    loads = []
+    pairs = []
     for adapter in adapters:
         relative = PEFT_ADAPTER_DIR if adapter == "default" else f"{PEFT_ADAPTER_DIR}/{adapter}"
         path = os.path.join(directory, relative, ADAPTER_WEIGHTS_NAME)
         saved = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
+        # PEFT's own view of the adapter: tensors that share the parameters' storage.
         current = get_peft_model_state_dict(inner, state_dict=_without_dendrites(inner), adapter_name=adapter)
         wrong = sorted(set(saved) ^ set(current)) or sorted(k for k in saved if saved[k].shape != current[k].shape)
         if wrong:
             raise CheckpointError(f"{path} does not match the model's adapter {adapter!r} (e.g. {wrong[0]!r}).")
-        loads.append((current, saved))
-    with torch.no_grad():
-        for current, saved in loads:
-            for key, tensor in saved.items():
-                current[key].copy_(tensor)
+        pairs += [(current[key], tensor) for key, tensor in saved.items()]
+    return pairs
+
+
+@torch.no_grad()
+def copy_adapter_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for target, tensor in pairs:
+        target.copy_(tensor)
 
 
 def install_peft_save_guard() -> None:

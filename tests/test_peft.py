@@ -238,6 +238,11 @@ def test_load_dendritic_state_restores_base_dendrites_and_adapter_in_place(tmp_p
     plain = get_dendritic_model(make_tiny("llama"), DendriteConfig(target_modules=["q_proj", "o_proj"]))
     with pytest.raises(CheckpointError, match="with PEFT adapters"):
         plain.load_dendritic_state(tmp_path)
+    wider = get_dendritic_model(lora_llama(r=3), DendriteConfig(target_modules=["q_proj", "o_proj"]))
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not match the model's adapter"):
+        wider.load_dendritic_state(tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())  # checked before anything changed
 
 
 @pytest.mark.parametrize("order", ["lora first", "dendrites first"])
