@@ -7,7 +7,7 @@ wrapped `...q_proj.base_layer`. The adapter's own sublayers (`lora_A`, `lora_B`,
 
 Checkpoints of a PEFT model with dendrites store everything under the plain model's names (`.base_layer` and PEFT's
 `base_model.model.` prefix removed), so the base weights load into the plain transformers class; the adapter is
-written as PEFT writes it (`adapter_config.json`, `adapter_model.safetensors`). See docs/peft.md.
+written as PEFT writes it (`adapter_config.json`, `adapter_model.safetensors`) into `peft_adapter/`. See docs/peft.md.
 
 peft is never imported here unless the user imported it: a model can only hold PEFT layers once peft is loaded.
 """

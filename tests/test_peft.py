@@ -119,7 +119,7 @@ def test_the_forward_signature_is_the_transformers_models():
     assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(dm.forward).parameters)
 
 
-def _peft_trainer(output_dir):
+def _peft_trainer(output_dir, model=None):
     args = DendriticTrainingArguments(
         output_dir=str(output_dir), eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
         max_steps=7, per_device_train_batch_size=4, learning_rate=1e-2, dendrite_patience=[1],
@@ -127,8 +127,8 @@ def _peft_trainer(output_dir):
         seed=0,
     )
     return DendriticTrainer(
-        lora_llama(), args, train_dataset=_lm_dataset(32, 1), eval_dataset=_lm_dataset(8, 2),
-        dendrite_config=DendriteConfig(target_modules=["q_proj", "o_proj"]),
+        lora_llama() if model is None else model, args, train_dataset=_lm_dataset(32, 1), eval_dataset=_lm_dataset(8, 2),
+        dendrite_config=None if model is not None else DendriteConfig(target_modules=["q_proj", "o_proj"]),
     )
 
 
@@ -155,6 +155,17 @@ def test_trainer_takes_a_peft_model_and_its_growth_trains_dendrites_not_the_froz
     resumed = _peft_trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{grown}"))
     torch.testing.assert_close(logits(resumed.model), logits(dm), rtol=0, atol=0)
+
+
+def test_trainer_takes_a_dendritic_model_that_got_lora_afterwards(tmp_path):
+    dm = get_dendritic_model(make_tiny("llama"), DendriteConfig(target_modules=["q_proj", "o_proj"], dendrite_seed=0))
+    dm.add_dendrites()
+    get_peft_model(dm.model, LoraConfig(**LORA))
+    trainer = _peft_trainer(tmp_path, model=dm)
+    trainer.train()
+    assert set(dm.dendrite_counts().values()) == {2} and all(p.requires_grad for p in dm.dendrite_parameters())
+    trainer.save_model(str(tmp_path / "final"))
+    torch.testing.assert_close(logits(DendriticModel.from_pretrained(tmp_path / "final")), logits(dm), rtol=0, atol=0)
 
 
 def test_growth_after_lora_makes_every_dendrite_trainable():
