@@ -36,7 +36,9 @@ class DendriteConfig:
                 "(attention projections and MLP layers) for the model types listed in "
                 "hf_dendrites.constants.DEFAULT_TARGET_MODULES. On the command line: `--target_modules query value`, "
                 "`--target_modules all-linear`, or one regular expression (a single value containing any of "
-                "*+?[](){}|^$ is read as a regex, e.g. `--target_modules '.*layer\\.0\\..*dense'`)."
+                "*+?[](){}|^$ is read as a regex, e.g. `--target_modules '.*layer\\.0\\..*dense'`). In a PEFT model, "
+                "names are those of the model without PEFT (`q_proj` is the layer LoRA wraps); LoRA's own layers get "
+                "dendrites only when a list names them (['lora_A', 'lora_B']; docs/peft.md)."
             )
         },
     )

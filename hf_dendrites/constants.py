@@ -87,3 +87,11 @@ HEAD_MODULE_NAMES = frozenset(
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "gelu", "silu")
 LEARNING_RULES = ("gd", "correlation")
+
+# PEFT adapters in a checkpoint of a PEFT model with dendrites (hf_dendrites/peft_support.py, docs/peft.md): PEFT's own
+# file names, in a sub-folder so that transformers' from_pretrained of the folder never loads them by itself.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_ADAPTER_DIR = "peft_adapter"
+# The adapter files a checkpoint's manifest may list ("default" in PEFT_ADAPTER_DIR, others in a sub-folder).
+PEFT_ADAPTER_FILE_PATTERN = rf"{PEFT_ADAPTER_DIR}/([A-Za-z0-9_.-]+/)?({ADAPTER_CONFIG_NAME}|{ADAPTER_WEIGHTS_NAME})"

@@ -33,6 +33,28 @@ from .constants import (
 )
 from .hub import hub_model_id, upload_checkpoint_folder, write_model_card
 from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_for, unsupported_reason
+from .peft_support import (
+    ADAPTER,
+    MODEL,
+    active_adapters,
+    adapter_layer_names,
+    check_not_merged,
+    checkpoint_peft_info,
+    copy_adapter_tensors,
+    has_peft_layers,
+    install_peft_save_guard,
+    is_peft_model,
+    is_plain_lora_layer,
+    is_tuner_layer,
+    load_adapters,
+    module_roles,
+    names_adapter_layer,
+    plain_checkpoint_state,
+    plain_key,
+    read_adapter_tensors,
+    save_adapters,
+    transformers_model,
+)
 from .saving import (
     CheckpointError,
     base_fingerprint,
@@ -158,8 +180,13 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         targets = DEFAULT_TARGET_MODULES[model_type]
 
+    peft = has_peft_layers(model)
+    roles = module_roles(model) if peft else {}
+    modules = dict(model.named_modules())
     selected: list[str] = []
-    if targets == "all-linear":
+    if peft:
+        selected = _peft_selection(model, targets, roles, modules)
+    elif targets == "all-linear":
         excluded = _all_linear_exclusions(model)
         for name, module in model.named_modules():
             if type(module) in (nn.Linear, Conv1D) and name not in excluded:
@@ -170,10 +197,17 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
                 selected.append(name)
     names = selected
     if config.exclude_modules is not None:
-        names = [n for n in selected if not _matches(n, config.exclude_modules)]
+        exclude = config.exclude_modules
+        names = [n for n in selected if not (_matches(n, exclude) or (peft and _matches(roles[n][0], exclude)))]
     if not names:
-        raise ValueError(_no_match_message(model, config, targets, selected))
-    modules = dict(model.named_modules())
+        message = _no_match_message(transformers_model(model), config, targets, selected)
+        if peft:
+            example = sorted(adapter_layer_names(model))[:2]
+            message += (
+                " In a PEFT model, names are those of the model without PEFT (`q_proj` is the layer LoRA wraps); the "
+                f"adapter's own layers are selected by naming them in a list, e.g. target_modules={example!r}."
+            )
+        raise ValueError(message)
     for name in names:
         reason = unsupported_reason(modules[name])
         if reason is not None:
@@ -182,6 +216,33 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
                 "Narrow `target_modules` or add it to `exclude_modules`."
             )
     return names
+
+
+def _peft_selection(
+    model: nn.Module, targets: Union[str, list[str]], roles: dict[str, tuple[str, str]], modules: dict[str, nn.Module]
+) -> list[str]:
+    """What `targets` selects in a PeftModel or a model with PEFT layers (docs/peft.md), in `named_modules()` order.
+
+    Targets match the model's own layers by the names of the model without PEFT (`q_proj` is the layer LoRA wraps,
+    `...q_proj.base_layer`) or by their full names; "all-linear" and the defaults never select an adapter's sublayer.
+    Those are selected only by a list entry that names one (`"lora_A"`, `"q_proj.lora_B"`): the supported layers of
+    the matching module (LoRA's `lora_A` is a ModuleDict of one Linear per adapter) are taken.
+    """
+    own = [n for n, (_, role) in roles.items() if role == MODEL]
+    if targets == "all-linear":
+        inner = transformers_model(model)
+        excluded = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
+        return [n for n in own if type(modules[n]) in (nn.Linear, Conv1D) and id(modules[n]) not in excluded]
+    selected = {n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))}
+    adapter_names = adapter_layer_names(model)
+    entries = [t for t in targets if names_adapter_layer(t, adapter_names)] if isinstance(targets, list) else []
+    for name, (plain, role) in roles.items():
+        if entries and role == ADAPTER and _matches(plain, entries):
+            if dendritic_class_for(modules[name]) is not None:
+                selected.add(name)
+            else:
+                selected.update(f"{name}.{c}" for c, child in modules[name].named_children() if dendritic_class_for(child))
+    return [n for n in modules if n in selected]
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -348,8 +409,10 @@ class DendriticModel(nn.Module):
         # The base that an adapter-only checkpoint this model was loaded from references ({"name_or_path",
         # "revision", "dtype"}): an adapter-only save references it again (see `save_pretrained`).
         self.base_reference: Optional[dict[str, Any]] = None
-        # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it).
-        self.forward = functools.wraps(model.forward)(functools.partial(DendriticModel._forward, self))
+        # Keep the wrapped model's forward signature visible (the Trainer drops dataset columns by it); a PeftModel's
+        # forward takes (*args, **kwargs), so the signature is the transformers model's under it.
+        self.forward = functools.wraps(transformers_model(model).forward)(functools.partial(DendriticModel._forward, self))
+        install_peft_save_guard()
         install_pipeline_type_check(DendriticModel)  # pipeline(task, model=self) checks the wrapped model's class
 
     def _forward(self, *args, **kwargs):
@@ -366,9 +429,18 @@ class DendriticModel(nn.Module):
     # ------------------------------------------------------------------ layers
     def dendritic_layers(self) -> Iterator[tuple[str, DendriticLayerMixin]]:
         """(name, layer) for every dendritic layer, names relative to the wrapped model."""
+        install_peft_save_guard()  # peft may have been imported since this model was built (docs/peft.md)
         for name, module in self.model.named_modules():
             if isinstance(module, DendriticLayerMixin):
                 yield name, module
+
+    def _checkpoint_layers(self) -> dict[str, DendriticLayerMixin]:
+        """The dendritic layers by the names checkpoints use: the wrapped model's names, or for a PEFT model the
+        plain model's names (`...q_proj`, not `base_model.model....q_proj.base_layer`; see peft_support.py)."""
+        if not has_peft_layers(self.model):
+            return dict(self.dendritic_layers())
+        roles = module_roles(self.model)
+        return {roles[name][0]: layer for name, layer in self.dendritic_layers()}
 
     def dendrite_counts(self) -> dict[str, int]:
         """Number of dendrites of every dendritic layer, by layer name."""
@@ -388,7 +460,8 @@ class DendriticModel(nn.Module):
         """Give every dendritic layer `n` more dendrites (default: `dendrite_config.dendrites_per_cycle`).
 
         The new dendrites' output weights are zero, so the model computes exactly what it computed before. New
-        parameters are new `Parameter` objects: rebuild any optimizer afterwards.
+        parameters are new `Parameter` objects: rebuild any optimizer afterwards. Every dendrite parameter is
+        trainable afterwards, whatever froze it before (e.g. `peft.get_peft_model`, which freezes all but the adapter).
         """
         n = self.dendrite_config.dendrites_per_cycle if n is None else n
         if not isinstance(n, int) or n < 1:
@@ -396,6 +469,8 @@ class DendriticModel(nn.Module):
         generator = self._growth_generator()
         for _, layer in self.dendritic_layers():
             layer.add_dendrites(n, generator=generator)
+            for param in layer.dendrite_parameters():
+                param.requires_grad_(True)
         self.growth_count += 1
 
     def set_dendrite_counts(self, counts: Union[int, dict[str, int]], *, initialize: bool = True) -> None:
@@ -648,6 +723,44 @@ class DendriticModel(nn.Module):
         del self.model
         return model
 
+    def merge_and_unload(self, **kwargs: Any) -> "DendriticModel":
+        """For a `DendriticModel` wrapping a LoRA `PeftModel`: merge the adapter into the base weights
+        (`PeftModel.merge_and_unload(**kwargs)`) and return a `DendriticModel` of the plain transformers model, with
+        the same dendrites (same Parameter objects), `growth_count` and training summary.
+
+        The dendrites read the layer's input, so merging LoRA's update into the weight leaves them as they were.
+        Refused for dendrites on the adapter's own layers (merging would drop them) and for adapters other than
+        plain LoRA (DoRA, IA3, LoHa, ... rescale what the base layer computes, dendrites included). This
+        `DendriticModel` is unusable afterwards. See docs/peft.md.
+        """
+        if not is_peft_model(self.model):
+            raise ValueError(
+                "merge_and_unload() merges the PEFT adapter of a DendriticModel that wraps a PeftModel; this one wraps "
+                f"a {type(self.model).__name__}. When LoRA was added after the dendrites (`get_peft_model(dm.model, "
+                "...)`), call merge_and_unload() on that PeftModel: `dm` then holds the merged model."
+            )
+        roles = module_roles(self.model)
+        on_adapter = [name for name, _ in self.dendritic_layers() if roles[name][1] == ADAPTER]
+        if on_adapter:
+            raise ValueError(
+                f"Cannot merge: {on_adapter[0]!r} (and {len(on_adapter) - 1} more) is a layer of the adapter with "
+                "dendrites, which merging the adapter into the base weights would drop. Save the model as it is "
+                "(`save_pretrained`) instead."
+            )
+        other = [n for n, m in self.model.named_modules() if is_tuner_layer(m) and not is_plain_lora_layer(m)]
+        if other:
+            raise ValueError(
+                f"Cannot merge {type(self.model.get_submodule(other[0])).__module__} layers such as {other[0]!r} with "
+                "dendrites: only plain LoRA (no DoRA) adds its update to the layer's output, which merging keeps exact "
+                "with the dendrites."
+            )
+        merged = self.model.merge_and_unload(**kwargs)
+        dm = DendriticModel(merged, self.dendrite_config)
+        dm.growth_count, dm.training_summary, dm.base_model_id = self.growth_count, self.training_summary, self.base_model_id
+        dm.train(merged.training)
+        del self.model
+        return dm
+
     # ------------------------------------------------------------------ saving and loading (files: saving.py, card: hub.py)
     def save_pretrained(
         self,
@@ -746,6 +859,7 @@ class DendriticModel(nn.Module):
         # The files this save wrote: its own, plus the processing class's (changed since), whatever the clock's
         # granularity; files that were already in the folder (e.g. Trainer checkpoints) stay local.
         written = sorted(name for name, stamp in stamps().items() if before.get(name) != stamp or name in own)
+        written += sorted(name for name in own if "/" in name)  # a PEFT model's adapter files (peft_adapter/)
         upload_checkpoint_folder(directory, repo_id, token=token, allow_patterns=written, **push_kwargs)
         return directory
 
@@ -766,6 +880,11 @@ class DendriticModel(nn.Module):
             if given:
                 raise TypeError(f"save_pretrained({', '.join(given)}=...) applies to adapter_only=True saves only.")
             return None
+        if has_peft_layers(self.model):
+            raise NotImplementedError(
+                "save_pretrained(adapter_only=True) does not support PEFT models yet; save with adapter_only=False "
+                "(the base, the dendrites and the adapter in PEFT's format, docs/peft.md)."
+            )
         names = None
         if trainable is not None:
             if isinstance(trainable, str):
@@ -833,8 +952,14 @@ class DendriticModel(nn.Module):
             else:
                 logger.warning("Training curve %s not found; the model card will not show it.", curve)
 
+        peft = has_peft_layers(self.model)
+        if peft:
+            check_not_merged(self.model, "DendriticModel.save_pretrained")
         model_state = self.model.state_dict()
         base_state, dendrite_state = split_state_dict(state_dict, model_state, set(self.dendrite_state_dict()))
+        layers = self.dendrite_counts()
+        if peft:  # the plain model's names, so the base files load into the transformers class (peft_support.py)
+            base_state, dendrite_state, layers = plain_checkpoint_state(self.model, base_state, dendrite_state, layers)
         summary = self.dendrite_summary()
         adapter_entry: dict[str, Any] = {}
         if adapter is not None:  # split and fingerprint before the folder is touched: errors leave it as it was
@@ -850,13 +975,14 @@ class DendriticModel(nn.Module):
         prepare_save_directory(directory)
         if adapter is None:
             base_files = save_base_weights(
-                self.model, directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
+                transformers_model(self.model), directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
             )
         else:
             base_files = []
             save_dendrite_weights(directory, trained, DENDRITE_TRAINED_BASE_NAME)
             self._save_base_config(directory)
         save_dendrite_weights(directory, dendrite_state)
+        adapters, adapter_files = save_adapters(self.model, directory) if peft else ([], [])
 
         if curve_bytes is not None:
             atomic_write_bytes(os.path.join(directory, TRAINING_CURVE_NAME), curve_bytes)
@@ -866,7 +992,7 @@ class DendriticModel(nn.Module):
         base_id = self._base_hub_id()
         write_model_card(
             directory,
-            architecture=type(self.model).__name__,
+            architecture=type(transformers_model(self.model)).__name__,
             model_type=getattr(config, "model_type", None),
             name_or_path=base_id,
             dendrite_config=self.dendrite_config.to_dict(),
@@ -882,22 +1008,23 @@ class DendriticModel(nn.Module):
         write_checkpoint_metadata(
             directory,
             dendrite_config=self.dendrite_config.to_dict(),
-            layers=self.dendrite_counts(),
+            layers=layers,
             growth_count=self.growth_count,
             base_model={
-                "architecture": type(self.model).__name__,
+                "architecture": type(transformers_model(self.model)).__name__,
                 "model_type": getattr(config, "model_type", None),
                 # A Hub id only: a local path means nothing elsewhere (and would leak into pushed files).
                 "name_or_path": base_id,
                 **adapter_entry,
+                **({"peft": {"adapters": adapters, "active": active_adapters(self.model)}} if peft else {}),
             },
-            base_files=base_files,
+            base_files=base_files + adapter_files,
             training_summary=training,
         )
         logger.info(
             "Saved dendritic model (%d dendrites in %d layers) to %s", summary.num_dendrites, len(summary.layers), directory
         )
-        own = {*base_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
+        own = {*base_files, *adapter_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
         own |= {DENDRITE_TRAINED_BASE_NAME} if adapter is not None else set()
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
 
@@ -949,7 +1076,7 @@ class DendriticModel(nn.Module):
         config = getattr(self.model, "config", None)
         return write_model_card(
             directory,
-            architecture=type(self.model).__name__,
+            architecture=type(transformers_model(self.model)).__name__,
             model_type=getattr(config, "model_type", None),
             name_or_path=self._base_hub_id(),
             dendrite_config=self.dendrite_config.to_dict(),
@@ -975,6 +1102,7 @@ class DendriticModel(nn.Module):
         local_files_only: bool = False,
         base_model: Any = None,
         base_revision: Optional[str] = None,
+        is_trainable: Optional[bool] = None,
         **model_kwargs: Any,
     ) -> "DendriticModel":
         """Load a model saved by `save_pretrained` / `push_to_hub` from a folder or a Hub repo id.
@@ -995,6 +1123,9 @@ class DendriticModel(nn.Module):
         `config.json` and, unless `dtype` is given, the saved dtype), or from `base_model`: a path or Hub id (at
         `base_revision`), or a transformers model, used in place. The base's frozen weights must match the
         checkpoint's fingerprint, else `CheckpointError`; they come back frozen (`requires_grad=False`).
+
+        A checkpoint of a PEFT model (docs/peft.md) comes back as a `DendriticModel` wrapping a `PeftModel` with its
+        adapters (`is_trainable`, as in `PeftModel.from_pretrained`: False, the default, loads them frozen).
 
         This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
         them): pass the result to `DendriticTrainer`.
@@ -1042,6 +1173,11 @@ class DendriticModel(nn.Module):
         if getattr(model, "config", None) is not None:
             # What the user asked for (repo id or folder), as transformers records it, not the cache folder.
             model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
+        peft = checkpoint_peft_info(payload)
+        if peft is not None:  # rebuilt as saved: the transformers model, in a PeftModel with the adapters, converted
+            model = load_adapters(model, directory, peft, is_trainable=bool(is_trainable))
+        elif is_trainable is not None:
+            raise ValueError(f"is_trainable= applies to checkpoints of PEFT models; {directory} holds no adapter.")
         config = DendriteConfig.from_dict(payload["dendrite_config"])
         dm = get_dendritic_model(model, config, restore_dendrites=False)
         dm._load_dendrites(directory, payload)
@@ -1147,12 +1283,13 @@ class DendriticModel(nn.Module):
         Every tensor is read and checked before the model changes; new dendrites are created uninitialised since
         every value is overwritten. Restores `growth_count` and `training_summary` too.
         """
-        layers = dict(self.dendritic_layers())
-        check_layer_names(directory, payload, set(layers), type(self.model).__name__)
+        layers = self._checkpoint_layers()
+        check_layer_names(directory, payload, set(layers), type(transformers_model(self.model)).__name__)
         counts = payload["layers"]
         expected = {name: layers[name].expected_dendrite_shapes(k) for name, k in counts.items()}
         tensors = read_dendrite_tensors(directory, payload, expected)
-        self.set_dendrite_counts(counts, initialize=False)
+        names = {id(layer): name for name, layer in self.dendritic_layers()}
+        self.set_dendrite_counts({names[id(layers[name])]: k for name, k in counts.items()}, initialize=False)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 layer_name, _, pname = name.rpartition(".")
@@ -1189,8 +1326,14 @@ class DendriticModel(nn.Module):
         directory = os.fspath(directory)
         payload = read_checkpoint_metadata(directory)
         check_dendrite_kind(directory, payload, self.dendrite_config)
-        layers = dict(self.dendritic_layers())
-        architecture = type(self.model).__name__
+        peft = checkpoint_peft_info(payload)
+        if (peft is not None) != has_peft_layers(self.model):
+            raise CheckpointError(
+                f"{directory} was saved from a model {'with' if peft else 'without'} PEFT adapters, but this model has "
+                f"{'none' if peft else 'some'}: load it with `DendriticModel.from_pretrained` (docs/peft.md)."
+            )
+        layers = self._checkpoint_layers()
+        architecture = type(transformers_model(self.model)).__name__
         check_layer_names(directory, payload, set(layers), architecture)
         if is_adapter_only(payload):
             trained = read_trained_base_tensors(directory, payload)
@@ -1203,17 +1346,27 @@ class DendriticModel(nn.Module):
             self.base_reference = dict(payload["base_model"]["reference"])
             logger.info("Loaded adapter-only checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
             return
-        base = read_base_state(directory, payload, self.model)
-        dendrite_keys = set(self.dendrite_state_dict()) | {
+        base = read_base_state(directory, payload, transformers_model(self.model))
+        adapter_tensors = read_adapter_tensors(self.model, directory, peft["adapters"]) if peft else []
+        roles = module_roles(self.model) if peft else {}
+
+        def checkpoint_key(key: str) -> tuple[str, str]:
+            """A model tensor's name in the checkpoint and its role (a PEFT model's plain names; see peft_support)."""
+            return plain_key(key, roles) if peft else (key, MODEL)
+
+        dendrite_keys = {checkpoint_key(k)[0] for k in self.dendrite_state_dict()} | {
             f"{layer}.{p}" for layer, k in payload["layers"].items() for p in layers[layer].expected_dendrite_shapes(k)
         }
         by_id: dict[int, list[str]] = {}  # a tied weight appears under several names and is saved under one
         for name, tensor in [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers(remove_duplicate=False)]:
-            by_id.setdefault(id(tensor), []).append(name)
+            plain, role = checkpoint_key(name)
+            if role == MODEL:
+                by_id.setdefault(id(tensor), []).append(plain)
+        model_state = {checkpoint_key(k)[0]: v for k, v in self.model.state_dict().items() if checkpoint_key(k)[1] == MODEL}
         check_base_tensors(
             directory,
             base,
-            self.model.state_dict(),
+            model_state,
             dendrite_keys=dendrite_keys,
             tied_aliases={name: set(names) - {name} for names in by_id.values() for name in names},
             ignore_patterns=list(getattr(self.model, "_keys_to_ignore_on_save", None) or []),
@@ -1221,9 +1374,10 @@ class DendriticModel(nn.Module):
         )
         self._load_dendrites(directory, payload)
         with torch.no_grad():
-            state = self.model.state_dict(keep_vars=True)
+            state = {checkpoint_key(k)[0]: v for k, v in self.model.state_dict(keep_vars=True).items() if checkpoint_key(k)[1] == MODEL}
             for key, (_, tensor) in base.items():
                 state[key].copy_(tensor)
+        copy_adapter_tensors(adapter_tensors)
         logger.info("Loaded dendritic checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
 
     def push_to_hub(
@@ -1326,6 +1480,12 @@ def get_dendritic_model(
     """
     if isinstance(model, DendriticModel):
         raise ValueError("This model is already a DendriticModel; grow it with `add_dendrites()` instead of converting it again.")
+    if any(isinstance(m, DendriticLayerMixin) for m in model.modules()) and has_peft_layers(model):
+        raise ValueError(
+            "This PEFT model's layers already have dendrites (PEFT was applied after `get_dendritic_model`): keep "
+            "using the DendriticModel that `get_dendritic_model` returned (PEFT changed its `.model` in place) with "
+            "DendriticTrainer and save_pretrained. See docs/peft.md."
+        )
     if any(isinstance(m, DendriticLayerMixin) for m in model.modules()):
         raise ValueError(
             "This model already contains dendritic layers; wrap it once with `get_dendritic_model`, or call "
@@ -1338,6 +1498,13 @@ def get_dendritic_model(
         checkpoint = find_dendritic_checkpoint(source, revision=revision)
         if checkpoint is not None:
             payload = read_checkpoint_metadata(checkpoint, check_files=False)
+            if checkpoint_peft_info(payload) is not None:
+                raise ValueError(
+                    f"{source} is a checkpoint of a PEFT model with dendrites: its adapter is in its "
+                    f"`peft_adapter` folder, which loading the base model alone leaves out. Load it with "
+                    f"`DendriticModel.from_pretrained({source!r})` (see docs/peft.md), or pass restore_dendrites=False "
+                    "to start from its base weights with zero dendrites and no adapter."
+                )
             saved = DendriteConfig.from_dict(payload["dendrite_config"])
             config = saved if config is None else _inherit_structure(config, saved)
             _check_restorable(model, config, saved, payload, source)
@@ -1400,6 +1567,10 @@ def _check_restorable(
     )
     saved_arch = payload["base_model"].get("architecture")
     layers = set(resolve_target_modules(model, config))
+    if has_peft_layers(model):  # the checkpoint's names are the plain model's
+        roles = module_roles(model)
+        layers = {roles[name][0] for name in layers}
+        model = transformers_model(model)
     if layers != set(payload["layers"]):
         if saved_arch and saved_arch != type(model).__name__:
             raise CheckpointError(

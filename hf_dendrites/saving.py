@@ -68,6 +68,7 @@ from .constants import (
     DENDRITE_CONFIG_NAME,
     DENDRITE_TRAINED_BASE_NAME,
     DENDRITE_WEIGHTS_NAME,
+    PEFT_ADAPTER_FILE_PATTERN,
     PLAIN_LOAD_NOTICE_KEY,
     TRAINING_CURVE_NAME,
 )
@@ -76,6 +77,7 @@ from .utils import atomic_write_text, library_version, read_dendrite_config_file
 logger = logging.getLogger(__name__)
 
 BASE_WEIGHT_FILE_RE = re.compile(BASE_WEIGHT_FILE_PATTERN)
+PEFT_ADAPTER_FILE_RE = re.compile(PEFT_ADAPTER_FILE_PATTERN)
 # Fetched from the Hub first; then only the safetensors weight files that dendrite_config.json lists (never a pickle).
 HUB_CONFIG_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME, DENDRITE_CONFIG_NAME)
 
@@ -315,7 +317,10 @@ def read_checkpoint_metadata(directory: Union[str, os.PathLike], *, check_files:
         )
     adapter_only = "fingerprint" in payload["base_model"]
     allowed = {DENDRITE_WEIGHTS_NAME, DENDRITE_TRAINED_BASE_NAME} if adapter_only else {DENDRITE_WEIGHTS_NAME}
-    strange = sorted(n for n in files if not (n in allowed or (not adapter_only and BASE_WEIGHT_FILE_RE.fullmatch(n))))
+    strange = sorted(
+        n for n in files
+        if not (n in allowed or PEFT_ADAPTER_FILE_RE.fullmatch(n) or (not adapter_only and BASE_WEIGHT_FILE_RE.fullmatch(n)))
+    )
     if strange:
         raise CheckpointError(
             f"{path} lists unexpected files {strange[:3]} (only safetensors weight files belong there); the file is damaged."
@@ -838,7 +843,9 @@ def resolve_checkpoint_dir(
     except CheckpointError as err:
         raise CheckpointError(f"Hub repo {path!r} (revision {revision or 'main'}): {err}") from err
     commit = os.path.basename(os.path.normpath(folder))  # the cache's snapshots/<commit hash> folder
-    weights = sorted(name for name in payload["files"] if name.endswith((".safetensors", ".safetensors.index.json")))
+    weights = sorted(
+        name for name in payload["files"] if name.endswith((".safetensors", ".safetensors.index.json")) or PEFT_ADAPTER_FILE_RE.fullmatch(name)
+    )
     return snapshot_download(path, revision=commit, allow_patterns=weights + (["*.py"] if code else []), **kwargs)
 
 

@@ -140,6 +140,7 @@ from .constants import DENDRITE_CONFIG_NAME
 from .hp_search import DendriteHPSearchMixin
 from .logging_utils import follow_transformers_verbosity
 from .model import DendriticModel, get_dendritic_model
+from .peft_support import transformers_model
 from .schedule import DendriteSchedule
 from .trainer_state import read_schedule_payload
 from .training_args import DendriticTrainingArguments, to_dendritic_args
@@ -348,7 +349,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         )
 
-        inner = self.model.model
+        inner = transformers_model(self.model.model)  # under a PeftModel, the transformers model (docs/peft.md)
         if self.args.label_names is None:
             self.label_names = find_labels(type(inner))
         self.can_return_loss = can_return_loss(type(inner))
