@@ -111,6 +111,7 @@ never trained leaves the model's training summary (its checkpoint's) as it is.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
@@ -142,7 +143,7 @@ from .logging_utils import follow_transformers_verbosity
 from .model import DendriticModel, get_dendritic_model
 from .schedule import DendriteSchedule
 from .trainer_state import read_schedule_payload
-from .training_args import DendriticTrainingArguments, to_dendritic_args
+from .training_args import DendriteScheduleArguments, DendriticTrainingArguments, to_dendritic_args
 
 logger = logging.getLogger(__name__)
 
@@ -162,73 +163,107 @@ class _CausalLabelSmoother(LabelSmoother):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-class DendriticTrainer(DendriteHPSearchMixin, Trainer):
-    """A `transformers.Trainer` that grows dendrites when the evaluation score plateaus.
+# Which trainer goes with which arguments class, for the error a wrong mix gets (matched along the class's MRO).
+_ARGS_ADVICE = {
+    "DendriticTrainingArguments": "DendriticTrainer",
+    "DendriticSFTConfig": "DendriticSFTTrainer",
+    "DendriticDPOConfig": "DendriticDPOTrainer",
+    "SFTConfig": "DendriticSFTTrainer with DendriticSFTConfig (from hf_dendrites import DendriticSFTTrainer, DendriticSFTConfig)",
+    "DPOConfig": "DendriticDPOTrainer with DendriticDPOConfig (from hf_dendrites import DendriticDPOTrainer, DendriticDPOConfig)",
+}
 
-    Args:
-        model: a plain transformers model (converted with `dendrite_config`, or the per-architecture defaults) or
-            a `DendriticModel`. May be None when `model_init` is given.
-        args: `DendriticTrainingArguments` (plain `TrainingArguments` are converted with default dendrite
-            settings). Training needs an `eval_strategy` and an `eval_dataset`; evaluation / prediction alone do not.
-        model_init: a function returning a fresh model (plain ones are converted with `dendrite_config`), as for
-            `Trainer` (e.g. for `hyperparameter_search`).
-        dendrite_config: how to convert a plain model (ignored for a `DendriticModel`, which carries its own). When
-            its `dendrite_seed` is None the trainer uses `args.seed`, so that growth is identical on every process
-            and after a resume. Kept as `trainer.dendrite_config`.
-        Every other argument is the Trainer's. `optimizers=(optimizer, scheduler)` is not supported (the trainer
-        must build optimizers for parameters that do not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)`
-        to choose the optimizer.
 
-    After `train()`, `output_dir` (during `hyperparameter_search`, the trial's `output_dir/run-<n>`) holds
-    `dendrite_evaluations.csv` (one row per evaluation: step, score, phase, cycle, try, dendrites, parameters, LR
-    factor, dendrite weight of a kept cycle, decision) and `dendrite_training_curve.png`. `trainer.dendrite_schedule` is
-    the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
-    `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
+def _wrong_arguments_message(trainer: str, expected: type, got: Any) -> str:
+    """Why `got` cannot be `trainer`'s arguments, and which classes to use."""
+    got_name = type(got).__name__
+    match = next((_ARGS_ADVICE[c.__name__] for c in type(got).__mro__ if c.__name__ in _ARGS_ADVICE), None)
+    if expected is DendriteScheduleArguments:
+        fix = (
+            f"make the arguments class dendritic: `@dataclass class Dendritic{got_name}(DendriteScheduleArguments, "
+            f"{got_name})` (docs/trl.md)"
+        )
+    else:
+        fix = f"pass {expected.__name__}(...) with the same settings"
+    where = f" {got_name} goes with {match}." if match and not match.startswith(trainer + " ") and match != trainer else ""
+    return (
+        f"{trainer} needs its training arguments as {expected.__name__} (the trainer's arguments plus the dendrite "
+        f"schedule's settings), got {got_name}.{where} For {trainer}, {fix}."
+    )
 
-    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
-    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
-    parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
-    does not run as one job (on CPU without `use_cpu=True`).
+
+def _call_arguments(init: Callable, args: tuple, kwargs: dict) -> tuple[list[str], list[Any]]:
+    """The names of the positional parameters of the trainer's `__init__` (Trainer's order, `model, args, ...`, for
+    one that takes `*args, **kwargs`), and the positional values of a call, to read and replace `model` / `args`
+    where the caller put them."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds]
+    if "args" not in names:
+        names = [p.name for p in list(inspect.signature(Trainer.__init__).parameters.values())[1:] if p.kind in kinds]
+    return names, list(args)
+
+
+class DendriticTrainerMixin(DendriteHPSearchMixin):
+    """Makes a `transformers.Trainer` subclass grow dendrites when the evaluation score plateaus (docs/schedule.md).
+
+    A cooperative mixin: list it first, before the trainer class, and give the trainer arguments that carry the
+    schedule's settings (`DendriteScheduleArguments` mixed into the trainer's own arguments class):
+
+        @dataclass
+        class DendriticMyArguments(DendriteScheduleArguments, MyTrainingArguments):
+            pass
+
+        class DendriticMyTrainer(DendriticTrainerMixin, MyTrainer):
+            dendrite_args_class = DendriticMyArguments  # optional: refuse other arguments classes by name
+
+    `DendriticTrainer` is `DendriticTrainerMixin` + `Trainer`; hf_dendrites/trl.py makes TRL's SFT and DPO trainers
+    dendritic the same way (docs/trl.md). Every method calls `super()`, so the trainer's own overrides (its loss,
+    logging, evaluation, dataset preparation) keep running.
+
+    Construction: the trainer's own `__init__` runs first with the model as given (so it can load a model from a
+    string id, wrap it with PEFT, patch it, prepare its datasets); the model it ends up with (`self.model`) is then
+    converted with `dendrite_config` (`to_dendritic_model`, the hook point) and replaces the trainer's model, and the
+    schedule's callback is installed. The mixin takes one keyword argument of its own, `dendrite_config`; the others
+    go to the trainer class as they are. It owns: the optimizer and LR-scheduler rebuild after every growth, saving
+    and loading dendritic checkpoints (with the schedule state), `load_best_model_at_end`, and the model card (the
+    trainer's own card, e.g. TRL's, is replaced by the dendritic one; the model's tags are kept).
+
+    `optimizers=(optimizer, scheduler)` is not supported (the trainer must build optimizers for parameters that do
+    not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)` to choose the optimizer.
     """
 
-    dendrite_callback: DendriteScheduleCallback | None = None  # set once Trainer.__init__ has run
+    # The arguments class this trainer needs (a `DendriteScheduleArguments` subclass); others are refused by name.
+    dendrite_args_class: type = DendriteScheduleArguments
+    dendrite_callback: DendriteScheduleCallback | None = None  # set once the trainer's __init__ has run
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: TrainingArguments | None = None,
-        data_collator: Callable | None = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: Any = None,
-        model_init: Callable | None = None,
-        compute_loss_func: Callable | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list | None = None,
-        optimizers: tuple = (None, None),
-        optimizer_cls_and_kwargs: tuple | None = None,
-        preprocess_logits_for_metrics: Callable | None = None,
-        dendrite_config: DendriteConfig | None = None,
-    ):
-        if args is None:
-            raise ValueError(
-                "DendriticTrainer needs `args`: e.g. DendriticTrainingArguments(output_dir='out', eval_strategy='steps', "
-                "eval_steps=100)."
-            )
-        if not isinstance(args, DendriticTrainingArguments):
-            args = to_dendritic_args(args)
-        if model is None and model_init is None:
-            raise ValueError("DendriticTrainer needs a `model` (a transformers model or a DendriticModel) or a `model_init`.")
+    def __init__(self, *args: Any, dendrite_config: DendriteConfig | None = None, **kwargs: Any):
+        name = type(self).__name__
+        names, positional = _call_arguments(super().__init__, args, kwargs)
+
+        def given(key: str) -> Any:
+            if key in kwargs:
+                return kwargs[key]
+            index = names.index(key) if key in names else len(positional)
+            return positional[index] if index < len(positional) else None
+
+        training_args = self._dendrite_arguments(given("args"))
+        if "args" in kwargs or names.index("args") >= len(positional):
+            kwargs["args"] = training_args
+        else:
+            positional[names.index("args")] = training_args
+        model = given("model")
+        if model is None and given("model_init") is None:
+            raise ValueError(f"{name} needs a `model` (a transformers model or a DendriticModel) or a `model_init`.")
+        optimizers = given("optimizers")
         if optimizers is not None and any(o is not None for o in optimizers):
             raise ValueError(
-                "DendriticTrainer rebuilds the optimizer and LR scheduler whenever dendrites grow, so it cannot use "
+                f"{name} rebuilds the optimizer and LR scheduler whenever dendrites grow, so it cannot use "
                 "the objects passed as `optimizers=`. Pass `optimizer_cls_and_kwargs=(optimizer_class, kwargs)` and "
                 "choose the schedule with `lr_scheduler_type` instead."
             )
-        _check_args_supported(args)
+        _check_args_supported(training_args)
         # The level Trainer.__init__ is about to apply, applied before the model is converted, so that the
         # conversion's lines (e.g. the dendrites restored from a checkpoint) show at the user's log level.
-        follow_transformers_verbosity(args.get_process_log_level())
+        follow_transformers_verbosity(training_args.get_process_log_level())
         if isinstance(model, DendriticModel):
             if dendrite_config is not None and dendrite_config != model.dendrite_config:
                 raise ValueError(
@@ -237,28 +272,49 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
                 )
             dendrite_config = model.dendrite_config
         self.dendrite_config = dendrite_config
-        self.args = args  # to_dendritic_model reads args.seed; Trainer.__init__ sets it again
-        if model is not None:
-            model = self.to_dendritic_model(model)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        self.args = training_args  # to_dendritic_model reads args.seed (model_init); Trainer.__init__ sets it again
+        super().__init__(*positional, **kwargs)
+        if not isinstance(self.model, DendriticModel):
+            # The model the trainer prepared (loaded from a string id, wrapped, patched): converted now.
+            self._use_model(self.to_dendritic_model(self.model))
         self._check_setup_supported()
         self._inspect_wrapped_model()
         self.dendrite_callback = DendriteScheduleCallback(self)
         self.add_callback(self.dendrite_callback)
         follow_transformers_verbosity()
+
+    def _dendrite_arguments(self, args: Any) -> DendriteScheduleArguments:
+        """The training arguments, checked: an instance of `dendrite_args_class` (plain `TrainingArguments` are
+        converted with default dendrite settings when that class is `DendriticTrainingArguments`)."""
+        name, expected = type(self).__name__, self.dendrite_args_class
+        if args is None:
+            raise ValueError(
+                f"{name} needs `args`: e.g. {expected.__name__}(output_dir='out', eval_strategy='steps', eval_steps=100)."
+            )
+        if type(args) is TrainingArguments and expected is DendriticTrainingArguments:
+            return to_dendritic_args(args)
+        if not isinstance(args, expected) or not isinstance(args, DendriteScheduleArguments):
+            raise TypeError(_wrong_arguments_message(name, expected, args))
+        return args
+
+    @contextlib.contextmanager
+    def dendrite_unreported_evaluation(self):
+        """Context of an evaluation the schedule runs for itself (a kept cycle's model with its dendrites switched
+        off), which is neither logged nor shown to callbacks. Metrics that the trainer accumulates during evaluation
+        for its next log entry (TRL's trainers keep them in `self._metrics`) are put back as they were afterwards, so
+        that none of that evaluation's reaches the log."""
+        saved = getattr(self, "_metrics", None)
+        kept = copy.deepcopy(saved) if isinstance(saved, dict) else None
+        try:
+            yield
+        finally:
+            if kept is not None:
+                self._metrics = kept
+
+    def _use_model(self, model: DendriticModel) -> None:
+        """Make `model` the model this trainer trains (after its `__init__` kept the plain one)."""
+        self.model = self.model_wrapped = model
+        self.callback_handler.model = model
 
     # ------------------------------------------------------------------ model conversion and public state
     def to_dendritic_model(self, model: nn.Module) -> DendriticModel:
@@ -326,14 +382,14 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             unsupported.append("SageMaker model parallelism")
         if unsupported:
             raise NotImplementedError(
-                f"DendriticTrainer does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
+                f"{type(self).__name__} does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
                 "which these engines shard or register once. Train with a single process or DDP (`torchrun` / "
                 "`accelerate launch` without a DeepSpeed or FSDP config); use low-rank dendrites "
                 "(DendriteConfig(rank=...)) to keep large models affordable."
             )
         problem = processes_out_of_step(self.accelerator)
         if problem is not None:
-            raise RuntimeError(f"DendriticTrainer cannot train or evaluate this launch: {problem}")
+            raise RuntimeError(f"{type(self).__name__} cannot train or evaluate this launch: {problem}")
 
     def _inspect_wrapped_model(self) -> None:
         """Take from the wrapped transformers model what the Trainer reads off the class of the model it trains.
@@ -375,7 +431,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
         """
         if self.args.eval_strategy == IntervalStrategy.NO:
             raise ValueError(
-                "DendriticTrainer decides when to grow dendrites from evaluation scores, so training needs evaluations: "
+                f"{type(self).__name__} decides when to grow dendrites from evaluation scores, so training needs evaluations: "
                 "set `eval_strategy='steps'` (with `eval_steps`) or `eval_strategy='epoch'`, and pass an `eval_dataset`. "
                 "(Evaluation or prediction alone, `trainer.evaluate()` / `trainer.predict()`, work without.)"
             )
@@ -575,7 +631,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             processing_class = self.processing_class
             if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
                 processing_class = self.data_collator.tokenizer
-            dm.save_pretrained(output_dir, processing_class=processing_class)
+            dm.save_pretrained(output_dir, processing_class=processing_class, tags=getattr(dm, "model_tags", None))
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
             is_checkpoint = os.path.basename(os.path.normpath(output_dir)) == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if _internal_call and self.is_in_train and is_checkpoint:
@@ -635,18 +691,23 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
         dataset_tags: str | list[str] | None = None,
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         """Write the dendritic model card (dendrite config, parameter counts, per-cycle table, training curve) into
-        `output_dir`. The Trainer's own card knows nothing of dendrites and would replace the one `save_model`
-        wrote when `push_to_hub()` runs; only `tags` is used from the arguments. A trainer that did not train
+        `output_dir`. The Trainer's own card (or TRL's, which its trainers write at every checkpoint) knows nothing of
+        dendrites and would replace the one `save_model` wrote when `push_to_hub()` runs. Of the arguments only
+        `tags` is used, with the model's own tags (`model.model_tags`, e.g. TRL's "trl", "sft") added; the others
+        (Trainer's or TRL's, e.g. `dataset_name`) are accepted and not shown. A trainer that did not train
         (evaluation / prediction only) writes the card of the model it evaluated, with the training summary its
         checkpoint carries (docs/checkpoints.md)."""
         if not self.is_world_process_zero():
             return
         from .hub import write_model_card
 
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in (getattr(self.model, "model_tags", None) or []) if t not in tags]
         self.model.training_summary = self.dendrite_callback.training_summary()
-        write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, tags=[tags] if isinstance(tags, str) else tags)
+        write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, tags=tags or None)
 
 
 class PhaseReduceLROnPlateau(ReduceLROnPlateau):
@@ -712,4 +773,71 @@ def _check_args_supported(args: TrainingArguments) -> None:
             "DendriticTrainer does not support FSDP (`fsdp=` is set): growing dendrites replaces parameters, which "
             "FSDP shards once. Use a single process or DDP (`torchrun`); low-rank dendrites (DendriteConfig(rank=...)) "
             "keep large models affordable."
+        )
+
+
+class DendriticTrainer(DendriticTrainerMixin, Trainer):
+    """A `transformers.Trainer` that grows dendrites when the evaluation score plateaus: `DendriticTrainerMixin` +
+    `Trainer`.
+
+    Args:
+        model: a plain transformers model (converted with `dendrite_config`, or the per-architecture defaults) or
+            a `DendriticModel`. May be None when `model_init` is given.
+        args: `DendriticTrainingArguments` (plain `TrainingArguments` are converted with default dendrite
+            settings). Training needs an `eval_strategy` and an `eval_dataset`; evaluation / prediction alone do not.
+        model_init: a function returning a fresh model (plain ones are converted with `dendrite_config`), as for
+            `Trainer` (e.g. for `hyperparameter_search`).
+        dendrite_config: how to convert a plain model (ignored for a `DendriticModel`, which carries its own). When
+            its `dendrite_seed` is None the trainer uses `args.seed`, so that growth is identical on every process
+            and after a resume. Kept as `trainer.dendrite_config`.
+        Every other argument is the Trainer's. `optimizers=(optimizer, scheduler)` is not supported (the trainer
+        must build optimizers for parameters that do not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)`
+        to choose the optimizer.
+
+    After `train()`, `output_dir` (during `hyperparameter_search`, the trial's `output_dir/run-<n>`) holds
+    `dendrite_evaluations.csv` (one row per evaluation: step, score, phase, cycle, try, dendrites, parameters, LR
+    factor, dendrite weight of a kept cycle, decision) and `dendrite_training_curve.png`. `trainer.dendrite_schedule` is
+    the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
+    `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
+
+    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
+    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
+    parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
+    does not run as one job (on CPU without `use_cpu=True`).
+    """
+
+    dendrite_args_class = DendriticTrainingArguments
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        model_init: Callable | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        dendrite_config: DendriteConfig | None = None,
+    ):
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            dendrite_config=dendrite_config,
         )
