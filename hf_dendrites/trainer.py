@@ -1,4 +1,5 @@
-"""`DendriticTrainer`: `transformers.Trainer` running the dendrite phase schedule (docs/schedule.md).
+"""`DendriticTrainerMixin`: any `transformers.Trainer` subclass running the dendrite phase schedule (docs/schedule.md);
+`DendriticTrainer`: the mixin plus `Trainer`. (TRL's trainers with the mixin: hf_dendrites/trl.py, docs/trl.md.)
 
 Users switch an existing fine-tuning script to dendrites by changing two class names:
 
@@ -14,8 +15,11 @@ Where things live
   the Trainer's evaluation and before the checkpoint of that step is written).
 - `trainer_state.py`: the schedule's files inside a checkpoint.
 - `trainer_internals.py`: the few private transformers / accelerate names still used, each guarded by a test.
-- this module: the arguments and a small `Trainer` subclass that rebuilds the training objects when the
-  parameter set changes, saves and loads dendritic checkpoints, and tags the logs.
+- `training_args.py`: the schedule's settings (`DendriteScheduleArguments`, a mixin for any arguments class).
+- this module: `DendriticTrainerMixin`, which converts the model the trainer's own `__init__` prepared, rebuilds
+  the training objects when the parameter set changes, saves and loads dendritic checkpoints, writes the dendritic
+  model card and tags the logs; every method calls the trainer's own (`super()`), so a `Trainer` subclass (TRL's SFT
+  and DPO trainers, a user's) keeps its loss, logging and data handling. `DendriticTrainer` is the mixin + `Trainer`.
 
 Rebuilding after a growth
 -------------------------
@@ -236,7 +240,7 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
     dendrite_callback: DendriteScheduleCallback | None = None  # set once the trainer's __init__ has run
 
     def __init__(self, *args: Any, dendrite_config: DendriteConfig | None = None, **kwargs: Any):
-        name = type(self).__name__
+        name = self._dendritic_class_name()
         names, positional = _call_arguments(super().__init__, args, kwargs)
 
         def given(key: str) -> Any:
@@ -279,6 +283,10 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             self._use_model(self.to_dendritic_model(self.model))
         self._check_setup_supported()
         self._inspect_wrapped_model()
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None and "loss_is_scaled_for_ga" not in vars(Trainer):
+            # A trainer whose loss says how it is scaled (TRL's), on a transformers release that does not read the
+            # attribute (< 5.19): keep what the trainer set, as it did before the model was inspected again.
+            self.model_accepts_loss_kwargs = False
         self.dendrite_callback = DendriteScheduleCallback(self)
         self.add_callback(self.dendrite_callback)
         follow_transformers_verbosity()
@@ -286,7 +294,7 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
     def _dendrite_arguments(self, args: Any) -> DendriteScheduleArguments:
         """The training arguments, checked: an instance of `dendrite_args_class` (plain `TrainingArguments` are
         converted with default dendrite settings when that class is `DendriticTrainingArguments`)."""
-        name, expected = type(self).__name__, self.dendrite_args_class
+        name, expected = self._dendritic_class_name(), self.dendrite_args_class
         if args is None:
             raise ValueError(
                 f"{name} needs `args`: e.g. {expected.__name__}(output_dir='out', eval_strategy='steps', eval_steps=100)."
@@ -311,6 +319,13 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             if kept is not None:
                 self._metrics = kept
 
+    def _dendritic_class_name(self) -> str:
+        """The trainer's name in messages: the library class it is or extends (`DendriticTrainer`,
+        `DendriticSFTTrainer`, ...), or its own class for a trainer made dendritic with the recipe."""
+        own = type(self)
+        library = next((c for c in own.__mro__ if c.__module__.startswith("hf_dendrites.") and issubclass(c, Trainer)), None)
+        return (library or own).__name__
+
     def _use_model(self, model: DendriticModel) -> None:
         """Make `model` the model this trainer trains (after its `__init__` kept the plain one)."""
         self.model = self.model_wrapped = model
@@ -319,6 +334,9 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
     # ------------------------------------------------------------------ model conversion and public state
     def to_dendritic_model(self, model: nn.Module) -> DendriticModel:
         """Convert a plain transformers model with `self.dendrite_config` (a `DendriticModel` passes through).
+
+        The hook point of the conversion: called with the model the trainer's `__init__` prepared (for TRL's
+        trainers after they loaded, wrapped and patched it) and with every model `model_init` returns.
 
         When the config has no `dendrite_seed`, `args.seed` is used, so that growth is identical on every process
         and after a resume.
@@ -382,14 +400,14 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             unsupported.append("SageMaker model parallelism")
         if unsupported:
             raise NotImplementedError(
-                f"{type(self).__name__} does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
+                f"{self._dendritic_class_name()} does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
                 "which these engines shard or register once. Train with a single process or DDP (`torchrun` / "
                 "`accelerate launch` without a DeepSpeed or FSDP config); use low-rank dendrites "
                 "(DendriteConfig(rank=...)) to keep large models affordable."
             )
         problem = processes_out_of_step(self.accelerator)
         if problem is not None:
-            raise RuntimeError(f"{type(self).__name__} cannot train or evaluate this launch: {problem}")
+            raise RuntimeError(f"{self._dendritic_class_name()} cannot train or evaluate this launch: {problem}")
 
     def _inspect_wrapped_model(self) -> None:
         """Take from the wrapped transformers model what the Trainer reads off the class of the model it trains.
@@ -431,7 +449,7 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         """
         if self.args.eval_strategy == IntervalStrategy.NO:
             raise ValueError(
-                f"{type(self).__name__} decides when to grow dendrites from evaluation scores, so training needs evaluations: "
+                f"{self._dendritic_class_name()} decides when to grow dendrites from evaluation scores, so training needs evaluations: "
                 "set `eval_strategy='steps'` (with `eval_steps`) or `eval_strategy='epoch'`, and pass an `eval_dataset`. "
                 "(Evaluation or prediction alone, `trainer.evaluate()` / `trainer.predict()`, work without.)"
             )
@@ -557,10 +575,17 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the dendrite state (cycle, phase, dendrite and parameter counts) to the evaluation log entries of a
         training run, so that it reaches the console, `log_history` and every `report_to` integration. (The
-        Trainer logs an evaluation before `on_evaluate` runs: the state is that of the evaluated model.)"""
+        Trainer logs an evaluation before `on_evaluate` runs: the state is that of the evaluated model.) What the
+        trainer's own `log` adds to the entry in place (TRL's trainers add their evaluation metrics, which
+        `evaluate()` then returns and `on_evaluate` sees) still reaches the caller's dict; the dendrite fields do
+        not."""
         cb = self.dendrite_callback
         if cb is not None and self.is_in_train and "dendrite_event" not in logs and any(k.startswith("eval_") for k in logs):
-            logs = {**logs, **cb.log_fields(cb.model_view())}
+            fields = cb.log_fields(cb.model_view())
+            entry = {**logs, **fields}
+            super().log(entry, start_time)
+            logs.update({k: v for k, v in entry.items() if k not in fields})
+            return
         super().log(logs, start_time)
 
     def rebuild_optimizer_and_scheduler(self) -> None:

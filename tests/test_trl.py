@@ -93,6 +93,9 @@ def test_grows_discards_retries_and_completes(kind, llama_folder, tmp_path):
     events = [e for e in trainer.state.log_history if "dendrite_event" in e]
     assert [e["dendrite_event"] for e in events] == [1, 2, 4] and not any(k.startswith("eval_") for e in events for k in e)
     assert (tmp_path / DENDRITE_EVAL_CSV_NAME).is_file() and (tmp_path / DENDRITE_CURVE_NAME).is_file()
+    # The metrics TRL adds while it logs an evaluation reach `evaluate()`'s result and the schedule's records, as in TRL.
+    trl_metric = "eval_mean_token_accuracy" if kind == "sft" else "eval_rewards/accuracies"
+    assert trl_metric in trainer.dendrite_callback.training_summary()["eval_results"]
 
     # The saved model and its card are dendritic, with TRL's tags.
     trainer.save_model(str(tmp_path / "final"))
@@ -101,6 +104,11 @@ def test_grows_discards_retries_and_completes(kind, llama_folder, tmp_path):
     assert "- trl" in card and f"- {kind}" in card
     reloaded = DendriticModel.from_pretrained(str(tmp_path / "final"))
     assert reloaded.dendrite_counts() == trainer.model.dendrite_counts()
+    if kind == "sft":
+        # A dendritic checkpoint trains on (docs/continuing_training.md): the trainer keeps the DendriticModel given.
+        again = make_trl_trainer(kind, llama_folder, tmp_path / "again", model=reloaded)
+        assert again.model is reloaded
+        assert again.evaluate()["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], abs=1e-6)
 
 
 class _Interrupted(Exception):
