@@ -239,6 +239,18 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
     dendrite_args_class: type = DendriteScheduleArguments
     dendrite_callback: DendriteScheduleCallback | None = None  # set once the trainer's __init__ has run
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        before = [c for c in mro[1 : mro.index(DendriticTrainerMixin)] if issubclass(c, Trainer) and not issubclass(c, DendriticTrainerMixin)]
+        if before:
+            others = ", ".join(c.__name__ for c in cls.__bases__ if not issubclass(c, DendriticTrainerMixin))
+            raise TypeError(
+                f"{cls.__name__} lists DendriticTrainerMixin after {before[0].__name__}, whose methods would then run "
+                "instead of the mixin's (no dendrites, no optimizer rebuild). List the mixin first: "
+                f"`class {cls.__name__}(DendriticTrainerMixin, {others})`."
+            )
+
     def __init__(self, *args: Any, dendrite_config: DendriteConfig | None = None, **kwargs: Any):
         name = self._dendritic_class_name()
         names, positional = _call_arguments(super().__init__, args, kwargs)
@@ -832,6 +844,18 @@ class DendriticTrainer(DendriticTrainerMixin, Trainer):
     """
 
     dendrite_args_class = DendriticTrainingArguments
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        others = [c for c in cls.__mro__ if issubclass(c, Trainer) and c is not Trainer and not issubclass(c, DendriticTrainer)]
+        if others:
+            raise TypeError(
+                f"{cls.__name__} combines DendriticTrainer with {others[0].__name__}: DendriticTrainer is "
+                f"DendriticTrainerMixin + Trainer, and cannot be mixed into another trainer. Make that trainer dendritic "
+                f"with the mixin, listed first: `class {cls.__name__}(DendriticTrainerMixin, {others[0].__name__})` "
+                "with arguments that mix in DendriteScheduleArguments (docs/trl.md); for TRL's SFT and DPO trainers use "
+                "hf_dendrites' DendriticSFTTrainer / DendriticDPOTrainer."
+            )
 
     def __init__(
         self,

@@ -259,6 +259,12 @@ def test_wrong_mixes_of_trainer_and_arguments_name_the_class_to_use(llama_folder
 
     with pytest.raises(TypeError, match=r"@dataclass class DendriticCountingArguments\(DendriteScheduleArguments, CountingArguments\)"):
         AnyArgumentsTrainer(tiny_bert(), CountingArguments(output_dir=out, use_cpu=True), **bert)
+    # DendriticTrainer is the mixin + Trainer: combined with another trainer, in either order, it is refused at once.
+    for bases in ((DendriticTrainer, trl.SFTTrainer), (trl.SFTTrainer, DendriticTrainer)):
+        with pytest.raises(TypeError, match=r"(combines DendriticTrainer with|lists DendriticTrainerMixin after) SFTTrainer.*`class Mixed\(DendriticTrainerMixin, "):
+            type("Mixed", bases, {})
+    with pytest.raises(TypeError, match=r"lists DendriticTrainerMixin after SFTTrainer.*`class Late\(DendriticTrainerMixin, SFTTrainer\)`"):
+        type("Late", (trl.SFTTrainer, DendriticTrainerMixin), {})
     # The mixin must come first in an arguments class, or its validation would never run.
     with pytest.raises(TypeError, match=r"List the mixin first: `class WrongOrder\(DendriteScheduleArguments, SFTConfig\)`"):
 
