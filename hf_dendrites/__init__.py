@@ -9,8 +9,8 @@ from .layers import DendriticConv1D, DendriticConv1d, DendriticConv2d, Dendritic
 from .model import DendriteSummary, DendriticModel, LayerSummary, get_dendritic_model, resolve_target_modules
 from .saving import CheckpointError, load_dendritic_state
 from .schedule import Action, Decision, DendriteSchedule, ScheduleSettings
-from .trainer import DendriticTrainer
-from .training_args import DendriticTrainingArguments
+from .trainer import DendriticTrainer, DendriticTrainerMixin
+from .training_args import DendriteScheduleArguments, DendriticTrainingArguments
 
 __all__ = [
     "Action",
@@ -18,6 +18,7 @@ __all__ = [
     "Decision",
     "DendriteConfig",
     "DendriteSchedule",
+    "DendriteScheduleArguments",
     "DendriteScheduleCallback",
     "DendriteSummary",
     "DendriticConv1D",
@@ -27,6 +28,7 @@ __all__ = [
     "DendriticLinear",
     "DendriticModel",
     "DendriticTrainer",
+    "DendriticTrainerMixin",
     "DendriticTrainingArguments",
     "dendrite_hp_space",
     "get_dendritic_model",
@@ -35,3 +37,15 @@ __all__ = [
     "resolve_target_modules",
     "ScheduleSettings",
 ]
+
+# TRL's trainers made dendritic (hf_dendrites/trl.py): imported on first use, so the package imports without TRL (and
+# left out of __all__, so that `from hf_dendrites import *` does too).
+_TRL_NAMES = ("DendriticDPOConfig", "DendriticDPOTrainer", "DendriticSFTConfig", "DendriticSFTTrainer")
+
+
+def __getattr__(name: str):
+    if name in _TRL_NAMES:
+        from . import trl
+
+        return getattr(trl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -200,16 +200,28 @@ def processes_out_of_step(accelerator: Any) -> str | None:
 
 
 class DendriteScheduleCallback(TrainerCallback):
-    """Runs the dendrite schedule of a `DendriticTrainer` (see the module docstring).
+    """Runs the dendrite schedule of a trainer made dendritic with `DendriticTrainerMixin` (see the module docstring).
 
-    Read access: `schedule` (the `DendriteSchedule`; its `history` lists every finished cycle try), `history`
-    (one dict per evaluation: step, epoch, score, cycle, try, phase, dendrite and parameter counts, decision),
-    `best_score`, `training_summary()`.
+    The mixin builds and installs it (`trainer.dendrite_callback`); it cannot drive a trainer without the mixin,
+    which would not rebuild its optimizer after a growth nor save the dendrites, and refuses one by name. Read access:
+    `schedule` (the `DendriteSchedule`; its `history` lists every finished cycle try), `history` (one dict per
+    evaluation: step, epoch, score, cycle, try, phase, dendrite and parameter counts, decision), `best_score`,
+    `training_summary()`.
     """
 
-    def __init__(self, trainer: Trainer):
-        # The `DendriticTrainer` that installed this callback: asked to rebuild its optimizer and scheduler (and to
-        # log) after every change of the parameter set. (Typed `Trainer` so that this module does not import it.)
+    def __init__(self, trainer: Trainer | None = None):
+        # The dendritic trainer that installed this callback: asked to rebuild its optimizer and scheduler (and to
+        # log) after every change of the parameter set. (Typed `Trainer`, and checked by the mixin's method, so that
+        # this module does not import trainer.py.)
+        if not callable(getattr(trainer, "rebuild_optimizer_and_scheduler", None)) or not hasattr(
+            getattr(trainer, "args", None), "dendrite_schedule_settings"
+        ):
+            raise TypeError(
+                "DendriteScheduleCallback is installed by the dendritic trainers themselves (DendriticTrainer, "
+                "DendriticSFTTrainer, DendriticDPOTrainer, or any `class X(DendriticTrainerMixin, YourTrainer)` with "
+                f"arguments that mix in DendriteScheduleArguments); it cannot drive {type(trainer).__name__}. Use one of "
+                "those trainers instead of adding the callback (docs/trl.md)."
+            )
         self.trainer = trainer
         self.warned_full_peft_checkpoints = False
         self.reset()
@@ -514,17 +526,18 @@ class DendriteScheduleCallback(TrainerCallback):
         trainer.callback_handler, _ABLATION_RUNNING = quiet, True
         metrics: dict[str, Any] = {}
         try:
-            for name in names:
-                output = trainer.evaluation_loop(
-                    trainer.get_eval_dataloader(name),
-                    description="Evaluation without the new dendrites",
-                    prediction_loss_only=True if trainer.compute_metrics is None else None,
-                    ignore_keys=getattr(trainer, "dendrite_ignore_keys_for_eval", None),
-                    metric_key_prefix="eval" if name is None else f"eval_{name}",
-                )
-                metrics.update(output.metrics)
-                if key in metrics:
-                    break
+            with trainer.dendrite_unreported_evaluation():
+                for name in names:
+                    output = trainer.evaluation_loop(
+                        trainer.get_eval_dataloader(name),
+                        description="Evaluation without the new dendrites",
+                        prediction_loss_only=True if trainer.compute_metrics is None else None,
+                        ignore_keys=getattr(trainer, "dendrite_ignore_keys_for_eval", None),
+                        metric_key_prefix="eval" if name is None else f"eval_{name}",
+                    )
+                    metrics.update(output.metrics)
+                    if key in metrics:
+                        break
         finally:
             trainer.callback_handler, _ABLATION_RUNNING = handler, False
         return metrics

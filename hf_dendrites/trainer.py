@@ -1,4 +1,5 @@
-"""`DendriticTrainer`: `transformers.Trainer` running the dendrite phase schedule (docs/schedule.md).
+"""`DendriticTrainerMixin`: any `transformers.Trainer` subclass running the dendrite phase schedule (docs/schedule.md);
+`DendriticTrainer`: the mixin plus `Trainer`. (TRL's trainers with the mixin: hf_dendrites/trl.py, docs/trl.md.)
 
 Users switch an existing fine-tuning script to dendrites by changing two class names:
 
@@ -14,8 +15,11 @@ Where things live
   the Trainer's evaluation and before the checkpoint of that step is written).
 - `trainer_state.py`: the schedule's files inside a checkpoint.
 - `trainer_internals.py`: the few private transformers / accelerate names still used, each guarded by a test.
-- this module: the arguments and a small `Trainer` subclass that rebuilds the training objects when the
-  parameter set changes, saves and loads dendritic checkpoints, and tags the logs.
+- `training_args.py`: the schedule's settings (`DendriteScheduleArguments`, a mixin for any arguments class).
+- this module: `DendriticTrainerMixin`, which converts the model the trainer's own `__init__` prepared, rebuilds
+  the training objects when the parameter set changes, saves and loads dendritic checkpoints, writes the dendritic
+  model card and tags the logs; every method calls the trainer's own (`super()`), so a `Trainer` subclass (TRL's SFT
+  and DPO trainers, a user's) keeps its loss, logging and data handling. `DendriticTrainer` is the mixin + `Trainer`.
 
 Rebuilding after a growth
 -------------------------
@@ -111,6 +115,7 @@ never trained leaves the model's training summary (its checkpoint's) as it is.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
@@ -143,7 +148,7 @@ from .model import DendriticModel, get_dendritic_model
 from .peft_support import transformers_model
 from .schedule import DendriteSchedule
 from .trainer_state import read_schedule_payload
-from .training_args import DendriticTrainingArguments, to_dendritic_args
+from .training_args import DendriteScheduleArguments, DendriticTrainingArguments, to_dendritic_args
 
 logger = logging.getLogger(__name__)
 
@@ -163,73 +168,119 @@ class _CausalLabelSmoother(LabelSmoother):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-class DendriticTrainer(DendriteHPSearchMixin, Trainer):
-    """A `transformers.Trainer` that grows dendrites when the evaluation score plateaus.
+# Which trainer goes with which arguments class, for the error a wrong mix gets (matched along the class's MRO).
+_ARGS_ADVICE = {
+    "DendriticTrainingArguments": "DendriticTrainer",
+    "DendriticSFTConfig": "DendriticSFTTrainer",
+    "DendriticDPOConfig": "DendriticDPOTrainer",
+    "SFTConfig": "DendriticSFTTrainer with DendriticSFTConfig (from hf_dendrites import DendriticSFTTrainer, DendriticSFTConfig)",
+    "DPOConfig": "DendriticDPOTrainer with DendriticDPOConfig (from hf_dendrites import DendriticDPOTrainer, DendriticDPOConfig)",
+}
 
-    Args:
-        model: a plain transformers model (converted with `dendrite_config`, or the per-architecture defaults) or
-            a `DendriticModel`. May be None when `model_init` is given.
-        args: `DendriticTrainingArguments` (plain `TrainingArguments` are converted with default dendrite
-            settings). Training needs an `eval_strategy` and an `eval_dataset`; evaluation / prediction alone do not.
-        model_init: a function returning a fresh model (plain ones are converted with `dendrite_config`), as for
-            `Trainer` (e.g. for `hyperparameter_search`).
-        dendrite_config: how to convert a plain model (ignored for a `DendriticModel`, which carries its own). When
-            its `dendrite_seed` is None the trainer uses `args.seed`, so that growth is identical on every process
-            and after a resume. Kept as `trainer.dendrite_config`.
-        Every other argument is the Trainer's. `optimizers=(optimizer, scheduler)` is not supported (the trainer
-        must build optimizers for parameters that do not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)`
-        to choose the optimizer.
 
-    After `train()`, `output_dir` (during `hyperparameter_search`, the trial's `output_dir/run-<n>`) holds
-    `dendrite_evaluations.csv` (one row per evaluation: step, score, phase, cycle, try, dendrites, parameters, LR
-    factor, dendrite weight of a kept cycle, decision) and `dendrite_training_curve.png`. `trainer.dendrite_schedule` is
-    the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
-    `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
+def _wrong_arguments_message(trainer: str, expected: type, got: Any) -> str:
+    """Why `got` cannot be `trainer`'s arguments, and which classes to use."""
+    got_name = type(got).__name__
+    match = next((_ARGS_ADVICE[c.__name__] for c in type(got).__mro__ if c.__name__ in _ARGS_ADVICE), None)
+    if expected is DendriteScheduleArguments:
+        fix = (
+            f"make the arguments class dendritic: `@dataclass class Dendritic{got_name}(DendriteScheduleArguments, "
+            f"{got_name})` (docs/trl.md)"
+        )
+    else:
+        fix = f"pass {expected.__name__}(...) with the same settings"
+    where = f" {got_name} goes with {match}." if match and not match.startswith(trainer + " ") and match != trainer else ""
+    return (
+        f"{trainer} needs its training arguments as {expected.__name__} (the trainer's arguments plus the dendrite "
+        f"schedule's settings), got {got_name}.{where} For {trainer}, {fix}."
+    )
 
-    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
-    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
-    parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
-    does not run as one job (on CPU without `use_cpu=True`).
+
+def _call_arguments(init: Callable, args: tuple, kwargs: dict) -> tuple[list[str], list[Any]]:
+    """The names of the positional parameters of the trainer's `__init__` (Trainer's order, `model, args, ...`, for
+    one that takes `*args, **kwargs`), and the positional values of a call, to read and replace `model` / `args`
+    where the caller put them."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds]
+    if "args" not in names:
+        names = [p.name for p in list(inspect.signature(Trainer.__init__).parameters.values())[1:] if p.kind in kinds]
+    return names, list(args)
+
+
+class DendriticTrainerMixin(DendriteHPSearchMixin):
+    """Makes a `transformers.Trainer` subclass grow dendrites when the evaluation score plateaus (docs/schedule.md).
+
+    A cooperative mixin: list it first, before the trainer class, and give the trainer arguments that carry the
+    schedule's settings (`DendriteScheduleArguments` mixed into the trainer's own arguments class):
+
+        @dataclass
+        class DendriticMyArguments(DendriteScheduleArguments, MyTrainingArguments):
+            pass
+
+        class DendriticMyTrainer(DendriticTrainerMixin, MyTrainer):
+            dendrite_args_class = DendriticMyArguments  # optional: refuse other arguments classes by name
+
+    `DendriticTrainer` is `DendriticTrainerMixin` + `Trainer`; hf_dendrites/trl.py makes TRL's SFT and DPO trainers
+    dendritic the same way (docs/trl.md). Every method calls `super()`, so the trainer's own overrides (its loss,
+    logging, evaluation, dataset preparation) keep running.
+
+    Construction: the trainer's own `__init__` runs first with the model as given (so it can load a model from a
+    string id, wrap it with PEFT, patch it, prepare its datasets); the model it ends up with (`self.model`) is then
+    converted with `dendrite_config` (`to_dendritic_model`, the hook point) and replaces the trainer's model, and the
+    schedule's callback is installed. The mixin takes one keyword argument of its own, `dendrite_config`; the others
+    go to the trainer class as they are. It owns: the optimizer and LR-scheduler rebuild after every growth, saving
+    and loading dendritic checkpoints (with the schedule state), `load_best_model_at_end`, and the model card (the
+    trainer's own card, e.g. TRL's, is replaced by the dendritic one; the model's tags are kept).
+
+    `optimizers=(optimizer, scheduler)` is not supported (the trainer must build optimizers for parameters that do
+    not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)` to choose the optimizer.
     """
 
-    dendrite_callback: DendriteScheduleCallback | None = None  # set once Trainer.__init__ has run
+    # The arguments class this trainer needs (a `DendriteScheduleArguments` subclass); others are refused by name.
+    dendrite_args_class: type = DendriteScheduleArguments
+    dendrite_callback: DendriteScheduleCallback | None = None  # set once the trainer's __init__ has run
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: TrainingArguments | None = None,
-        data_collator: Callable | None = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: Any = None,
-        model_init: Callable | None = None,
-        compute_loss_func: Callable | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list | None = None,
-        optimizers: tuple = (None, None),
-        optimizer_cls_and_kwargs: tuple | None = None,
-        preprocess_logits_for_metrics: Callable | None = None,
-        dendrite_config: DendriteConfig | None = None,
-    ):
-        if args is None:
-            raise ValueError(
-                "DendriticTrainer needs `args`: e.g. DendriticTrainingArguments(output_dir='out', eval_strategy='steps', "
-                "eval_steps=100)."
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        before = [c for c in mro[1 : mro.index(DendriticTrainerMixin)] if issubclass(c, Trainer) and not issubclass(c, DendriticTrainerMixin)]
+        if before:
+            others = ", ".join(c.__name__ for c in cls.__bases__ if not issubclass(c, DendriticTrainerMixin))
+            raise TypeError(
+                f"{cls.__name__} lists DendriticTrainerMixin after {before[0].__name__}, whose methods would then run "
+                "instead of the mixin's (no dendrites, no optimizer rebuild). List the mixin first: "
+                f"`class {cls.__name__}(DendriticTrainerMixin, {others})`."
             )
-        if not isinstance(args, DendriticTrainingArguments):
-            args = to_dendritic_args(args)
-        if model is None and model_init is None:
-            raise ValueError("DendriticTrainer needs a `model` (a transformers model or a DendriticModel) or a `model_init`.")
+
+    def __init__(self, *args: Any, dendrite_config: DendriteConfig | None = None, **kwargs: Any):
+        name = self._dendritic_class_name()
+        names, positional = _call_arguments(super().__init__, args, kwargs)
+
+        def given(key: str) -> Any:
+            if key in kwargs:
+                return kwargs[key]
+            index = names.index(key) if key in names else len(positional)
+            return positional[index] if index < len(positional) else None
+
+        training_args = self._dendrite_arguments(given("args"))
+        if "args" in kwargs or names.index("args") >= len(positional):
+            kwargs["args"] = training_args
+        else:
+            positional[names.index("args")] = training_args
+        model = given("model")
+        if model is None and given("model_init") is None:
+            raise ValueError(f"{name} needs a `model` (a transformers model or a DendriticModel) or a `model_init`.")
+        optimizers = given("optimizers")
         if optimizers is not None and any(o is not None for o in optimizers):
             raise ValueError(
-                "DendriticTrainer rebuilds the optimizer and LR scheduler whenever dendrites grow, so it cannot use "
+                f"{name} rebuilds the optimizer and LR scheduler whenever dendrites grow, so it cannot use "
                 "the objects passed as `optimizers=`. Pass `optimizer_cls_and_kwargs=(optimizer_class, kwargs)` and "
                 "choose the schedule with `lr_scheduler_type` instead."
             )
-        _check_args_supported(args)
+        _check_args_supported(training_args)
         # The level Trainer.__init__ is about to apply, applied before the model is converted, so that the
         # conversion's lines (e.g. the dendrites restored from a checkpoint) show at the user's log level.
-        follow_transformers_verbosity(args.get_process_log_level())
+        follow_transformers_verbosity(training_args.get_process_log_level())
         if isinstance(model, DendriticModel):
             if dendrite_config is not None and dendrite_config != model.dendrite_config:
                 raise ValueError(
@@ -238,32 +289,67 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
                 )
             dendrite_config = model.dendrite_config
         self.dendrite_config = dendrite_config
-        self.args = args  # to_dendritic_model reads args.seed; Trainer.__init__ sets it again
-        if model is not None:
-            model = self.to_dendritic_model(model)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        self.args = training_args  # to_dendritic_model reads args.seed (model_init); Trainer.__init__ sets it again
+        super().__init__(*positional, **kwargs)
+        if not isinstance(self.model, DendriticModel):
+            # The model the trainer prepared (loaded from a string id, wrapped, patched): converted now.
+            self._use_model(self.to_dendritic_model(self.model))
         self._check_setup_supported()
         self._inspect_wrapped_model()
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None and "loss_is_scaled_for_ga" not in vars(Trainer):
+            # A trainer whose loss says how it is scaled (TRL's), on a transformers release that does not read the
+            # attribute (< 5.19): keep what the trainer set, as it did before the model was inspected again.
+            self.model_accepts_loss_kwargs = False
         self.dendrite_callback = DendriteScheduleCallback(self)
         self.add_callback(self.dendrite_callback)
         follow_transformers_verbosity()
 
+    def _dendrite_arguments(self, args: Any) -> DendriteScheduleArguments:
+        """The training arguments, checked: an instance of `dendrite_args_class` (plain `TrainingArguments` are
+        converted with default dendrite settings when that class is `DendriticTrainingArguments`)."""
+        name, expected = self._dendritic_class_name(), self.dendrite_args_class
+        if args is None:
+            raise ValueError(
+                f"{name} needs `args`: e.g. {expected.__name__}(output_dir='out', eval_strategy='steps', eval_steps=100)."
+            )
+        if type(args) is TrainingArguments and expected is DendriticTrainingArguments:
+            return to_dendritic_args(args)
+        if not isinstance(args, expected) or not isinstance(args, DendriteScheduleArguments):
+            raise TypeError(_wrong_arguments_message(name, expected, args))
+        return args
+
+    @contextlib.contextmanager
+    def dendrite_unreported_evaluation(self):
+        """Context of an evaluation the schedule runs for itself (a kept cycle's model with its dendrites switched
+        off), which is neither logged nor shown to callbacks. Metrics that the trainer accumulates during evaluation
+        for its next log entry (TRL's trainers keep them in `self._metrics`) are put back as they were afterwards, so
+        that none of that evaluation's reaches the log."""
+        saved = getattr(self, "_metrics", None)
+        kept = copy.deepcopy(saved) if isinstance(saved, dict) else None
+        try:
+            yield
+        finally:
+            if kept is not None:
+                self._metrics = kept
+
+    def _dendritic_class_name(self) -> str:
+        """The trainer's name in messages: the library class it is or extends (`DendriticTrainer`,
+        `DendriticSFTTrainer`, ...), or its own class for a trainer made dendritic with the recipe."""
+        own = type(self)
+        library = next((c for c in own.__mro__ if c.__module__.startswith("hf_dendrites.") and issubclass(c, Trainer)), None)
+        return (library or own).__name__
+
+    def _use_model(self, model: DendriticModel) -> None:
+        """Make `model` the model this trainer trains (after its `__init__` kept the plain one)."""
+        self.model = self.model_wrapped = model
+        self.callback_handler.model = model
+
     # ------------------------------------------------------------------ model conversion and public state
     def to_dendritic_model(self, model: nn.Module) -> DendriticModel:
         """Convert a plain transformers model with `self.dendrite_config` (a `DendriticModel` passes through).
+
+        The hook point of the conversion: called with the model the trainer's `__init__` prepared (for TRL's
+        trainers after they loaded, wrapped and patched it) and with every model `model_init` returns.
 
         When the config has no `dendrite_seed`, `args.seed` is used, so that growth is identical on every process
         and after a resume.
@@ -327,14 +413,14 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             unsupported.append("SageMaker model parallelism")
         if unsupported:
             raise NotImplementedError(
-                f"DendriticTrainer does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
+                f"{self._dendritic_class_name()} does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
                 "which these engines shard or register once. Train with a single process or DDP (`torchrun` / "
                 "`accelerate launch` without a DeepSpeed or FSDP config); use low-rank dendrites "
                 "(DendriteConfig(rank=...)) to keep large models affordable."
             )
         problem = processes_out_of_step(self.accelerator)
         if problem is not None:
-            raise RuntimeError(f"DendriticTrainer cannot train or evaluate this launch: {problem}")
+            raise RuntimeError(f"{self._dendritic_class_name()} cannot train or evaluate this launch: {problem}")
 
     def _inspect_wrapped_model(self) -> None:
         """Take from the wrapped transformers model what the Trainer reads off the class of the model it trains.
@@ -376,7 +462,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
         """
         if self.args.eval_strategy == IntervalStrategy.NO:
             raise ValueError(
-                "DendriticTrainer decides when to grow dendrites from evaluation scores, so training needs evaluations: "
+                f"{self._dendritic_class_name()} decides when to grow dendrites from evaluation scores, so training needs evaluations: "
                 "set `eval_strategy='steps'` (with `eval_steps`) or `eval_strategy='epoch'`, and pass an `eval_dataset`. "
                 "(Evaluation or prediction alone, `trainer.evaluate()` / `trainer.predict()`, work without.)"
             )
@@ -502,10 +588,17 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the dendrite state (cycle, phase, dendrite and parameter counts) to the evaluation log entries of a
         training run, so that it reaches the console, `log_history` and every `report_to` integration. (The
-        Trainer logs an evaluation before `on_evaluate` runs: the state is that of the evaluated model.)"""
+        Trainer logs an evaluation before `on_evaluate` runs: the state is that of the evaluated model.) What the
+        trainer's own `log` adds to the entry in place (TRL's trainers add their evaluation metrics, which
+        `evaluate()` then returns and `on_evaluate` sees) still reaches the caller's dict; the dendrite fields do
+        not."""
         cb = self.dendrite_callback
         if cb is not None and self.is_in_train and "dendrite_event" not in logs and any(k.startswith("eval_") for k in logs):
-            logs = {**logs, **cb.log_fields(cb.model_view())}
+            fields = cb.log_fields(cb.model_view())
+            entry = {**logs, **fields}
+            super().log(entry, start_time)
+            logs.update({k: v for k, v in entry.items() if k not in fields})
+            return
         super().log(logs, start_time)
 
     def rebuild_optimizer_and_scheduler(self) -> None:
@@ -577,7 +670,7 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
             if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
                 processing_class = self.data_collator.tokenizer
             options = self.dendrite_callback.save_options(output_dir, _internal_call)  # adapter-only for a frozen base
-            dm.save_pretrained(output_dir, processing_class=processing_class, **options)
+            dm.save_pretrained(output_dir, processing_class=processing_class, tags=getattr(dm, "model_tags", None), **options)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
             is_checkpoint = os.path.basename(os.path.normpath(output_dir)) == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if _internal_call and self.is_in_train and is_checkpoint:
@@ -637,18 +730,23 @@ class DendriticTrainer(DendriteHPSearchMixin, Trainer):
         dataset_tags: str | list[str] | None = None,
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         """Write the dendritic model card (dendrite config, parameter counts, per-cycle table, training curve) into
-        `output_dir`. The Trainer's own card knows nothing of dendrites and would replace the one `save_model`
-        wrote when `push_to_hub()` runs; only `tags` is used from the arguments. A trainer that did not train
+        `output_dir`. The Trainer's own card (or TRL's, which its trainers write at every checkpoint) knows nothing of
+        dendrites and would replace the one `save_model` wrote when `push_to_hub()` runs. Of the arguments only
+        `tags` is used, with the model's own tags (`model.model_tags`, e.g. TRL's "trl", "sft") added; the others
+        (Trainer's or TRL's, e.g. `dataset_name`) are accepted and not shown. A trainer that did not train
         (evaluation / prediction only) writes the card of the model it evaluated, with the training summary its
         checkpoint carries (docs/checkpoints.md)."""
         if not self.is_world_process_zero():
             return
         from .hub import write_model_card
 
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in (getattr(self.model, "model_tags", None) or []) if t not in tags]
         self.model.training_summary = self.dendrite_callback.training_summary()
-        write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, tags=[tags] if isinstance(tags, str) else tags)
+        write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, tags=tags or None)
 
 
 class PhaseReduceLROnPlateau(ReduceLROnPlateau):
@@ -714,4 +812,83 @@ def _check_args_supported(args: TrainingArguments) -> None:
             "DendriticTrainer does not support FSDP (`fsdp=` is set): growing dendrites replaces parameters, which "
             "FSDP shards once. Use a single process or DDP (`torchrun`); low-rank dendrites (DendriteConfig(rank=...)) "
             "keep large models affordable."
+        )
+
+
+class DendriticTrainer(DendriticTrainerMixin, Trainer):
+    """A `transformers.Trainer` that grows dendrites when the evaluation score plateaus: `DendriticTrainerMixin` +
+    `Trainer`.
+
+    Args:
+        model: a plain transformers model (converted with `dendrite_config`, or the per-architecture defaults) or
+            a `DendriticModel`. May be None when `model_init` is given.
+        args: `DendriticTrainingArguments` (plain `TrainingArguments` are converted with default dendrite
+            settings). Training needs an `eval_strategy` and an `eval_dataset`; evaluation / prediction alone do not.
+        model_init: a function returning a fresh model (plain ones are converted with `dendrite_config`), as for
+            `Trainer` (e.g. for `hyperparameter_search`).
+        dendrite_config: how to convert a plain model (ignored for a `DendriticModel`, which carries its own). When
+            its `dendrite_seed` is None the trainer uses `args.seed`, so that growth is identical on every process
+            and after a resume. Kept as `trainer.dendrite_config`.
+        Every other argument is the Trainer's. `optimizers=(optimizer, scheduler)` is not supported (the trainer
+        must build optimizers for parameters that do not exist yet); pass `optimizer_cls_and_kwargs=(cls, kwargs)`
+        to choose the optimizer.
+
+    After `train()`, `output_dir` (during `hyperparameter_search`, the trial's `output_dir/run-<n>`) holds
+    `dendrite_evaluations.csv` (one row per evaluation: step, score, phase, cycle, try, dendrites, parameters, LR
+    factor, dendrite weight of a kept cycle, decision) and `dendrite_training_curve.png`. `trainer.dendrite_schedule` is
+    the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
+    `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
+
+    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
+    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
+    parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
+    does not run as one job (on CPU without `use_cpu=True`).
+    """
+
+    dendrite_args_class = DendriticTrainingArguments
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        others = [c for c in cls.__mro__ if issubclass(c, Trainer) and c is not Trainer and not issubclass(c, DendriticTrainer)]
+        if others:
+            raise TypeError(
+                f"{cls.__name__} combines DendriticTrainer with {others[0].__name__}: DendriticTrainer is "
+                f"DendriticTrainerMixin + Trainer, and cannot be mixed into another trainer. Make that trainer dendritic "
+                f"with the mixin, listed first: `class {cls.__name__}(DendriticTrainerMixin, {others[0].__name__})` "
+                "with arguments that mix in DendriteScheduleArguments (docs/trl.md); for TRL's SFT and DPO trainers use "
+                "hf_dendrites' DendriticSFTTrainer / DendriticDPOTrainer."
+            )
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        model_init: Callable | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        dendrite_config: DendriteConfig | None = None,
+    ):
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            dendrite_config=dendrite_config,
         )

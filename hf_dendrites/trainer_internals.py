@@ -43,6 +43,13 @@ name                                                  why / what we rely on
 `hp_search_backend`, `hp_space`, `hp_name`,           does: `_trial` (set by `_hp_search_setup`, read by
 `compute_objective`, `objective`                      `run_output_dir`), `_train_batch_size` (the per-trial batch
                                                       size), the search's backend / space / naming / objective.
+TRL trainers' `_metrics` (a dict of lists per mode)   Copied and put back around the schedule's own evaluation of a
+                                                      kept cycle without its dendrites
+                                                      (`DendriticTrainerMixin.dendrite_unreported_evaluation`): TRL's
+                                                      trainers collect evaluation metrics there for their next log
+                                                      entry, which that evaluation must not reach. Only used when the
+                                                      attribute is a dict; guarded by tests/test_trl.py (no `eval_`
+                                                      metric in a dendrite event's log entry).
 `Pipeline.check_model_type(self, supported_models)`   Its error record is filtered (`install_pipeline_type_check`,
                                                       for `pipeline(task, model=dendritic_model)`): transformers
                                                       checks the class name of the model it is given, `DendriticModel`,

@@ -1,13 +1,23 @@
-"""`DendriticTrainingArguments`: `TrainingArguments` plus the settings of the dendrite schedule.
+"""The settings of the dendrite schedule, as a dataclass that mixes into any `TrainingArguments` subclass.
 
-Kept apart from the trainer (as TRL keeps `SFTConfig` apart from `SFTTrainer`), so the arguments can be read, parsed
-with `HfArgumentParser` and validated on their own. What the schedule does with them: docs/schedule.md.
+`DendriteScheduleArguments` holds the fields and their validation; `DendriticTrainingArguments` is it plus
+`TrainingArguments`, and another trainer's arguments become dendritic the same way (hf_dendrites/trl.py does it for
+TRL's `SFTConfig` and `DPOConfig`):
+
+    @dataclass
+    class DendriticSFTConfig(DendriteScheduleArguments, SFTConfig):
+        pass
+
+The mixin comes first, so that its `__post_init__` runs (it calls the other class's first). Kept apart from the
+trainer (as TRL keeps `SFTConfig` apart from `SFTTrainer`), so the arguments can be read, parsed with
+`HfArgumentParser` and validated on their own. What the schedule does with them: docs/schedule.md.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -20,18 +30,18 @@ LR_SCHEDULE_MODES = ("restart", "continue")
 
 # ---------------------------------------------------------------------------------------------- arguments
 @dataclass
-class DendriticTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the settings of the dendrite schedule (docs/schedule.md).
+class DendriteScheduleArguments:
+    """The settings of the dendrite schedule (docs/schedule.md), to mix into a `TrainingArguments` subclass.
+
+    Every field has a default, so the mixin can come before any arguments class (dataclass fields are ordered base
+    classes first: these come after the other class's). List it first, `class MyArgs(DendriteScheduleArguments,
+    TheirArgs)`: its `__post_init__` runs the other class's, then validates these settings; a class that lists it
+    after a `TrainingArguments` class is refused when it is defined (its validation would never run).
 
     The schedule is driven by evaluations: training needs an `eval_strategy` other than "no" (checked when
-    `train()` starts; evaluation- and prediction-only runs need none). The score is the
-    evaluation metric named by `metric_for_best_model` (default "loss", i.e. `eval_loss`) and `greater_is_better`.
-    `num_train_epochs` / `max_steps` stay the overall cap: the schedule usually ends training before it.
-
-    Example:
-        >>> args = DendriticTrainingArguments(
-        ...     output_dir="out", eval_strategy="steps", eval_steps=50, dendrite_patience=[4, 2], max_dendrite_cycles=2
-        ... )
+    `train()` starts; evaluation- and prediction-only runs need none). The score is the evaluation metric named by
+    `metric_for_best_model` (default "loss", i.e. `eval_loss`) and `greater_is_better`. `num_train_epochs` /
+    `max_steps` stay the overall cap: the schedule usually ends training before it.
     """
 
     dendrite_patience: list[int] = field(
@@ -154,7 +164,25 @@ class DendriticTrainingArguments(TrainingArguments):
         },
     )
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        args_classes = [c for c in mro if issubclass(c, TrainingArguments)]
+        if args_classes and mro.index(args_classes[-1]) < mro.index(DendriteScheduleArguments):
+            others = [c.__name__ for c in cls.__bases__ if c is not DendriteScheduleArguments]
+            first = next((c for c in cls.__bases__ if issubclass(c, TrainingArguments)), args_classes[-1])
+            raise TypeError(
+                f"{cls.__name__} lists DendriteScheduleArguments after {first.__name__}, whose __post_init__ "
+                "does not call on: the dendrite settings would never be validated. List the mixin first: "
+                f"`class {cls.__name__}(DendriteScheduleArguments, {', '.join(others) or 'TrainingArguments'})`."
+            )
+
     def __post_init__(self) -> None:
+        if not isinstance(self, TrainingArguments):
+            raise TypeError(
+                "DendriteScheduleArguments is a mixin for a `TrainingArguments` subclass: use DendriticTrainingArguments, "
+                "or define `@dataclass class MyArgs(DendriteScheduleArguments, MyTrainingArguments)`."
+            )
         super().__post_init__()
         # No check of `eval_strategy` here: evaluation- or prediction-only runs need no evaluations during
         # training; `DendriticTrainer.train()` raises when a training run has none.
@@ -216,6 +244,17 @@ class DendriticTrainingArguments(TrainingArguments):
             restart_steps=self.dendrite_restart_steps,
             lr_search=tuple(self.dendrite_lr_search or ()),
         )
+
+
+@dataclass
+class DendriticTrainingArguments(DendriteScheduleArguments, TrainingArguments):
+    """`TrainingArguments` plus the settings of the dendrite schedule (`DendriteScheduleArguments`, docs/schedule.md).
+
+    Example:
+        >>> args = DendriticTrainingArguments(
+        ...     output_dir="out", eval_strategy="steps", eval_steps=50, dendrite_patience=[4, 2], max_dendrite_cycles=2
+        ... )
+    """
 
 
 def to_dendritic_args(args: TrainingArguments) -> DendriticTrainingArguments:

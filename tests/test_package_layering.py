@@ -3,6 +3,10 @@ modules. Imports are read with `ast`, so those inside functions and under `TYPE_
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -39,6 +43,8 @@ FORBIDDEN = {
     "saving": {"model", "hub", "trainer"},
     "hub": {"model", "saving", "trainer"},
     "model": {"trainer"},
+    # The core never imports the optional TRL module (hf_dendrites/trl.py); the package loads it on first use.
+    **{m: {"trl"} for m in ("callback", "trainer", "training_args", "hp_search", "hub", "saving", "schedule")},
 }
 
 
@@ -152,3 +158,35 @@ def test_no_private_name_crosses_modules():
                 if target != module and name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
             ]
     assert not crossing, crossing
+
+
+def test_the_core_imports_without_trl_and_the_trl_trainers_name_the_extra():
+    """Without TRL installed (simulated: `import trl` fails), `import hf_dendrites` and its core work, and asking
+    for a TRL trainer raises an ImportError that names the extra to install."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["trl"] = None  # what an environment without TRL gives: `import trl` raises ImportError
+        import hf_dendrites
+        from hf_dendrites import *  # the TRL names are not in __all__
+        assert hf_dendrites.DendriticTrainer.__name__ == "DendriticTrainer"
+        assert "DendriticSFTTrainer" not in hf_dendrites.__all__
+        for name in ("DendriticSFTTrainer", "DendriticSFTConfig", "DendriticDPOTrainer", "DendriticDPOConfig"):
+            try:
+                getattr(hf_dendrites, name)
+            except ImportError as err:
+                assert 'pip install "hf_dendrites[trl]"' in str(err), err
+            else:
+                raise AssertionError(name + " imported without TRL")
+        try:
+            from hf_dendrites import DendriticSFTTrainer
+        except ImportError as err:
+            print("OK", err)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("OK ") and "hf_dendrites[trl]" in done.stdout
+    with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
+        hf_dendrites.NotAName

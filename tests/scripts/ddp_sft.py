@@ -1,0 +1,63 @@
+"""DendriticSFTTrainer under DDP: `python -m torch.distributed.run --nproc_per_node 2 ddp_sft.py OUTPUT_DIR MODEL_DIR
+--use_cpu` (MODEL_DIR: a tiny Llama folder, tests/trl_task.py; the flags after it are launch-related training
+arguments, as a user passes them).
+
+Each rank has TRL load the model from MODEL_DIR and trains it on CPU (gloo) through a scripted sequence of scores that
+makes the schedule grow, discard and retry the cycle, and complete. After every schedule event and at the end it
+checks, with collectives, that all parameters are identical on both ranks and that the model is wrapped anew (DDP),
+and writes what it saw to OUTPUT_DIR/rank<r>.json for the test to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ddp_train import EventChecker, digest, same_on_all_ranks
+from dendritic_task import ScriptedMetric, launch_flags
+from trl_task import sft_data, trl_args
+
+from hf_dendrites import DendriteConfig, DendriticSFTTrainer
+
+SCORES = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.9, 0.9, 0.9]  # grow, retry (discard), complete
+
+
+def main(output_dir: str, model_dir: str, flags: list[str]) -> None:
+    transformers.logging.set_verbosity_error()
+    args = trl_args(
+        "sft", output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        metric_for_best_model="scripted", greater_is_better=False, **launch_flags(flags),
+    )
+    checker = EventChecker()
+    trainer = DendriticSFTTrainer(
+        model=model_dir, args=args, train_dataset=sft_data(64, 1), eval_dataset=sft_data(16, 2),
+        compute_metrics=ScriptedMetric(SCORES), callbacks=[checker],
+        dendrite_config=DendriteConfig(target_modules="all-linear"),  # no seed: args.seed, the same on every rank
+    )
+    checker.trainer = trainer
+    output = trainer.train()
+    result = {
+        "world_size": dist.get_world_size(),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "global_step": output.global_step,
+        "done": trainer.dendrite_schedule.done,
+        "events": checker.events,
+        "final_params_identical": same_on_all_ranks(digest(sorted(trainer.model.state_dict().items()))),
+        "history_identical": same_on_all_ranks(json.dumps(trainer.dendrite_history, sort_keys=True)),
+        "schedule_identical": same_on_all_ranks(json.dumps(trainer.dendrite_schedule.to_dict(), sort_keys=True)),
+        "history": trainer.dendrite_history,
+        "dendrite_counts": sorted(set(trainer.model.dendrite_counts().values())),
+    }
+    with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()  # before exit, so that no rank aborts while the other is still leaving
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
