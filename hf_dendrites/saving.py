@@ -606,15 +606,20 @@ def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def split_adapter_state(
-    model: Any, base_state: dict[str, torch.Tensor], trainable: Optional[Collection[str]] = None
+    model: Any,
+    base_state: dict[str, torch.Tensor],
+    trainable: Optional[Collection[str]] = None,
+    names: Optional[dict[str, str]] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
     """Split the base entries of an adapter-only save into (trained, frozen, aliases).
 
     Args:
         model: the wrapped model (its `state_dict(keep_vars=True)` tells parameters from buffers and tied names).
-        base_state: the base entries to save (`split_state_dict`), names relative to `model`.
-        trainable: the names of the parameters that train (names relative to `model`); None: those with
-            `requires_grad=True`.
+        base_state: the base entries to save (`split_state_dict`), under their checkpoint names.
+        trainable: the checkpoint names of the parameters that train; None: those with `requires_grad=True`.
+        names: {name in `model.state_dict()`: checkpoint name} of the entries that belong to the base (for a PEFT
+            model the plain model's names, the adapter's tensors left out: `DendriticModel.checkpoint_names`);
+            None: every entry, under its own name.
 
     Trained: the parameters that train and every persistent buffer (buffers change without gradients, e.g. running
     statistics, and are small). Frozen: the other parameters, which the checkpoint references and fingerprints
@@ -622,6 +627,8 @@ def split_adapter_state(
     its other names to that one.
     """
     kept = model.state_dict(keep_vars=True)
+    if names is not None:
+        kept = {names[key]: tensor for key, tensor in kept.items() if key in names}
     param_ids = {id(p) for p in model.parameters()}
     groups: dict[int, list[str]] = {}
     for key, tensor in kept.items():
@@ -793,8 +800,9 @@ def checkpoint_save_options(requires_grad: dict[str, bool]) -> dict[str, Any]:
 
 
 def frozen_state_names(directory: str) -> set[str]:
-    """The state names (relative to the wrapped model) that checkpoint `directory` fingerprints instead of storing:
-    empty for a full checkpoint (or a folder without `dendrite_config.json`)."""
+    """The checkpoint names (relative to the wrapped model; a PEFT model's plain names) of the tensors that checkpoint
+    `directory` fingerprints instead of storing: empty for a full checkpoint (or a folder without
+    `dendrite_config.json`)."""
     path = os.path.join(directory, DENDRITE_CONFIG_NAME)
     if not os.path.isfile(path):
         return set()
