@@ -52,6 +52,7 @@ from .peft_support import (
     plain_checkpoint_state,
     plain_key,
     read_adapter_tensors,
+    replaced_module_keys,
     save_adapters,
     transformers_model,
 )
@@ -807,7 +808,9 @@ class DendriticModel(nn.Module):
         loaded from) and a fingerprint of the frozen weights; `from_pretrained` loads the base from the reference
         and refuses one whose frozen weights differ. The default is a full, self-contained save, as transformers'
         `save_pretrained` writes (it loads with nothing else at hand, and plain transformers loads its base);
-        `DendriticTrainer` writes adapter-only Trainer checkpoints on its own when the run's base is frozen.
+        `DendriticTrainer` writes adapter-only Trainer checkpoints on its own when the run's base is frozen. For a
+        PEFT model the adapters are written to `peft_adapter/` as in a full save, and the fingerprint covers the
+        frozen base under the plain model's names (so the base, loaded by transformers, is checked as it is).
 
         Args:
             save_directory: the folder (created if needed).
@@ -980,6 +983,8 @@ class DendriticModel(nn.Module):
             trainable = adapter["trainable"]
             trainable = None if trainable is None else {names[n] for n in trainable if n in names}
             trained, frozen, aliases = split_adapter_state(self.model, base_state, trainable, names)
+            for name in sorted({names[key] for key in replaced_module_keys(self.model)} & set(frozen)):
+                trained[name] = frozen.pop(name)  # e.g. a new head under PEFT's trained copy: random in every load
             if not frozen:
                 raise ValueError(
                     "save_pretrained(adapter_only=True): every parameter of the base model trains, so an adapter-only "
@@ -1141,7 +1146,9 @@ class DendriticModel(nn.Module):
         checkpoint's fingerprint, else `CheckpointError`; they come back frozen (`requires_grad=False`).
 
         A checkpoint of a PEFT model (docs/peft.md) comes back as a `DendriticModel` wrapping a `PeftModel` with its
-        adapters (`is_trainable`, as in `PeftModel.from_pretrained`: False, the default, loads them frozen).
+        adapters (`is_trainable`, as in `PeftModel.from_pretrained`: False, the default, loads them frozen). When it is
+        adapter-only, the base is loaded and checked as above (the fingerprint names the plain model's tensors), then
+        wrapped with the adapters (a `base_model` given as a model gets PEFT's layers in place).
 
         This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
         them): pass the result to `DendriticTrainer`.

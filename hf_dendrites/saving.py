@@ -22,7 +22,9 @@ frozen) has no base weight files. In their place:
                                                 and a `fingerprint` of every frozen tensor (dtype, shape, SHA-256 of
                                                 its bytes), so a different base is refused instead of silently used
 
-`config.json` is still written (it carries what the base's own config lacks, e.g. a classifier's labels).
+`config.json` is still written (it carries what the base's own config lacks, e.g. a classifier's labels). A PEFT
+model's adapters are in `peft_adapter/` as in its full checkpoints; its fingerprint and trained entries use the plain
+model's names (peft_support.py), so the base is checked as transformers loads it.
 `DendriticModel.from_pretrained` loads the base from the reference (or from `base_model=`), checks the fingerprint,
 then loads the trained entries and the dendrites; `load_dendritic_state` checks the fingerprint against the model it
 loads into. Such a folder is format 3 (`ADAPTER_ONLY_FORMAT_VERSION`); full checkpoints stay format 2.

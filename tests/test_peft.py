@@ -43,6 +43,15 @@ def perturb(model, seed=1):
             p.add_(0.02 * torch.randn(p.shape, generator=g))
 
 
+def perturb_trainable(model, seed=1):
+    """Move what trains (adapter, dendrites, a head), as training would; the frozen base stays as loaded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
 def logits(model, seed=0):
     model.eval()
     with torch.no_grad():
@@ -371,13 +380,30 @@ def test_a_classifier_with_lora_and_a_trained_head_saves_and_reloads_exactly(tmp
     inputs = tiny_inputs("bert")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**inputs).logits, dm.eval()(**inputs).logits, rtol=0, atol=0)
-    # adapter-only: PEFT's trained copy of the head goes with the adapter, its frozen original is fingerprinted
-    dm.save_pretrained(tmp_path / "adapter", adapter_only=True)
-    entry = json.loads((tmp_path / "adapter" / "dendrite_config.json").read_text())["base_model"]
-    assert "classifier.weight" in entry["fingerprint"]["tensors"]
-    reloaded = DendriticModel.from_pretrained(tmp_path / "adapter", base_model=str(tmp_path))  # the full save's base
+
+
+def test_an_adapter_only_checkpoint_of_lora_with_a_new_head_reloads_from_the_headless_base(tmp_path):
+    """The usual LoRA classifier: a base without the head, which transformers initialises randomly at every load. The
+    frozen original head (PEFT trains a copy) is stored, not fingerprinted: it was refused as a wrong base."""
+    import transformers
+
+    make_tiny("bert").bert.save_pretrained(tmp_path / "base")  # the encoder alone
+    torch.manual_seed(1)
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    dm = get_dendritic_model(get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")))
+    dm.add_dendrites()
+    perturb_trainable(dm)
+    inputs = tiny_inputs("bert")
+    folder = tmp_path / "adapter"
+    dm.save_pretrained(folder, adapter_only=True)
+    entry = json.loads((folder / "dendrite_config.json").read_text())["base_model"]
+    assert "classifier.weight" not in entry["fingerprint"]["tensors"] and "bert.pooler.dense.weight" in entry["fingerprint"]["tensors"]
+    torch.manual_seed(2)  # another random head
+    reloaded = DendriticModel.from_pretrained(folder)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**inputs).logits, dm.eval()(**inputs).logits, rtol=0, atol=0)
+        with reloaded.model.disable_adapter(), dm.model.disable_adapter():  # the original head came back too
+            torch.testing.assert_close(reloaded(**inputs).logits, dm(**inputs).logits, rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
@@ -421,11 +447,7 @@ def _lora_on_saved_base(folder, order, seed=0):
         dm.add_dendrites()
         get_peft_model(dm.model, LoraConfig(**LORA))
         dm.add_dendrites()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in dm.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    perturb_trainable(dm)
     return dm
 
 
