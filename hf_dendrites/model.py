@@ -977,14 +977,7 @@ class DendriticModel(nn.Module):
         summary = self.dendrite_summary()
         adapter_entry: dict[str, Any] = {}
         if adapter is not None:  # split and fingerprint before the folder is touched: errors leave it as it was
-            # Under checkpoint names: a PEFT model's base is fingerprinted as the plain model has it, so the same
-            # base loaded by transformers matches; its adapters go to peft_adapter/ whether they train or not.
-            names = self.checkpoint_names()
-            trainable = adapter["trainable"]
-            trainable = None if trainable is None else {names[n] for n in trainable if n in names}
-            trained, frozen, aliases = split_adapter_state(self.model, base_state, trainable, names)
-            for name in sorted({names[key] for key in replaced_module_keys(self.model)} & set(frozen)):
-                trained[name] = frozen.pop(name)  # e.g. a new head under PEFT's trained copy: random in every load
+            trained, frozen, aliases = self._split_adapter_only(base_state, adapter["trainable"])
             if not frozen:
                 raise ValueError(
                     "save_pretrained(adapter_only=True): every parameter of the base model trains, so an adapter-only "
@@ -1048,6 +1041,21 @@ class DendriticModel(nn.Module):
         own = {*base_files, *adapter_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
         own |= {DENDRITE_TRAINED_BASE_NAME} if adapter is not None else set()
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
+
+    def _split_adapter_only(
+        self, base_state: dict[str, torch.Tensor], trainable: Optional[set[str]] = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+        """(trained, frozen, aliases) of an adapter-only save (`split_adapter_state`), `base_state` and the results
+        under checkpoint names (`trainable`: names relative to `.model`, None: by `requires_grad`). A PEFT model's
+        base is fingerprinted as the plain model has it, so the same base loaded by transformers matches; its
+        adapters go to `peft_adapter/` whether they train or not, and the frozen originals of the modules PEFT trains
+        a copy of (`replaced_module_keys`: usually a new head, random at every load of the base) are stored."""
+        names = self.checkpoint_names()
+        trainable = None if trainable is None else {names[n] for n in trainable if n in names}
+        trained, frozen, aliases = split_adapter_state(self.model, base_state, trainable, names)
+        for name in sorted({names[key] for key in replaced_module_keys(self.model)} & set(frozen)):
+            trained[name] = frozen.pop(name)
+        return trained, frozen, aliases
 
     def _save_base_config(self, directory: str) -> None:
         """What transformers' `save_pretrained` writes besides the weights: the config (with the architecture and

@@ -419,6 +419,27 @@ def test_push_and_load_a_peft_model_with_dendrites_through_the_hub(hub, hub_env,
         torch.testing.assert_close(logits(loaded), logits(dm), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
+# PEFT's adapter save asks huggingface.co (not the test server) whether the base's vocabulary changed: not ours
+@pytest.mark.filterwarnings("ignore:Unable to fetch remote file:UserWarning", "ignore:Could not find a config file:UserWarning")
+def test_an_adapter_only_peft_checkpoint_on_the_hub_loads_its_base_from_the_hub(hub, hub_env, tmp_path):  # noqa: F811
+    import transformers
+    from huggingface_hub import HfApi
+
+    make_tiny("llama").save_pretrained(tmp_path / "base")
+    HfApi(token=TOKEN).create_repo("tester/llama-base")
+    HfApi(token=TOKEN).upload_folder(folder_path=tmp_path / "base", repo_id="tester/llama-base")
+    model = transformers.LlamaForCausalLM.from_pretrained("tester/llama-base", token=TOKEN)
+    dm = get_dendritic_model(get_peft_model(model, LoraConfig(**LORA)), DendriteConfig(target_modules=["q_proj"], dendrite_seed=0))
+    dm.add_dendrites()
+    perturb_trainable(dm)
+    dm.push_to_hub("tester/llama-lora-dendrites", token=TOKEN, adapter_only=True)
+    files = set(hub.files("tester/llama-lora-dendrites"))
+    assert "peft_adapter/adapter_model.safetensors" in files and "model.safetensors" not in files
+    loaded = DendriticModel.from_pretrained("tester/llama-lora-dendrites", token=TOKEN, cache_dir=str(tmp_path / "cache"))
+    torch.testing.assert_close(logits(loaded), logits(dm), rtol=0, atol=0)
+
+
 def test_two_adapters_come_back_with_the_saved_one_active(tmp_path):
     dm = _lora_then_dendrites()
     dm.model.add_adapter("other", LoraConfig(r=3, target_modules=["k_proj"]))
