@@ -130,12 +130,12 @@ def test_the_forward_signature_is_the_transformers_models():
     assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(dm.forward).parameters)
 
 
-def _peft_trainer(output_dir, model=None, save_steps=2):
+def _peft_trainer(output_dir, model=None, save_steps=2, **overrides):
     args = DendriticTrainingArguments(
         output_dir=str(output_dir), eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=save_steps,
         max_steps=7, per_device_train_batch_size=4, learning_rate=1e-2, dendrite_patience=[1],
         dendrite_improvement_threshold=[10.0], max_dendrite_cycles=1, report_to=[], disable_tqdm=True, use_cpu=True,
-        seed=0,
+        seed=0, **overrides,
     )
     return DendriticTrainer(
         lora_llama() if model is None else model, args, train_dataset=_lm_dataset(32, 1), eval_dataset=_lm_dataset(8, 2),
@@ -216,6 +216,20 @@ def test_trainer_takes_a_peft_model_and_its_growth_trains_dendrites_not_the_froz
     wrong = _peft_trainer(tmp_path / "wrong", _peft_model_on(str(tmp_path / "other"), order), save_steps)
     with pytest.raises(CheckpointError, match="fingerprint mismatch"):
         wrong.train(resume_from_checkpoint=str(run / f"checkpoint-{grown}"))
+
+
+def test_load_best_model_at_end_loads_an_adapter_only_peft_checkpoint_in_place(tmp_path):
+    """The best checkpoint (made the first one: highest loss) has no dendrites yet; the model is shrunk back to it."""
+    make_tiny("llama").save_pretrained(tmp_path / "base")
+    trainer = _peft_trainer(
+        tmp_path / "run", _peft_model_on(str(tmp_path / "base"), "lora first"), load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=True,
+    )
+    trainer.train()
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-2" / "model.safetensors")  # adapter-only
+    assert trainer.dendrite_callback.loaded_checkpoint == "checkpoint-2" and sum(trainer.model.dendrite_counts().values()) == 0
+    best = DendriticModel.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    torch.testing.assert_close(logits(trainer.model), logits(best), rtol=0, atol=0)
 
 
 def test_trainer_takes_a_dendritic_model_that_got_lora_afterwards(tmp_path):
