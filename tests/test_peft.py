@@ -310,6 +310,10 @@ def test_adapter_layer_dendrites_save_and_reload_exactly_and_refuse_merging(tmp_
     assert all(p.requires_grad for n, p in reloaded.named_parameters() if "lora_A.default.weight" in n)
     with pytest.raises(ValueError, match="merging the adapter into the base weights would drop"):
         dm.merge_and_unload()
+    # adapter-only: the adapter layers' dendrites go to the dendrite file, the adapter to peft_adapter/
+    dm.save_pretrained(tmp_path / "adapter", adapter_only=True)
+    reloaded = DendriticModel.from_pretrained(tmp_path / "adapter", base_model=str(tmp_path))  # the full save's base
+    torch.testing.assert_close(logits(reloaded), logits(dm), rtol=0, atol=0)
 
 
 def test_load_dendritic_state_restores_base_dendrites_and_adapter_in_place(tmp_path):
