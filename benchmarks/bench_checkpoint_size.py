@@ -10,9 +10,14 @@ target layer, and then:
   (adapter-only) and once with the full model files, and every file of both is measured. The target for the
   adapter-only checkpoint: the trainable weights + the optimizer state + under 1 MB of everything else.
 
-Writes `benchmarks/results/checkpoint_size.json` and prints a markdown table (quoted in `benchmarks/RESULTS.md`).
+`minilm-lora` is MiniLM as a PEFT model: LoRA (r=8 on the attention's query and value, `task_type="SEQ_CLS"`, so
+PEFT trains a copy of the new head), then the same rank-4 dendrites on the model's own layers; PEFT freezes the base.
 
-    python benchmarks/bench_checkpoint_size.py [--models minilm smollm2] [--threads 1]
+Writes `benchmarks/results/checkpoint_size.json` (a run for some models replaces their rows and keeps the others,
+each row with the command, date and machine that measured it) and prints a markdown table (quoted in
+`benchmarks/RESULTS.md`).
+
+    python benchmarks/bench_checkpoint_size.py [--models minilm smollm2 minilm-lora] [--threads 1]
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from hf_dendrites import (
     get_dendritic_model,
 )
 from hf_dendrites.example_data import minilm_path, smollm2_path
-from hf_dendrites.saving import base_fingerprint, split_adapter_state
+from hf_dendrites.saving import base_fingerprint
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "checkpoint_size.json")
 MB = 1e6
@@ -54,8 +59,11 @@ def folder_files(folder: str) -> dict[str, int]:
     return out
 
 
+MODELS = ("minilm", "smollm2", "minilm-lora")
+
+
 def load_base(name: str):
-    if name == "minilm":
+    if name in ("minilm", "minilm-lora"):
         path = minilm_path()
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         head = "classifier."
@@ -68,8 +76,13 @@ def load_base(name: str):
 
 def frozen_dendritic(name: str):
     path, model, head = load_base(name)
-    for pname, param in model.named_parameters():
-        param.requires_grad_(head is not None and pname.startswith(head))
+    if name == "minilm-lora":  # PEFT freezes the base and trains LoRA and its own copy of the head
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    else:
+        for pname, param in model.named_parameters():
+            param.requires_grad_(head is not None and pname.startswith(head))
     dm = get_dendritic_model(model, DendriteConfig(rank=4, dendrite_seed=0))
     dm.add_dendrites(1)
     return path, dm
@@ -77,12 +90,13 @@ def frozen_dendritic(name: str):
 
 def train_data(name: str, n: int = 8, length: int = 32) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    vocab = 30000 if name == "minilm" else 49000
+    classifier = name.startswith("minilm")
+    vocab = 30000 if classifier else 49000
     rows = []
     for _ in range(n):
         ids = torch.randint(100, vocab, (length,), generator=g).tolist()
         row = {"input_ids": ids, "attention_mask": [1] * length}
-        row["labels"] = int(ids[0] % 2) if name == "minilm" else ids
+        row["labels"] = int(ids[0] % 2) if classifier else ids
         rows.append(row)
     return rows
 
@@ -112,9 +126,11 @@ def measure(name: str, work: str) -> dict:
     summary = dm.dendrite_summary()
     model_state = dm.model.state_dict()
     dendrite_keys = set(dm.dendrite_state_dict())
-    base_state = {k: v for k, v in model_state.items() if k not in dendrite_keys}
-    trained, frozen, aliases = split_adapter_state(dm.model, base_state)
+    names = dm.checkpoint_names()  # a PEFT model's own tensors under the plain names; its adapter is the rest
+    base_state = {names[k]: v for k, v in model_state.items() if k in names and k not in dendrite_keys}
+    trained, frozen, aliases = dm._split_adapter_only(base_state)  # as save_pretrained(adapter_only=True) splits
     trained_bytes = sum(t.numel() * t.element_size() for t in trained.values())
+    adapter_bytes = sum(t.numel() * t.element_size() for k, t in model_state.items() if k not in names)
     dendrite_bytes = sum(t.numel() * t.element_size() for t in dm.dendrite_state_dict().values())
     frozen_bytes = sum(t.numel() * t.element_size() for t in frozen.values())
 
@@ -133,7 +149,8 @@ def measure(name: str, work: str) -> dict:
         t0 = time.perf_counter()
         loaded = DendriticModel.from_pretrained(folder)
         from_s = time.perf_counter() - t0
-        same = all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), dm.state_dict().values()))
+        got, want = loaded.state_dict(), dm.state_dict()
+        same = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         files = folder_files(folder)
         out[kind] = {"files": files, "bytes": sum(files.values()), "save_s": round(save_s, 3),
                      "from_pretrained_s": round(from_s, 3), "state_identical": same}
@@ -152,7 +169,7 @@ def measure(name: str, work: str) -> dict:
         "base": path,
         "load_and_convert_s": round(load_s, 2),
         "params": {"base": summary.base_params, "dendrite": summary.dendrite_params, "trainable": summary.trainable_params},
-        "bytes": {"frozen": frozen_bytes, "trained_base": trained_bytes, "dendrites": dendrite_bytes},
+        "bytes": {"frozen": frozen_bytes, "trained_base": trained_bytes, "dendrites": dendrite_bytes, "adapter": adapter_bytes},
         "frozen_tensors": len(frozen),
         "tied_aliases": aliases,
         "fingerprint_s": [round(t, 3) for t in hash_times],
@@ -161,14 +178,14 @@ def measure(name: str, work: str) -> dict:
         "trainer_checkpoint": checkpoints,
         "adapter_checkpoint_breakdown": {
             "weight_files": weights, "optimizer_pt": optimizer, "everything_else": other,
-            "trainable_bytes": trained_bytes + dendrite_bytes,
+            "trainable_bytes": trained_bytes + dendrite_bytes + adapter_bytes,
         },
     }
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| model | frozen base | trainable (dendrites + head) | save_pretrained full | adapter-only | Trainer checkpoint full "
+        "| model | frozen base | trainable (dendrites + head + adapter) | save_pretrained full | adapter-only | Trainer checkpoint full "
         "| adapter-only | of which weights / optimizer / rest | fingerprint |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -176,7 +193,7 @@ def table(results: list[dict]) -> str:
         b, sp, tc, br = r["bytes"], r["save_pretrained"], r["trainer_checkpoint"], r["adapter_checkpoint_breakdown"]
         lines.append(
             f"| {r['model']} | {b['frozen'] / MB:.1f} MB ({r['frozen_tensors']} tensors) "
-            f"| {(b['dendrites'] + b['trained_base']) / MB:.2f} MB | {sp['full']['bytes'] / MB:.1f} MB "
+            f"| {(b['dendrites'] + b['trained_base'] + b.get('adapter', 0)) / MB:.2f} MB | {sp['full']['bytes'] / MB:.1f} MB "
             f"| {sp['adapter_only']['bytes'] / MB:.2f} MB | {tc['full']['bytes'] / MB:.1f} MB "
             f"| {tc['adapter_only']['bytes'] / MB:.2f} MB | {br['weight_files'] / MB:.2f} / {br['optimizer_pt'] / MB:.2f} / "
             f"{br['everything_else'] / MB:.3f} MB | {min(r['fingerprint_s']):.2f} s ({r['fingerprint_GB_per_s']} GB/s) |"
@@ -186,26 +203,31 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_size_") as work:
-        for name in args.models:
-            results.append(measure(name, work))
-            print(json.dumps({k: results[-1][k] for k in ("model", "bytes", "fingerprint_s")}), flush=True)
-    payload = {
+    run = {
         "command": "python benchmarks/bench_checkpoint_size.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}, {args.threads} thread(s)",
-        "results": results,
     }
+    rows = {}
+    if os.path.isfile(RESULTS):  # the other models' rows stay, with the run that measured them
+        with open(RESULTS) as handle:
+            old = json.load(handle)
+        earlier = {k: old[k] for k in ("command", "date", "machine") if k in old}  # (one run for all rows before)
+        rows = {r["model"]: {**r, "run": r.get("run", earlier)} for r in old.get("results", [])}
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_size_") as work:
+        for name in args.models:
+            rows[name] = {**measure(name, work), "run": run}
+            print(json.dumps({k: rows[name][k] for k in ("model", "bytes", "fingerprint_s")}), flush=True)
+    results = [rows[name] for name in MODELS if name in rows]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as handle:
-        json.dump(payload, handle, indent=1)
+        json.dump({"results": results}, handle, indent=1)
     print(table(results))
 
 

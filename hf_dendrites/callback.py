@@ -72,7 +72,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import DENDRITE_CURVE_NAME, DENDRITE_EVAL_CSV_NAME
 from .learning_rules import CorrelationRule, perforate
-from .peft_support import has_peft_layers
 from .saving import checkpoint_save_options
 from .schedule import PHASE_DENDRITE, Action, Decision, DendriteSchedule
 from .trainer_state import (
@@ -223,7 +222,6 @@ class DendriteScheduleCallback(TrainerCallback):
                 "those trainers instead of adding the callback (docs/trl.md)."
             )
         self.trainer = trainer
-        self.warned_full_peft_checkpoints = False
         self.reset()
 
     def reset(self, model: DendriticModel | None = None) -> None:
@@ -728,16 +726,9 @@ class DendriteScheduleCallback(TrainerCallback):
         trainer = self.trainer
         name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
         if internal_call and trainer.is_in_train and os.path.basename(os.path.normpath(output_dir)) == name:
-            options = checkpoint_save_options(self.base_requires_grad)
-            if options and has_peft_layers(self.model.model):
-                if not self.warned_full_peft_checkpoints and self._main:
-                    logger.warning(
-                        "Trainer checkpoints of a PEFT model are written in full (base weights included): adapter-only "
-                        "checkpoints do not support PEFT models yet."
-                    )
-                self.warned_full_peft_checkpoints = True
-                return {}
-            return options
+            # The model's own parameters decide (a PEFT model's adapters are saved in full in any case).
+            own = {f"model.{name}" for name in self.model.checkpoint_names()}
+            return checkpoint_save_options({n: flag for n, flag in self.base_requires_grad.items() if n in own})
         return {}
 
     def write_state(self, directory: str) -> None:

@@ -52,6 +52,7 @@ from .peft_support import (
     plain_checkpoint_state,
     plain_key,
     read_adapter_tensors,
+    replaced_module_keys,
     save_adapters,
     transformers_model,
 )
@@ -442,6 +443,21 @@ class DendriticModel(nn.Module):
         roles = module_roles(self.model)
         return {roles[name][0]: layer for name, layer in self.dendritic_layers()}
 
+    def checkpoint_names(self) -> dict[str, str]:
+        """{name in `.model.state_dict()`: name in checkpoints} of the model's own tensors (base and dendrites): the
+        same names, or for a PEFT model the plain model's names (see peft_support.py), the adapter's tensors left
+        out (a checkpoint holds them in `peft_adapter/`)."""
+        keys = self.model.state_dict(keep_vars=True).keys()
+        if not has_peft_layers(self.model):
+            return {key: key for key in keys}
+        roles = module_roles(self.model)
+        names = {}
+        for key in keys:
+            plain, role = plain_key(key, roles)
+            if role == MODEL:
+                names[key] = plain
+        return names
+
     def dendrite_counts(self) -> dict[str, int]:
         """Number of dendrites of every dendritic layer, by layer name."""
         return {name: layer.num_dendrites for name, layer in self.dendritic_layers()}
@@ -792,7 +808,9 @@ class DendriticModel(nn.Module):
         loaded from) and a fingerprint of the frozen weights; `from_pretrained` loads the base from the reference
         and refuses one whose frozen weights differ. The default is a full, self-contained save, as transformers'
         `save_pretrained` writes (it loads with nothing else at hand, and plain transformers loads its base);
-        `DendriticTrainer` writes adapter-only Trainer checkpoints on its own when the run's base is frozen.
+        `DendriticTrainer` writes adapter-only Trainer checkpoints on its own when the run's base is frozen. For a
+        PEFT model the adapters are written to `peft_adapter/` as in a full save, and the fingerprint covers the
+        frozen base under the plain model's names (so the base, loaded by transformers, is checked as it is).
 
         Args:
             save_directory: the folder (created if needed).
@@ -880,11 +898,6 @@ class DendriticModel(nn.Module):
             if given:
                 raise TypeError(f"save_pretrained({', '.join(given)}=...) applies to adapter_only=True saves only.")
             return None
-        if has_peft_layers(self.model):
-            raise NotImplementedError(
-                "save_pretrained(adapter_only=True) does not support PEFT models yet; save with adapter_only=False "
-                "(the base, the dendrites and the adapter in PEFT's format, docs/peft.md)."
-            )
         names = None
         if trainable is not None:
             if isinstance(trainable, str):
@@ -896,7 +909,8 @@ class DendriticModel(nn.Module):
                 raise ValueError(
                     f"save_pretrained(trainable=...) names parameters the model does not have, e.g. {unknown[:3]}."
                 )
-        config = getattr(self.model, "config", None)
+        base = transformers_model(self.model)
+        config = getattr(base, "config", None)
         if base_model_name_or_path is not None:
             source, revision = os.fspath(base_model_name_or_path), base_revision
         elif self.base_reference is not None:
@@ -907,7 +921,7 @@ class DendriticModel(nn.Module):
             revision = base_revision or (cached_hub_commit(source) if hub_model_id(source) else None)
         if source and hub_model_id(source) is None and os.path.exists(source):
             source = os.path.abspath(source)
-        dtype = getattr(self.model, "dtype", None)
+        dtype = getattr(base, "dtype", None)
         reference = {
             "name_or_path": source,
             "revision": revision,
@@ -963,7 +977,7 @@ class DendriticModel(nn.Module):
         summary = self.dendrite_summary()
         adapter_entry: dict[str, Any] = {}
         if adapter is not None:  # split and fingerprint before the folder is touched: errors leave it as it was
-            trained, frozen, aliases = split_adapter_state(self.model, base_state, adapter["trainable"])
+            trained, frozen, aliases = self._split_adapter_only(base_state, adapter["trainable"])
             if not frozen:
                 raise ValueError(
                     "save_pretrained(adapter_only=True): every parameter of the base model trains, so an adapter-only "
@@ -1028,10 +1042,25 @@ class DendriticModel(nn.Module):
         own |= {DENDRITE_TRAINED_BASE_NAME} if adapter is not None else set()
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
 
+    def _split_adapter_only(
+        self, base_state: dict[str, torch.Tensor], trainable: Optional[set[str]] = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+        """(trained, frozen, aliases) of an adapter-only save (`split_adapter_state`), `base_state` and the results
+        under checkpoint names (`trainable`: names relative to `.model`, None: by `requires_grad`). A PEFT model's
+        base is fingerprinted as the plain model has it, so the same base loaded by transformers matches; its
+        adapters go to `peft_adapter/` whether they train or not, and the frozen originals of the modules PEFT trains
+        a copy of (`replaced_module_keys`: usually a new head, random at every load of the base) are stored."""
+        names = self.checkpoint_names()
+        trainable = None if trainable is None else {names[n] for n in trainable if n in names}
+        trained, frozen, aliases = split_adapter_state(self.model, base_state, trainable, names)
+        for name in sorted({names[key] for key in replaced_module_keys(self.model)} & set(frozen)):
+            trained[name] = frozen.pop(name)
+        return trained, frozen, aliases
+
     def _save_base_config(self, directory: str) -> None:
         """What transformers' `save_pretrained` writes besides the weights: the config (with the architecture and
         dtype), the generation config, and the code of a model class registered for an Auto class."""
-        model = self.model
+        model = transformers_model(self.model)  # under a PeftModel, the transformers model
         config = getattr(model, "config", None)
         if config is None or not callable(getattr(model, "save_pretrained", None)):
             raise TypeError(
@@ -1125,7 +1154,9 @@ class DendriticModel(nn.Module):
         checkpoint's fingerprint, else `CheckpointError`; they come back frozen (`requires_grad=False`).
 
         A checkpoint of a PEFT model (docs/peft.md) comes back as a `DendriticModel` wrapping a `PeftModel` with its
-        adapters (`is_trainable`, as in `PeftModel.from_pretrained`: False, the default, loads them frozen).
+        adapters (`is_trainable`, as in `PeftModel.from_pretrained`: False, the default, loads them frozen). When it is
+        adapter-only, the base is loaded and checked as above (the fingerprint names the plain model's tensors), then
+        wrapped with the adapters (a `base_model` given as a model gets PEFT's layers in place).
 
         This is one of the ways to continue training a dendritic checkpoint (see `get_dendritic_model` for all of
         them): pass the result to `DendriticTrainer`.
@@ -1152,7 +1183,7 @@ class DendriticModel(nn.Module):
             hub = dict(token=token, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only)
             return cls._from_adapter_only(
                 directory, payload, pretrained_model_name_or_path, base_model, base_revision, model_class,
-                trust_remote_code, dtype, device_map, hub, model_kwargs,
+                trust_remote_code, dtype, device_map, hub, model_kwargs, is_trainable,
             )
         if base_model is not None or base_revision is not None:
             raise ValueError(
@@ -1198,12 +1229,16 @@ class DendriticModel(nn.Module):
         device_map: Any,
         hub: dict[str, Any],
         model_kwargs: dict[str, Any],
+        is_trainable: Optional[bool],
     ) -> "DendriticModel":
         """`from_pretrained` of an adapter-only checkpoint: the base from its reference (or `base_model`), checked
-        against the fingerprint, then the trained base entries and the dendrites."""
+        against the fingerprint, then (a PEFT model's) the adapters, the dendrites and the trained base entries."""
         entry = payload["base_model"]
         reference = dict(entry["reference"])
         path = os.path.join(directory, DENDRITE_CONFIG_NAME)
+        peft = checkpoint_peft_info(payload)
+        if peft is None and is_trainable is not None:
+            raise ValueError(f"is_trainable= applies to checkpoints of PEFT models; {directory} holds no adapter.")
         if isinstance(base_model, nn.Module):
             if any(isinstance(m, (DendriticModel, DendriticLayerMixin)) for m in base_model.modules()):
                 raise ValueError("from_pretrained(base_model=...) takes the plain base model, not a dendritic one.")
@@ -1253,16 +1288,24 @@ class DendriticModel(nn.Module):
         check_adapter_only_keys(directory, payload, trained, state, architecture)
         check_base_fingerprint(directory, payload, state, described)
         config_dict = DendriteConfig.from_dict(payload["dendrite_config"])
-        dm = get_dendritic_model(model, config_dict, restore_dendrites=False)
+        # The fingerprint names the plain model's tensors: a PEFT model's adapters are added after the check.
+        wrapped = load_adapters(model, directory, peft, is_trainable=bool(is_trainable)) if peft is not None else model
         try:
-            dm._load_dendrites(directory, payload)
+            dm = get_dendritic_model(wrapped, config_dict, restore_dendrites=False)
+            try:
+                dm._load_dendrites(directory, payload)
+            except BaseException:
+                dm.unload()
+                raise
         except BaseException:
-            dm.unload()  # a model the user passed is left as it was
+            if wrapped is not model:
+                wrapped.unload()  # PEFT's layers out again: a model the user passed is left as it was
             raise
         dm._copy_trained_base(trained)
         frozen = set(entry["fingerprint"]["tensors"]) | set(entry.get("aliases", {}))
+        names = dm.checkpoint_names()
         for name, param in dm.model.named_parameters(remove_duplicate=False):
-            if name in frozen:  # the base stays frozen, as it was in training (further training trains the rest)
+            if names.get(name) in frozen:  # the base stays frozen, as in training (further training trains the rest)
                 param.requires_grad_(False)
         dm.base_reference = reference
         if getattr(model, "config", None) is not None:
@@ -1272,10 +1315,12 @@ class DendriticModel(nn.Module):
         return dm
 
     def _copy_trained_base(self, trained: dict[str, torch.Tensor]) -> None:
+        """Copy an adapter-only checkpoint's trained base entries (checkpoint names) into the model."""
+        keys = {name: key for key, name in self.checkpoint_names().items()}
         with torch.no_grad():
             state = self.model.state_dict(keep_vars=True)
-            for key, tensor in trained.items():
-                state[key].copy_(tensor)
+            for name, tensor in trained.items():
+                state[keys[name]].copy_(tensor)
 
     def _load_dendrites(self, directory: str, payload: dict[str, Any]) -> None:
         """Resize the layers to the checkpoint's counts and copy its dendrite tensors in (strict).
@@ -1338,11 +1383,14 @@ class DendriticModel(nn.Module):
         if is_adapter_only(payload):
             trained = read_trained_base_tensors(directory, payload)
             dendrite_keys = set(self.dendrite_state_dict())
-            state = {k: v for k, v in self.model.state_dict().items() if k not in dendrite_keys}
+            names = self.checkpoint_names()  # a PEFT model's base under the plain names, as fingerprinted
+            state = {names[k]: v for k, v in self.model.state_dict().items() if k in names and k not in dendrite_keys}
             check_adapter_only_keys(directory, payload, trained, state, architecture)
             check_base_fingerprint(directory, payload, state, f"this model's {architecture}")
+            adapter_tensors = read_adapter_tensors(self.model, directory, peft["adapters"]) if peft else []
             self._load_dendrites(directory, payload)
             self._copy_trained_base(trained)
+            copy_adapter_tensors(adapter_tensors)
             self.base_reference = dict(payload["base_model"]["reference"])
             logger.info("Loaded adapter-only checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
             return

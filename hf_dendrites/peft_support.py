@@ -144,6 +144,19 @@ def plain_checkpoint_state(
     return plain_base, plain_dendrites, {roles[name][0]: k for name, k in layers.items()}
 
 
+def replaced_module_keys(model: nn.Module) -> set[str]:
+    """The `model.state_dict()` names of the modules PEFT replaces by a trained copy (`modules_to_save`, e.g. a
+    classifier with `task_type="SEQ_CLS"`): the originals, frozen. An adapter-only checkpoint stores them instead of
+    fingerprinting them: such a module is usually a new task head, randomly initialised every time the base is
+    loaded, and small."""
+    if not peft_loaded():
+        return set()
+    from peft.utils import ModulesToSaveWrapper
+
+    prefixes = tuple(f"{name}.original_module." for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    return {key for key in model.state_dict(keep_vars=True) if key.startswith(prefixes)} if prefixes else set()
+
+
 def check_not_merged(model: nn.Module, what: str) -> None:
     """Saving the base weights of a model whose adapters are merged into them would save the merge as the base."""
     merged = [n for n, m in model.named_modules() if is_tuner_layer(m) and getattr(m, "merged", False)]

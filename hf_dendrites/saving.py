@@ -22,7 +22,9 @@ frozen) has no base weight files. In their place:
                                                 and a `fingerprint` of every frozen tensor (dtype, shape, SHA-256 of
                                                 its bytes), so a different base is refused instead of silently used
 
-`config.json` is still written (it carries what the base's own config lacks, e.g. a classifier's labels).
+`config.json` is still written (it carries what the base's own config lacks, e.g. a classifier's labels). A PEFT
+model's adapters are in `peft_adapter/` as in its full checkpoints; its fingerprint and trained entries use the plain
+model's names (peft_support.py), so the base is checked as transformers loads it.
 `DendriticModel.from_pretrained` loads the base from the reference (or from `base_model=`), checks the fingerprint,
 then loads the trained entries and the dendrites; `load_dendritic_state` checks the fingerprint against the model it
 loads into. Such a folder is format 3 (`ADAPTER_ONLY_FORMAT_VERSION`); full checkpoints stay format 2.
@@ -606,15 +608,20 @@ def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def split_adapter_state(
-    model: Any, base_state: dict[str, torch.Tensor], trainable: Optional[Collection[str]] = None
+    model: Any,
+    base_state: dict[str, torch.Tensor],
+    trainable: Optional[Collection[str]] = None,
+    names: Optional[dict[str, str]] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
     """Split the base entries of an adapter-only save into (trained, frozen, aliases).
 
     Args:
         model: the wrapped model (its `state_dict(keep_vars=True)` tells parameters from buffers and tied names).
-        base_state: the base entries to save (`split_state_dict`), names relative to `model`.
-        trainable: the names of the parameters that train (names relative to `model`); None: those with
-            `requires_grad=True`.
+        base_state: the base entries to save (`split_state_dict`), under their checkpoint names.
+        trainable: the checkpoint names of the parameters that train; None: those with `requires_grad=True`.
+        names: {name in `model.state_dict()`: checkpoint name} of the entries that belong to the base (for a PEFT
+            model the plain model's names, the adapter's tensors left out: `DendriticModel.checkpoint_names`);
+            None: every entry, under its own name.
 
     Trained: the parameters that train and every persistent buffer (buffers change without gradients, e.g. running
     statistics, and are small). Frozen: the other parameters, which the checkpoint references and fingerprints
@@ -622,6 +629,8 @@ def split_adapter_state(
     its other names to that one.
     """
     kept = model.state_dict(keep_vars=True)
+    if names is not None:
+        kept = {names[key]: tensor for key, tensor in kept.items() if key in names}
     param_ids = {id(p) for p in model.parameters()}
     groups: dict[int, list[str]] = {}
     for key, tensor in kept.items():
@@ -793,8 +802,9 @@ def checkpoint_save_options(requires_grad: dict[str, bool]) -> dict[str, Any]:
 
 
 def frozen_state_names(directory: str) -> set[str]:
-    """The state names (relative to the wrapped model) that checkpoint `directory` fingerprints instead of storing:
-    empty for a full checkpoint (or a folder without `dendrite_config.json`)."""
+    """The checkpoint names (relative to the wrapped model; a PEFT model's plain names) of the tensors that checkpoint
+    `directory` fingerprints instead of storing: empty for a full checkpoint (or a folder without
+    `dendrite_config.json`)."""
     path = os.path.join(directory, DENDRITE_CONFIG_NAME)
     if not os.path.isfile(path):
         return set()

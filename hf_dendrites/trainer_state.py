@@ -114,6 +114,17 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def frozen_state_keys(directory: str, dm) -> set[str]:
+    """The names in `dm.state_dict()` of the tensors that checkpoint `directory`'s adapter-only model files fingerprint
+    instead of storing (the fingerprint uses checkpoint names: a PEFT model's plain names); empty for a full one."""
+    from .saving import frozen_state_names
+
+    names = frozen_state_names(directory)
+    if not names:
+        return set()
+    return {f"model.{key}" for key, name in dm.checkpoint_names().items() if name in names}
+
+
 def _store_snapshot(snapshot: Snapshot, name: str, directory: str, dm, frozen: set[str]) -> dict[str, str]:
     """Put `snapshot` into checkpoint `directory` at the lowest cost (without the `frozen` entries, which the
     checkpoint's adapter-only model files fingerprint); return how it is stored."""
@@ -160,11 +171,9 @@ def write_schedule_state(
     stored once) or None. `candidates` / `correlation`: a running candidate phase's tensors and JSON state.
     `weights`: which evaluation the checkpoint's model weights are (`DendriteScheduleCallback.weights`), or None.
     """
-    from .saving import frozen_state_names
-
     info: dict[str, Any] = {}
     stored: dict[int, str] = {}
-    frozen = {f"model.{n}" for n in frozen_state_names(directory)}  # names of `dm.state_dict()`
+    frozen = frozen_state_keys(directory, dm)
     for name in SNAPSHOT_NAMES:
         snap = snapshots.get(name)
         if snap is None:
@@ -215,10 +224,10 @@ def read_snapshots(directory: str, payload: dict[str, Any], dm) -> dict[str, Sna
     """
     from safetensors.torch import load_file
 
-    from .saving import frozen_state_names, load_dendritic_state
+    from .saving import load_dendritic_state
 
     path = os.path.join(directory, DENDRITE_SCHEDULE_NAME)
-    frozen_names = {f"model.{n}" for n in frozen_state_names(directory)}
+    frozen_names = frozen_state_keys(directory, dm)
     frozen: dict[str, torch.Tensor] | None = None  # CPU copies of the model's frozen tensors, shared by the snapshots
     legacy: dict[str, torch.Tensor] | None = None
     snaps: dict[str, Snapshot | None] = {}
