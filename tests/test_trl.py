@@ -294,6 +294,7 @@ def test_dendritic_arguments_and_the_trl_configs_share_one_set_of_fields():
         assert schedule_fields <= set(fields)
         # The schedule's fields come after the arguments class's own (all have defaults).
         assert fields[-len(schedule_fields):] == list(DendriteScheduleArguments.__dataclass_fields__)
+        assert "--dendrite_patience" in transformers.HfArgumentParser(cls).format_help()  # --help renders
     assert {"max_length", "packing"} <= set(DendriticSFTConfig.__dataclass_fields__)
     assert {"beta", "loss_type"} <= set(DendriticDPOConfig.__dataclass_fields__)
 
