@@ -159,6 +159,45 @@ def test_resume_from_a_checkpoint_written_after_a_growth_is_exact(kind, llama_fo
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
+def test_sft_with_peft_config_grows_dendrites_under_lora_and_checkpoints_only_what_trains(llama_folder, tmp_path):
+    """TRL wraps the model with `peft_config`; the mixin converts the PeftModel: dendrites on the base layers (not on
+    LoRA's), the frozen base stays unchanged, Trainer checkpoints are adapter-only, and the saved model reloads with
+    its adapter exactly."""
+    peft = pytest.importorskip("peft")
+    trainer = DendriticSFTTrainer(
+        model=llama_folder,
+        args=trl_args("sft", str(tmp_path), metric_for_best_model="scripted", greater_is_better=False,
+                      save_strategy="steps", save_steps=12),
+        train_dataset=sft_data(64, 1),
+        eval_dataset=sft_data(16, 2),
+        compute_metrics=ScriptedMetric(SCORES),
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        dendrite_config=DendriteConfig(target_modules=["q_proj", "down_proj"], rank=2, dendrite_seed=0),
+    )
+    dm = trainer.model
+    assert isinstance(dm.model, peft.PeftModel)
+    layers = set(dm.dendrite_counts())
+    assert layers and all(name.endswith(("q_proj.base_layer", "down_proj")) for name in layers), layers
+    base_before = {n: p.detach().clone() for n, p in dm.named_parameters() if "base_layer" in n or "down_proj.weight" in n}
+    trainer.train()
+    assert decisions(trainer) == DECISIONS
+    assert all(count >= 1 for count in dm.dendrite_counts().values())
+    for name, param in dm.named_parameters():
+        if name in base_before:
+            assert not param.requires_grad and torch.equal(param, base_before[name]), name
+        if "lora_" in name or ".dendrite" in name:
+            assert param.requires_grad, name
+    checkpoint = tmp_path / "checkpoint-12"
+    assert not (checkpoint / "model.safetensors").exists()  # adapter-only: the frozen base is fingerprinted
+    assert (checkpoint / "peft_adapter" / "adapter_config.json").is_file()
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = DendriticModel.from_pretrained(str(tmp_path / "final"))
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    dm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, dm(input_ids=ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.usefixtures("hub_env")
 def test_push_to_hub_pushes_the_dendritic_card(llama_folder, tmp_path):
     from huggingface_hub import HfApi
