@@ -836,6 +836,7 @@ class DendriteScheduleCallback(TrainerCallback):
             hyperparameters = {}
         return {
             "metric": self.score_key(),
+            "trainer": type(self.trainer).__name__,
             "greater_is_better": bool(args.greater_is_better),
             "completed": self.schedule.done,
             "stopped_by_cap": self.stopped_by_cap,

@@ -146,7 +146,8 @@ def _describe_schedule(training: dict[str, Any]) -> str:
     """One sentence on how the run grew its dendrites, true to the schedule settings it used."""
     schedule = training.get("schedule") or {}
     metric = f"`{training['metric']}` ({'higher' if training['greater_is_better'] else 'lower'} is better)"
-    text = f"Trained with `DendriticTrainer`, which grows dendrites in every target layer when {metric} plateaus"
+    trainer = training.get("trainer") or "DendriticTrainer"  # summaries written before the key existed: DendriticTrainer
+    text = f"Trained with `{trainer}`, which grows dendrites in every target layer when {metric} plateaus"
     if schedule.get("learning_rule") == "correlation":
         text += (
             "; the new dendrites are trained as candidates with the correlation rule (Cascade-Correlation) while the "
@@ -232,6 +233,7 @@ def build_model_card(
     tags: Optional[list[str]] = None,
     curve_file: Optional[str] = None,
     adapter_base: Optional[str] = None,
+    peft_adapters: Optional[list[str]] = None,
 ) -> ModelCard:
     """Render a dendritic model's card (a `huggingface_hub.ModelCard`) from plain data.
 
@@ -253,6 +255,8 @@ def build_model_card(
         tags: extra tags.
         curve_file: the training curve's file name next to the card, or None.
         adapter_base: for an adapter-only checkpoint, its base reference as the card names it; None for a full one.
+        peft_adapters: the PEFT adapters saved with the model (under `peft_adapter/`), as the card names them
+            ("`default` (LORA, r=8)"); None for a model without PEFT.
 
     The metadata holds `library_name: hf_dendrites`, `base_model` (a Hub id), tags, the pipeline tag and, when the
     training summary has `eval_results`, a model-index.
@@ -312,6 +316,7 @@ def build_model_card(
         eval_caption=eval_caption,
         load_id=repo_id or "path/to/this/folder",
         adapter_base=adapter_base,
+        peft_adapters=peft_adapters or None,
         versions={
             "hf_dendrites": library_version(),
             "transformers": transformers.__version__,

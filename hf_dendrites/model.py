@@ -41,6 +41,7 @@ from .peft_support import (
     check_not_merged,
     checkpoint_peft_info,
     copy_adapter_tensors,
+    describe_adapters,
     has_peft_layers,
     install_peft_save_guard,
     is_peft_model,
@@ -1016,6 +1017,7 @@ class DendriticModel(nn.Module):
             tags=tags,
             curve_file=TRAINING_CURVE_NAME if curve_bytes is not None else None,
             adapter_base=describe_base_reference(adapter["reference"]) if adapter is not None else None,
+            peft_adapters=describe_adapters(self.model) if peft else None,
         )
         if processing_class is not None:
             processing_class.save_pretrained(directory)

@@ -200,6 +200,16 @@ def save_adapters(model: nn.Module, directory: str) -> tuple[list[str], list[str
     return adapters, files
 
 
+def describe_adapters(model: nn.Module) -> list[str]:
+    """The PEFT adapters of `model` as the model card names them: "`default` (LORA, r=8)"."""
+    out = []
+    for name, config in transformers_model(model).peft_config.items():
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        rank = getattr(config, "r", None)
+        out.append(f"`{name}` ({kind}{f', r={rank}' if isinstance(rank, int) else ''})")
+    return out
+
+
 def active_adapters(model: nn.Module) -> list[str]:
     """The adapters `model`'s PEFT layers compute with (PEFT sets them on every layer alike)."""
     return next((list(m.active_adapters) for m in model.modules() if is_tuner_layer(m)), [])

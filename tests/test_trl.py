@@ -191,6 +191,8 @@ def test_sft_with_peft_config_grows_dendrites_under_lora_and_checkpoints_only_wh
     assert not (checkpoint / "model.safetensors").exists()  # adapter-only: the frozen base is fingerprinted
     assert (checkpoint / "peft_adapter" / "adapter_config.json").is_file()
     trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "Trained with `DendriticSFTTrainer`" in card and "The model carries PEFT adapters (`default` (LORA, r=4))" in card
     reloaded = DendriticModel.from_pretrained(str(tmp_path / "final"))
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     dm.eval()
