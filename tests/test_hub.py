@@ -60,6 +60,11 @@ def hub_env(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    # transformers keeps one shared HfApi (Trainer.push_to_hub uses it) that holds the endpoint it was built with:
+    # a fresh one per test, so that it talks to this test's server, not to an earlier module's stopped one.
+    import transformers.utils.hub as transformers_hub
+
+    monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
 
     real_create_connection = socket.create_connection
 

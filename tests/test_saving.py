@@ -11,6 +11,7 @@ import torch
 import transformers
 from conftest import TINY_MODELS, make_tiny, minilm_dir, tiny_inputs
 from huggingface_hub import ModelCard
+from packaging import version
 from safetensors import safe_open
 
 import hf_dendrites.saving as saving
@@ -487,7 +488,12 @@ def test_load_dendritic_state_round_trip(tmp_path, name):
     saved.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
         renamed = set(handle.keys()) - {PLAIN_LOAD_NOTICE_KEY} - set(saved.model.state_dict())
-    assert bool(renamed) == (name in ("vit", "gpt_neox")), sorted(renamed)[:3]  # what the loader must map
+    # What the loader must map: transformers 5.25 saves ViT and GPT-NeoX under other names (transformers
+    # 5.4, the lowest supported release, does not); no other architecture here is renamed.
+    if name not in ("vit", "gpt_neox"):
+        assert not renamed, sorted(renamed)[:3]
+    elif version.parse(transformers.__version__) >= version.parse("5.25"):
+        assert renamed
 
     fresh = get_dendritic_model(build(1), DendriteConfig(target_modules="all-linear", dendrite_seed=1))
     fresh.add_dendrites(3)  # other weights, other counts
