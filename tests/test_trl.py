@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from dendritic_task import ScriptedMetric, all_linear, make_args, state_of, task_data, tiny_bert
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_dendrites import (
     DendriteConfig,
@@ -28,6 +28,7 @@ else:
     trl = pytest.importorskip("trl")
 
 from test_hub import TOKEN, hub, hub_env  # noqa: E402, F401  (the local Hub server's fixtures)
+from test_trainer import _CrashAfterFirstGrowth, _Interrupted  # noqa: E402
 from trl_task import dpo_data, sft_data, tiny_llama, tiny_llama_folder, trl_args  # noqa: E402
 
 from hf_dendrites import DendriticDPOConfig, DendriticDPOTrainer, DendriticSFTConfig, DendriticSFTTrainer  # noqa: E402
@@ -111,30 +112,13 @@ def test_grows_discards_retries_and_completes(kind, llama_folder, tmp_path):
         assert again.evaluate()["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], abs=1e-6)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-class _CrashAfterGrowth(TrainerCallback):
-    """Simulates a crash right after the first checkpoint written after a growth."""
-
-    def __init__(self):
-        self.trainer = None
-        self.crashed_at = None
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.trainer.dendrite_schedule.cycle >= 1:
-            self.crashed_at = state.global_step
-            raise _Interrupted()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_from_a_checkpoint_written_after_a_growth_is_exact(kind, llama_folder, tmp_path):
     common = {"save_strategy": "steps", "save_steps": 4}
     reference = make_trl_trainer(kind, llama_folder, tmp_path / "uninterrupted", **common)
     reference.train()
 
-    crash = _CrashAfterGrowth()
+    crash = _CrashAfterFirstGrowth()
     crashing = make_trl_trainer(kind, llama_folder, tmp_path / "run", callbacks=[crash], **common)
     crash.trainer = crashing
     with pytest.raises(_Interrupted):
