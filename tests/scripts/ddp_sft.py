@@ -10,15 +10,13 @@ and writes what it saw to OUTPUT_DIR/rank<r>.json for the test to assert on.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-import torch.distributed as dist
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ddp_train import EventChecker, digest, same_on_all_ranks
+from ddp_train import EventChecker, write_rank_result
 from dendritic_task import ScriptedMetric, launch_flags
 from trl_task import sft_data, trl_args
 
@@ -41,22 +39,7 @@ def main(output_dir: str, model_dir: str, flags: list[str]) -> None:
     )
     checker.trainer = trainer
     output = trainer.train()
-    result = {
-        "world_size": dist.get_world_size(),
-        "distributed_type": str(trainer.accelerator.distributed_type),
-        "global_step": output.global_step,
-        "done": trainer.dendrite_schedule.done,
-        "events": checker.events,
-        "final_params_identical": same_on_all_ranks(digest(sorted(trainer.model.state_dict().items()))),
-        "history_identical": same_on_all_ranks(json.dumps(trainer.dendrite_history, sort_keys=True)),
-        "schedule_identical": same_on_all_ranks(json.dumps(trainer.dendrite_schedule.to_dict(), sort_keys=True)),
-        "history": trainer.dendrite_history,
-        "dendrite_counts": sorted(set(trainer.model.dendrite_counts().values())),
-    }
-    with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()  # before exit, so that no rank aborts while the other is still leaving
+    write_rank_result(trainer, output, checker, output_dir)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,30 @@ class EventChecker(TrainerCallback):
         )
 
 
+
+def write_rank_result(trainer, output, checker, output_dir: str, **extra) -> None:
+    """Write what this rank saw (steps, schedule events, whether parameters, history and schedule are identical on
+    every rank, plus `extra`) to OUTPUT_DIR/rank<r>.json, then leave the process group together with the other rank."""
+    result = {
+        "world_size": dist.get_world_size(),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "global_step": output.global_step,
+        "done": trainer.dendrite_schedule.done,
+        **extra,
+        "events": checker.events,
+        "final_params_identical": same_on_all_ranks(digest(sorted(trainer.model.state_dict().items()))),
+        "history_identical": same_on_all_ranks(json.dumps(trainer.dendrite_history, sort_keys=True)),
+        "schedule_identical": same_on_all_ranks(json.dumps(trainer.dendrite_schedule.to_dict(), sort_keys=True)),
+        "history": trainer.dendrite_history,
+        "dendrite_counts": sorted(set(trainer.model.dendrite_counts().values())),
+    }
+    with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    dist.barrier()
+    # Tear the gloo group down before exit: left to interpreter shutdown, a rank could abort (SIGABRT,
+    # 'terminate called without an active exception') while the other was still leaving.
+    dist.destroy_process_group()
+
 def main(output_dir: str, flags: list[str]) -> None:
     transformers.logging.set_verbosity_error()
     args = make_args(
@@ -134,27 +158,10 @@ def main(output_dir: str, flags: list[str]) -> None:
     )
     checker.trainer = trainer
     output = trainer.train()
-    rank = dist.get_rank()
-    result = {
-        "world_size": dist.get_world_size(),
-        "distributed_type": str(trainer.accelerator.distributed_type),
-        "global_step": output.global_step,
-        "done": trainer.dendrite_schedule.done,
-        "growth_checks": trainer.growth_checks,
-        "stale_wrapper_steps": trainer.stale_wrapper_steps,
-        "events": checker.events,
-        "final_params_identical": same_on_all_ranks(digest(sorted(trainer.model.state_dict().items()))),
-        "history_identical": same_on_all_ranks(json.dumps(trainer.dendrite_history, sort_keys=True)),
-        "schedule_identical": same_on_all_ranks(json.dumps(trainer.dendrite_schedule.to_dict(), sort_keys=True)),
-        "history": trainer.dendrite_history,
-        "dendrite_counts": sorted(set(trainer.model.dendrite_counts().values())),
-    }
-    with open(os.path.join(output_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
-    dist.barrier()
-    # Tear the gloo group down before exit: left to interpreter shutdown, a rank could abort (SIGABRT,
-    # 'terminate called without an active exception') while the other was still leaving.
-    dist.destroy_process_group()
+    write_rank_result(
+        trainer, output, checker, output_dir,
+        growth_checks=trainer.growth_checks, stale_wrapper_steps=trainer.stale_wrapper_steps,
+    )
 
 
 if __name__ == "__main__":
