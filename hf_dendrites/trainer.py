@@ -138,7 +138,7 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import can_return_loss, find_labels
 
-from . import trainer_internals
+from . import deepspeed_support, trainer_internals
 from .callback import DendriteScheduleCallback, processes_out_of_step
 from .config import DendriteConfig
 from .constants import DENDRITE_CONFIG_NAME
@@ -399,7 +399,7 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         launches whose processes accelerate does not run as one job (they could not share the schedule's decisions)."""
         unsupported = []
         if self.is_deepspeed_enabled:
-            unsupported.append("DeepSpeed")
+            deepspeed_support.check_deepspeed_setup(self)  # ZeRO-0/1/2 run (hf_dendrites/deepspeed_support.py)
         if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
             unsupported.append("FSDP")
         if getattr(self, "is_distributed_loading_by_transformers", False):
@@ -478,6 +478,8 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             payload = read_schedule_payload(os.fspath(checkpoint))
             if payload is not None and payload["schedule"]["state"].get("done"):
                 return self._finished_run(os.fspath(checkpoint))
+        if self.is_deepspeed_enabled and checkpoint:
+            deepspeed_support.load_layout_before_engine(self, os.fspath(checkpoint))
         output = super().train(resume_from_checkpoint=checkpoint or None, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
         self._evaluate_final_model()
         return output
@@ -612,7 +614,9 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         self.lr_scheduler = None
         self.create_optimizer()
         distributed = acc.num_processes > 1 and not isinstance(old_wrapped, nn.DataParallel)
-        if distributed and self.dendrite_callback.correlation is not None:
+        if self.is_deepspeed_enabled:
+            deepspeed_support.rebuild_engine(self, old_wrapped)  # a new engine for the new parameter set
+        elif distributed and self.dendrite_callback.correlation is not None:
             # Candidate phase: nothing of the model trains, and DDP refuses a module without trainable parameters.
             # Run the bare model; the correlation rule all-reduces its own statistics.
             trainer_internals.forget_prepared(acc, models=[old_wrapped, self.model])
@@ -803,10 +807,7 @@ def _hold_after(scheduler: Any, steps: int) -> None:
 def _check_args_supported(args: TrainingArguments) -> None:
     """Fail before building anything for arguments that select an unsupported engine."""
     if getattr(args, "deepspeed", None):
-        raise NotImplementedError(
-            "DendriticTrainer does not support DeepSpeed (`deepspeed=` is set): growing dendrites replaces "
-            "parameters, which DeepSpeed's engine registers once. Use a single process or DDP (`torchrun`)."
-        )
+        deepspeed_support.check_deepspeed_arguments(args)  # ZeRO-0/1/2 (hf_dendrites/deepspeed_support.py)
     if getattr(args, "fsdp", None):
         raise NotImplementedError(
             "DendriticTrainer does not support FSDP (`fsdp=` is set): growing dendrites replaces parameters, which "

@@ -58,6 +58,17 @@ TRL trainers' `_metrics` (a dict of lists per mode)   Copied and put back around
                                                       `check_model_type`, whose locals `self` (the pipeline, with
                                                       `.model` and `.task`) and `supported_models` (by then the list of
                                                       class names) the filter reads to check the wrapped class instead.
+`Accelerator.deepspeed_engine_wrapped`                The engine `accelerator.backward` runs backward and `step` on.
+                                                      `Accelerator.prepare` sets it only while it is None (it warns and
+                                                      keeps the old engine otherwise); a replaced engine is released
+                                                      (`release_deepspeed_engine`) by setting it back to None.
+`DeepSpeedEngine.module_forward_pre_hook` /           Handles of the forward hooks an engine registers on the model it
+`module_forward_post_hook`                            wraps; `destroy()` leaves them there, so a replaced engine's are
+                                                      removed (the model is wrapped by the next engine).
+Under DeepSpeed `Trainer.train` does not call         The trainer calls it itself before `super().train()`
+`_load_from_checkpoint`                               (`deepspeed_support.load_layout_before_engine`), and the Trainer
+                                                      then loads DeepSpeed's checkpoint (`global_step<n>/`) into the
+                                                      engine it built for that parameter set.
 ====================================================  ===============================================================
 """
 
@@ -85,6 +96,9 @@ PRIVATE_MODULE_MARKS = ("_is_accelerate_prepared", "_original_forward")
 # The logger and the function of transformers' pipeline model check (see `install_pipeline_type_check`).
 PIPELINE_LOGGER = "transformers.pipelines.base"
 PIPELINE_CHECK_FUNCTION = "check_model_type"
+# DeepSpeed (hf_dendrites/deepspeed_support.py): the accelerator's engine reference and the engine's forward hooks.
+DEEPSPEED_ACCELERATOR_ENGINE = "deepspeed_engine_wrapped"
+DEEPSPEED_ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
 
 
 class _WrappedModelTypeCheck(logging.Filter):
@@ -155,3 +169,16 @@ def unmark_prepared(model: nn.Module) -> None:
     original_forward = model.__dict__.pop("_original_forward", None)
     if original_forward is not None:  # accelerate's autocast wrapper; prepare() applies it again
         model.forward = original_forward
+
+
+def release_deepspeed_engine(accelerator: Any, engine: Any) -> None:
+    """Take a replaced DeepSpeed engine out of use: `destroy()` removes its optimizer's gradient hooks, its forward
+    hooks leave the model (which the next engine wraps again), and the accelerator forgets it as the engine that
+    `accelerator.backward` steps, so that the next `prepare` installs the new one."""
+    engine.destroy()
+    for name in DEEPSPEED_ENGINE_HOOKS:
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
+    accelerator.deepspeed_engine_wrapped = None

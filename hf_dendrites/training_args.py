@@ -183,6 +183,10 @@ class DendriteScheduleArguments:
                 "DendriteScheduleArguments is a mixin for a `TrainingArguments` subclass: use DendriticTrainingArguments, "
                 "or define `@dataclass class MyArgs(DendriteScheduleArguments, MyTrainingArguments)`."
             )
+        if getattr(self, "deepspeed", None):
+            from .deepspeed_support import require_deepspeed
+
+            require_deepspeed()  # transformers' own error without the package is an obscure TypeError
         super().__post_init__()
         # No check of `eval_strategy` here: evaluation- or prediction-only runs need no evaluations during
         # training; `DendriticTrainer.train()` raises when a training run has none.
