@@ -29,7 +29,8 @@ Growth, retries and phase switches replace parameters (new `Parameter` objects),
   that no stale optimizer is unscaled, stepped or saved);
 - the LR scheduler (see "LR schedule" below);
 - under DDP, the model wrapper (a DDP wrapper registers its parameters once; the new wrapper also broadcasts
-  rank 0's parameters, so all ranks start the cycle identical).
+  rank 0's parameters, so all ranks start the cycle identical);
+- under DeepSpeed ZeRO-0/1/2, the engine, for the same reason (`deepspeed_support.py`).
 
 The Trainer's epoch loop keeps the wrapper it started the epoch with in a local variable; `training_step` swaps a
 stale wrapper for the current one (keeping the loop's `no_sync` gradient-accumulation window), which covers every
@@ -840,8 +841,9 @@ class DendriticTrainer(DendriticTrainerMixin, Trainer):
     the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
     `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
 
-    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
-    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
+    Supported: a single process (CPU / one GPU), DDP (`torchrun` / `accelerate launch`; CPU processes with
+    `use_cpu=True`) and DeepSpeed ZeRO-1/2 (`deepspeed=`; docs/distributed.md). Not supported, with an error at
+    construction: DeepSpeed ZeRO-3, FSDP, tensor / context / sequence
     parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
     does not run as one job (on CPU without `use_cpu=True`).
     """

@@ -8,6 +8,7 @@ import inspect
 import os
 
 import accelerate
+import pytest
 import torch
 import transformers
 from dendritic_task import task_data, tiny_bert
@@ -243,3 +244,37 @@ def test_pipeline_model_check_logs_from_check_model_type_with_its_locals():
     assert isinstance(supported, list) and "BertForSequenceClassification" in supported, _upstream(
         "check_model_type's `supported_models` is no longer the list of class names when it logs"
     )
+
+
+def test_deepspeed_engine_reference_hooks_and_resume_path():
+    # Under DeepSpeed (hf_dendrites/deepspeed_support.py); the behaviour itself is exercised by tests/test_deepspeed.py
+    # (two processes), whose runs compare with DDP and count the forward hooks on the model after every new engine.
+    deepspeed = pytest.importorskip("deepspeed")
+    where = f"deepspeed {deepspeed.__version__}"
+    prepare = inspect.getsource(accelerate.Accelerator._prepare_deepspeed)
+    assert f"if self.{trainer_internals.DEEPSPEED_ACCELERATOR_ENGINE} is None" in prepare, _upstream(
+        f"Accelerator._prepare_deepspeed no longer installs the engine only while {trainer_internals.DEEPSPEED_ACCELERATOR_ENGINE} is None"
+    )
+    assert f"self.{trainer_internals.DEEPSPEED_ACCELERATOR_ENGINE}.backward" in inspect.getsource(accelerate.Accelerator.backward), _upstream(
+        "Accelerator.backward no longer runs the engine it holds"
+    )
+    init = inspect.getsource(deepspeed.DeepSpeedEngine.__init__)
+    for name in trainer_internals.DEEPSPEED_ENGINE_HOOKS:
+        assert f"self.{name} = " in init, _upstream(f"DeepSpeedEngine no longer keeps its forward hook as `{name}` ({where})")
+    assert callable(getattr(deepspeed.DeepSpeedEngine, "destroy", None)), _upstream(f"DeepSpeedEngine.destroy is gone ({where})")
+    # Trainer.train loads a checkpoint into the model itself only without DeepSpeed (the trainer does it then).
+    assert "not self.is_deepspeed_enabled" in inspect.getsource(Trainer.train), _upstream(
+        "Trainer.train now calls _load_from_checkpoint under DeepSpeed"
+    )
+
+    # release_deepspeed_engine on an engine's surface: destroyed, its hooks off the model, the accelerator's reference gone
+    model = torch.nn.Linear(2, 2)
+    destroyed = []
+    engine = type("Engine", (), {"destroy": lambda self: destroyed.append(True)})()
+    engine.module_forward_pre_hook = model.register_forward_pre_hook(lambda module, args: None)
+    engine.module_forward_post_hook = model.register_forward_hook(lambda module, args, output: None)
+    acc = type("Acc", (), {})()
+    acc.deepspeed_engine_wrapped = object()
+    trainer_internals.release_deepspeed_engine(acc, engine)
+    assert destroyed and acc.deepspeed_engine_wrapped is None
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -122,8 +122,9 @@ def test_unsupported_setups_fail_with_a_clear_error(tmp_path):
         DendriticTrainer(None, make_args(str(tmp_path)), **data)
     with pytest.raises(NotImplementedError, match="FSDP"):
         DendriticTrainer(tiny_bert(), make_args(str(tmp_path), fsdp=True), dendrite_config=all_linear(), **data)
-    with pytest.raises(NotImplementedError, match="DeepSpeed"):
-        _check_args_supported(types.SimpleNamespace(deepspeed="ds_config.json", fsdp=None))
+    ds_zero3 = types.SimpleNamespace(config={"zero_optimization": {"stage": 3}})  # ZeRO-3: tests/test_deepspeed.py
+    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO stages 0, 1 and 2, not stage 3"):
+        _check_args_supported(types.SimpleNamespace(deepspeed="ds_config.json", hf_deepspeed_config=ds_zero3, fsdp=None))
     with pytest.raises(ValueError, match="eval_dataset"):
         DendriticTrainer(tiny_bert(), make_args(str(tmp_path)), train_dataset=task_data(16, 1), dendrite_config=all_linear())
     dm = get_dendritic_model(tiny_bert(), all_linear())
