@@ -65,6 +65,10 @@ TRL trainers' `_metrics` (a dict of lists per mode)   Copied and put back around
 `DeepSpeedEngine.module_forward_pre_hook` /           Handles of the forward hooks an engine registers on the model it
 `module_forward_post_hook`                            wraps; `destroy()` leaves them there, so a replaced engine's are
                                                       removed (the model is wrapped by the next engine).
+`DeepSpeedEngine.optimizer`, `basic_optimizer`,       The optimizers / schedulers an engine holds; set to None once the
+`client_optimizer`, `lr_scheduler`,                   engine is destroyed, so that the Trainer's epoch loop, which keeps
+`client_lr_scheduler`                                 the old engine until the epoch ends, does not keep its optimizer
+                                                      state and partitions alive.
 Under DeepSpeed `Trainer.train` does not call         The trainer calls it itself before `super().train()`
 `_load_from_checkpoint`                               (`deepspeed_support.load_layout_before_engine`), and the Trainer
                                                       then loads DeepSpeed's checkpoint (`global_step<n>/`) into the
@@ -99,6 +103,7 @@ PIPELINE_CHECK_FUNCTION = "check_model_type"
 # DeepSpeed (hf_dendrites/deepspeed_support.py): the accelerator's engine reference and the engine's forward hooks.
 DEEPSPEED_ACCELERATOR_ENGINE = "deepspeed_engine_wrapped"
 DEEPSPEED_ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+DEEPSPEED_ENGINE_OPTIMIZERS = ("optimizer", "basic_optimizer", "client_optimizer", "lr_scheduler", "client_lr_scheduler")
 
 
 class _WrappedModelTypeCheck(logging.Filter):
@@ -173,12 +178,16 @@ def unmark_prepared(model: nn.Module) -> None:
 
 def release_deepspeed_engine(accelerator: Any, engine: Any) -> None:
     """Take a replaced DeepSpeed engine out of use: `destroy()` removes its optimizer's gradient hooks, its forward
-    hooks leave the model (which the next engine wraps again), and the accelerator forgets it as the engine that
+    hooks leave the model (which the next engine wraps again), it lets go of its optimizers (freed although the
+    Trainer's epoch loop still holds the engine), and the accelerator forgets it as the engine that
     `accelerator.backward` steps, so that the next `prepare` installs the new one."""
     engine.destroy()
     for name in DEEPSPEED_ENGINE_HOOKS:
         handle = getattr(engine, name, None)
         if handle is not None:
             handle.remove()
+            setattr(engine, name, None)
+    for name in DEEPSPEED_ENGINE_OPTIMIZERS:  # the epoch loop still holds the engine: let its optimizer state go now
+        if name in vars(engine):
             setattr(engine, name, None)
     accelerator.deepspeed_engine_wrapped = None

@@ -261,6 +261,8 @@ def test_deepspeed_engine_reference_hooks_and_resume_path():
     init = inspect.getsource(deepspeed.DeepSpeedEngine.__init__)
     for name in trainer_internals.DEEPSPEED_ENGINE_HOOKS:
         assert f"self.{name} = " in init, _upstream(f"DeepSpeedEngine no longer keeps its forward hook as `{name}` ({where})")
+    for name in trainer_internals.DEEPSPEED_ENGINE_OPTIMIZERS:
+        assert f"self.{name} = " in init, _upstream(f"DeepSpeedEngine no longer sets `{name}` in __init__ ({where})")
     assert callable(getattr(deepspeed.DeepSpeedEngine, "destroy", None)), _upstream(f"DeepSpeedEngine.destroy is gone ({where})")
     # Trainer.train loads a checkpoint into the model itself only without DeepSpeed (the trainer does it then).
     assert "not self.is_deepspeed_enabled" in inspect.getsource(Trainer.train), _upstream(
@@ -273,8 +275,10 @@ def test_deepspeed_engine_reference_hooks_and_resume_path():
     engine = type("Engine", (), {"destroy": lambda self: destroyed.append(True)})()
     engine.module_forward_pre_hook = model.register_forward_pre_hook(lambda module, args: None)
     engine.module_forward_post_hook = model.register_forward_hook(lambda module, args, output: None)
+    engine.optimizer = engine.basic_optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = type("Acc", (), {})()
     acc.deepspeed_engine_wrapped = object()
     trainer_internals.release_deepspeed_engine(acc, engine)
     assert destroyed and acc.deepspeed_engine_wrapped is None
+    assert engine.optimizer is None and engine.basic_optimizer is None
     assert not model._forward_pre_hooks and not model._forward_hooks

@@ -20,9 +20,11 @@ run's. Results go to OUTPUT_DIR/rank<r>.json (see ddp_train.write_rank_result).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -62,7 +64,33 @@ class StepScores:
 
 
 class EngineChecker(EventChecker):
-    """EventChecker, plus what a DeepSpeed engine's optimizer holds and the forward hooks on the model."""
+    """EventChecker, plus what a DeepSpeed engine's optimizer holds, the forward hooks on the model, and whether the
+    optimizer of the engine an event replaced was freed by the next step's end (the Trainer's epoch loop may still
+    hold that engine then; the callbacks of the evaluation that decided the event held its optimizer until they
+    returned)."""
+
+    current_optimizer = None  # a weak reference to the engine optimizer in use
+    replaced_optimizer = None  # the one the last event replaced, until the next step ends
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.current_optimizer = self._engine_optimizer()
+
+    def _engine_optimizer(self):
+        inner = getattr(self.trainer.model_wrapped, "optimizer", None)
+        return weakref.ref(inner) if inner is not None else None
+
+    def _check_replaced(self):
+        if self.replaced_optimizer is not None:
+            gc.collect()
+            self.events[-1]["old_optimizer_freed"] = self.replaced_optimizer() is None
+            self.replaced_optimizer = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check_replaced()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._check_replaced()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         count = len(self.events)
@@ -70,6 +98,7 @@ class EngineChecker(EventChecker):
         if len(self.events) == count:
             return
         t = self.trainer
+        self.replaced_optimizer, self.current_optimizer = self.current_optimizer, self._engine_optimizer()
         inner = getattr(t.model_wrapped, "optimizer", None)
         groups = getattr(inner, "bit16_groups", None)  # ZeRO-1/2: the model parameters the engine flattened
         if groups is not None:
