@@ -25,6 +25,8 @@ Not supported, with an error while the trainer is built (`check_deepspeed_config
   (`optim`, `learning_rate`, `lr_scheduler_type`) at every change of the parameter set.
 - the correlation learning rule: its candidate phase trains candidate dendrites outside the model, which an engine
   cannot step. Use DDP for it.
+
+Also refused: resuming with `model_init` (`load_layout_before_engine`) and `hyperparameter_search` (hp_search.py).
 """
 
 from __future__ import annotations

@@ -240,6 +240,12 @@ class DendriteHPSearchMixin:
             import optuna
         except ImportError as err:
             raise ImportError("hyperparameter_search needs Optuna: pip install optuna") from err
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                "DendriticTrainer.hyperparameter_search does not run under DeepSpeed: a trial's arguments (batch size, "
+                "learning rate) would need a DeepSpeed config of their own. Run the search with DDP or a single "
+                "process, then train the chosen settings under DeepSpeed."
+            )
         if getattr(self, "model_init", None) is None:
             raise RuntimeError(
                 "hyperparameter_search needs `model_init`: pass DendriticTrainer(model_init=fn, ...) where fn() returns "

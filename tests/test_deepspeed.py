@@ -165,3 +165,11 @@ def test_missing_deepspeed_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
     with pytest.raises(ImportError, match=r'pip install "hf_dendrites\[deepspeed\]"'):
         make_args(str(tmp_path), deepspeed={"zero_optimization": {"stage": 2}})
+
+
+def test_hyperparameter_search_is_refused_under_deepspeed():
+    from hf_dendrites.hp_search import DendriteHPSearchMixin
+
+    trainer = SimpleNamespace(is_deepspeed_enabled=True, model_init=tiny_bert)
+    with pytest.raises(NotImplementedError, match=r"does not run under DeepSpeed.*Run the search with DDP"):
+        DendriteHPSearchMixin.hyperparameter_search(trainer, n_trials=1)
