@@ -17,7 +17,7 @@ state of the current engine) and the LR scheduler. On resume the Trainer builds 
 so `load_layout_before_engine` first rebuilds the checkpoint's dendrite layout, weights and schedule state (the
 trainer's `_load_from_checkpoint`); the engine then fits the checkpoint DeepSpeed loads into it.
 
-Not supported, with an error while the trainer is built (`check_deepspeed_config`, `check_deepspeed_setup`):
+Not supported, with an error while the trainer is built (`check_deepspeed_arguments`, `check_deepspeed_setup`):
 
 - ZeRO-3: it partitions the parameters themselves; dendrites grown into a partitioned layer are plain parameters
   DeepSpeed does not know (`'Parameter' object has no attribute 'ds_status'`). ZeRO-2 is the supported stage.

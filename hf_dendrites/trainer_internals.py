@@ -66,9 +66,10 @@ TRL trainers' `_metrics` (a dict of lists per mode)   Copied and put back around
 `module_forward_post_hook`                            wraps; `destroy()` leaves them there, so a replaced engine's are
                                                       removed (the model is wrapped by the next engine).
 `DeepSpeedEngine.optimizer`, `basic_optimizer`,       The optimizers / schedulers an engine holds; set to None once the
-`client_optimizer`, `lr_scheduler`,                   engine is destroyed, so that the Trainer's epoch loop, which keeps
-`client_lr_scheduler`                                 the old engine until the epoch ends, does not keep its optimizer
-                                                      state and partitions alive.
+`client_optimizer`, `lr_scheduler`,                   engine is destroyed, so that the Trainer's training loop, which
+`client_lr_scheduler`                                 keeps the engine it started with to the end, does not keep its
+                                                      optimizer state and partitions alive. (DeepSpeed names checked
+                                                      with deepspeed 0.19.0 and 0.19.8.)
 Under DeepSpeed `Trainer.train` does not call         The trainer calls it itself before `super().train()`
 `_load_from_checkpoint`                               (`deepspeed_support.load_layout_before_engine`), and the Trainer
                                                       then loads DeepSpeed's checkpoint (`global_step<n>/`) into the
@@ -179,7 +180,7 @@ def unmark_prepared(model: nn.Module) -> None:
 def release_deepspeed_engine(accelerator: Any, engine: Any) -> None:
     """Take a replaced DeepSpeed engine out of use: `destroy()` removes its optimizer's gradient hooks, its forward
     hooks leave the model (which the next engine wraps again), it lets go of its optimizers (freed although the
-    Trainer's epoch loop still holds the engine), and the accelerator forgets it as the engine that
+    Trainer's training loop may still hold the engine), and the accelerator forgets it as the engine that
     `accelerator.backward` steps, so that the next `prepare` installs the new one."""
     engine.destroy()
     for name in DEEPSPEED_ENGINE_HOOKS:
@@ -187,7 +188,7 @@ def release_deepspeed_engine(accelerator: Any, engine: Any) -> None:
         if handle is not None:
             handle.remove()
             setattr(engine, name, None)
-    for name in DEEPSPEED_ENGINE_OPTIMIZERS:  # the epoch loop still holds the engine: let its optimizer state go now
+    for name in DEEPSPEED_ENGINE_OPTIMIZERS:  # the training loop may still hold the engine: free its optimizer state now
         if name in vars(engine):
             setattr(engine, name, None)
     accelerator.deepspeed_engine_wrapped = None
