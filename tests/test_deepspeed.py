@@ -34,8 +34,8 @@ def _check_engine_run(results: list[dict]) -> None:
         # replaced engines' forward hooks left the model (one engine's two remain).
         assert all(e["optimizer_matches"] and e["prepared_optimizers"] == 1 and e["prepared_models"] == 1 for e in events)
         assert all(e["forward_hooks"] == 2 for e in events)
-        # The replaced engine's optimizer state is freed, although the Trainer's epoch loop holds the first engine to
-        # the end of training.
+        # The replaced engine's optimizer state is freed, although the Trainer's training loop holds the first engine
+        # to the end.
         assert all(e["old_optimizer_freed"] for e in events)
     assert results[0]["history"] == results[1]["history"]
 
