@@ -207,6 +207,12 @@ class DendriticLayerMixin:
     # Whether `from_base_layer(dtype=...)` sets the dendrites' dtype (quantized kinds); other kinds follow the weight.
     uses_dendrite_dtype: bool = False
 
+    @classmethod
+    def default_dendrite_dtype(cls, base: nn.Module) -> Optional[torch.dtype]:
+        """For kinds with `uses_dendrite_dtype`: the dtype `base`'s dendrites take unless the config sets one (None:
+        the model's dtype)."""
+        return None
+
     def to_base_layer(self) -> nn.Module:
         """The plain layer (same class and Parameter objects as before conversion), without dendrites."""
         base = self.base_class.__new__(self.base_class)
@@ -594,12 +600,9 @@ class DendriticLayerMixin:
         return f"{base}, dendrites={self.num_dendrites}, activation={self.dendrite_activation}{rank}{cascade}"
 
 
-class DendriticLinear(DendriticLayerMixin, nn.Linear):
-    """`nn.Linear` with dendrites. Neurons are the last dimension."""
-
-    base_class = nn.Linear
-    _matmul_transposed = False
-    supports_fusion = True
+class LinearFeaturesKind(DendriticLayerMixin):
+    """The kind hooks of a Linear-like module: `in_features` inputs, `out_features` neurons (the last output axis),
+    weights stored (out, in). Shared by `DendriticLinear` and the quantized Linear kinds (hf_dendrites.quantized)."""
 
     def _apply_kind(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -614,6 +617,14 @@ class DendriticLinear(DendriticLayerMixin, nn.Linear):
     @property
     def fan_in(self):
         return self.in_features
+
+
+class DendriticLinear(LinearFeaturesKind, nn.Linear):
+    """`nn.Linear` with dendrites. Neurons are the last dimension."""
+
+    base_class = nn.Linear
+    _matmul_transposed = False
+    supports_fusion = True
 
 
 class DendriticConv1D(DendriticLayerMixin, Conv1D):
@@ -704,6 +715,8 @@ DENDRITIC_LAYER_CLASSES: dict[type[nn.Module], type[DendriticLayerMixin]] = {}
 _DERIVED: dict[tuple[type, type], type] = {}
 # Loaders of optional kinds (bitsandbytes): run once the package they need has been imported by someone else.
 _LAZY_KINDS: dict[str, Callable[[], None]] = {}
+# Why a loader could not register its kinds (e.g. a too old package), by package: said when such a module is refused.
+_LAZY_ERRORS: dict[str, str] = {}
 
 
 def register_layer_kind(
@@ -776,8 +789,11 @@ def register_lazy_layer_kind(package: str, loader: Callable[[], None]) -> None:
 def _load_lazy_kinds() -> None:
     import sys
 
-    for package in [p for p in _LAZY_KINDS if p in sys.modules]:
-        _LAZY_KINDS.pop(package)()
+    for package in [p for p in _LAZY_KINDS if sys.modules.get(p) is not None]:
+        try:
+            _LAZY_KINDS.pop(package)()
+        except ImportError as err:  # e.g. too old: its modules are refused with this reason, the rest converts
+            _LAZY_ERRORS[package] = str(err)
 
 
 def layer_kinds() -> list[LayerKind]:
@@ -878,6 +894,8 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
     if kind is None or reason is not None:
         quantized = quantized_description(module)
         kinds = ", ".join(k.name for k in _KINDS.values())
+        if quantized is not None and quantized.split(".")[0] in _LAZY_ERRORS:
+            return f"its type {quantized} is a quantized linear layer, but {_LAZY_ERRORS[quantized.split('.')[0]]}"
         if quantized is not None:
             return (
                 f"its type {quantized} is a quantized linear layer that hf_dendrites does not support (its packed "

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
+from . import quantized  # noqa: F401  (registers the bitsandbytes kinds for when bitsandbytes is imported)
 from .config import DendriteConfig
 from .constants import (
     DEFAULT_TARGET_MODULES,
@@ -92,7 +93,7 @@ from .saving import (
     training_summary_from_metadata,
     write_checkpoint_metadata,
 )
-from .trainer_internals import install_pipeline_type_check
+from .trainer_internals import QUANTIZED_ADAPTERS_FLAG, install_pipeline_type_check
 from .utils import atomic_write_bytes, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -458,6 +459,12 @@ class DendriticModel(nn.Module):
     def _forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' Trainer trains a quantized model only with adapters attached (trainer_internals.py,
+        `QUANTIZED_ADAPTERS_FLAG`): the dendrites are this model's."""
+        return any(True for _ in self.dendritic_layers()) or bool(getattr(self.model, QUANTIZED_ADAPTERS_FLAG, False))
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -547,6 +554,23 @@ class DendriticModel(nn.Module):
                 layer.truncate_dendrites(k)
             elif k > layer.num_dendrites:
                 layer.add_dendrites(k - layer.num_dendrites, generator=generator, initialize=initialize)
+
+    def load_snapshot_state(self, state: dict[str, torch.Tensor]) -> None:
+        """`load_state_dict(state, strict=True)` for a `state_dict()` of this model taken earlier (a best-weight
+        snapshot). Entries that are neither parameters nor buffers (a quantized layer's quantization state, which
+        bitsandbytes writes into the state dict but does not load back, derived from its frozen weight) must equal the
+        model's current ones, and are then left out of the load; one that differs is an error."""
+        own = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+        own |= {n for n, _ in self.named_buffers(remove_duplicate=False)}
+        derived = [k for k in state if k not in own]
+        current = self.state_dict() if derived else {}
+        changed = sorted(k for k in derived if k in current and not torch.equal(current[k].detach().cpu(), state[k].cpu()))
+        if changed:
+            raise RuntimeError(
+                f"Cannot restore these weights: the quantization state {changed[:3]} differs from the model's (a frozen "
+                "quantized weight changed since they were taken)."
+            )
+        self.load_state_dict({k: v for k, v in state.items() if k in own or k not in current}, strict=True)
 
     def dendrite_parameters(self) -> list[nn.Parameter]:
         """All dendrite parameters (weights, biases, output and cascade weights) of all layers."""
@@ -757,6 +781,7 @@ class DendriticModel(nn.Module):
             plain = layer.to_base_layer()
             _replace_module(self.model, name, plain)
             _move_accelerate_hook(layer, plain)
+        quantized.release_cpu_repacking(self.model)
         model = self.model
         del self.model
         return model
@@ -1010,9 +1035,11 @@ class DendriticModel(nn.Module):
             adapter_entry = {"reference": adapter["reference"], "fingerprint": fingerprint, "aliases": aliases}
         prepare_save_directory(directory)
         if adapter is None:
-            base_files = save_base_weights(
-                transformers_model(self.model), directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
-            )
+            with self._dendrites_hidden_from_quantized_save(state_dict):
+                base_files = save_base_weights(
+                    transformers_model(self.model), directory, base_state, base_params=summary.base_params,
+                    max_shard_size=max_shard_size,
+                )
         else:
             base_files = []
             save_dendrite_weights(directory, trained, DENDRITE_TRAINED_BASE_NAME)
@@ -1064,6 +1091,30 @@ class DendriticModel(nn.Module):
         own = {*base_files, *adapter_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
         own |= {DENDRITE_TRAINED_BASE_NAME} if adapter is not None else set()
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
+
+    @contextlib.contextmanager
+    def _dendrites_hidden_from_quantized_save(self, state_dict: Optional[dict[str, torch.Tensor]]) -> Iterator[None]:
+        """transformers saves a quantized model's own `state_dict()` whatever state dict it is given (its quantizer
+        supplies the tensors): for a full save of a quantized base, the dendrite parameters leave the layers while
+        the base files are written, so that those hold the base only."""
+        base = transformers_model(self.model)
+        if getattr(base, "hf_quantizer", None) is None:
+            yield
+            return
+        if state_dict is not None:
+            raise ValueError(
+                "save_pretrained(state_dict=...) cannot save a quantized base in full: transformers writes a quantized "
+                "model's own tensors. Save without state_dict, or with adapter_only=True (docs/quantization.md)."
+            )
+        hidden = []
+        try:
+            for _, layer in self.dendritic_layers():
+                params = {n: layer._parameters.pop(n) for n in layer.dendrite_param_names if n in layer._parameters}
+                hidden.append((layer, params))
+            yield
+        finally:
+            for layer, params in hidden:
+                layer._parameters.update(params)
 
     def _split_adapter_only(
         self, base_state: dict[str, torch.Tensor], trainable: Optional[set[str]] = None
@@ -1301,6 +1352,8 @@ class DendriticModel(nn.Module):
             kwargs.update({k: v for k, v in options if v is not None})
             if trust_remote_code:
                 kwargs["trust_remote_code"] = True
+            if "quantization_config" not in kwargs:  # the base quantized at load as the checkpoint's was
+                kwargs.update(quantized.quantization_load_kwargs(config))
             with plain_load_notice_hidden(name):
                 model = model_class.from_pretrained(name, **kwargs)
             described = f"{name!r}" + (f" at revision {revision}" if revision else "")
@@ -1417,6 +1470,13 @@ class DendriticModel(nn.Module):
             self.base_reference = dict(payload["base_model"]["reference"])
             logger.info("Loaded adapter-only checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
             return
+        if getattr(transformers_model(self.model), "hf_quantizer", None) is not None:
+            raise CheckpointError(
+                f"{directory} is a full checkpoint, which cannot be loaded in place into a quantized model (its base "
+                "weights would have to be quantized again). Load it with `DendriticModel.from_pretrained(folder)`, "
+                "which reloads the quantized base exactly, or save adapter-only checkpoints "
+                "(`save_pretrained(adapter_only=True)`; DendriticTrainer writes them for a quantized base)."
+            )
         base = read_base_state(directory, payload, transformers_model(self.model))
         adapter_tensors = read_adapter_tensors(self.model, directory, peft["adapters"]) if peft else []
         roles = module_roles(self.model) if peft else {}
@@ -1580,16 +1640,20 @@ def get_dendritic_model(
             config = saved if config is None else _inherit_structure(config, saved)
             _check_restorable(model, config, saved, payload, source)
     config = DendriteConfig() if config is None else config
-    dtype = _dendrite_dtype(model)
-    for name in resolve_target_modules(model, config):
+    names = resolve_target_modules(model, config)
+    requested = _requested_dendrite_dtype(model, config, names)
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    quantized.hold_cpu_repacking(model)  # bitsandbytes' lossy CPU repacking would change the frozen 4-bit base
+    for name in names:
         old = model.get_submodule(name)
-        new = dendritic_class_for(old).from_base_layer(
+        cls = dendritic_class_for(old)
+        new = cls.from_base_layer(
             old,
             activation=config.activation,
             cascade=config.cascade,
             rank=config.rank,
             init_scale=config.init_scale,
-            dtype=dtype,
+            dtype=requested or cls.default_dendrite_dtype(old) or model_dtype,
         )
         _replace_module(model, name, new)
         _move_accelerate_hook(old, new)
@@ -1610,11 +1674,21 @@ def get_dendritic_model(
     return dm
 
 
-def _dendrite_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype for the dendrites of layers whose weight is not floating point (quantized bases): the model's dtype
-    (its first floating-point parameter's, as transformers' `model.dtype`); a kind may prefer its own (bitsandbytes
-    4-bit: the compute dtype)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+def _requested_dendrite_dtype(model: nn.Module, config: DendriteConfig, names: list[str]) -> Optional[torch.dtype]:
+    """`config.dendrite_dtype` as a torch dtype (None when unset), refused when no selected layer is of a kind whose
+    dendrites take it (quantized bases): the other kinds keep their dendrites in their weight's dtype.
+
+    Without it, the dendrites of such layers take the kind's default (bitsandbytes 4-bit: the compute dtype) or the
+    model's dtype (its first floating-point parameter's, as transformers' `model.dtype`)."""
+    if config.dendrite_dtype is None:
+        return None
+    if not any(dendritic_class_for(model.get_submodule(n)).uses_dendrite_dtype for n in names):
+        raise ValueError(
+            f"DendriteConfig(dendrite_dtype={config.dendrite_dtype!r}) sets the dtype of the dendrites of quantized "
+            "layers (bitsandbytes 4-bit / 8-bit), and no selected layer is one: dendrites of other layers take their "
+            "weight's dtype (convert the model with `model.to(dtype)` first). Leave dendrite_dtype=None."
+        )
+    return getattr(torch, config.dendrite_dtype)
 
 
 # What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.
