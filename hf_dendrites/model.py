@@ -752,8 +752,12 @@ class DendriticModel(nn.Module):
         `set_dendrite_counts` unfuse the layers they change. `torch.compile` ignores the fusion (inductor fuses
         by itself). Returns the model, so `model.fuse_for_inference().eval()` chains.
         """
+        unfused = sorted({layer.kind_name for _, layer in self.dendritic_layers() if not layer.supports_fusion})
         for _, layer in self.dendritic_layers():
             layer.fuse()
+        if unfused:
+            logger.info("fuse_for_inference: %s layers do not fuse (their kind computes base and dendrites apart); "
+                        "they stay unfused.", ", ".join(unfused))
         return self
 
     def unfuse(self) -> "DendriticModel":

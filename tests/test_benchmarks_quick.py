@@ -35,8 +35,9 @@ def test_same_arch_quick(tmp_path):
 def test_quantized_bench_quick(tmp_path):
     """benchmarks/bench_quantized.py at tiny size: the dendritic 4-bit Linear and the LoRA one have the same trainable
     size and are timed on the same quantized base; RESULTS.md is left alone."""
-    pytest.importorskip("bitsandbytes")
-    pytest.importorskip("peft")
+    for module in ("bitsandbytes", "peft"):  # both in the test extra, which CI installs
+        if importlib.util.find_spec(module) is None and not os.environ.get("CI"):
+            pytest.skip(f"{module} is not installed")
     before = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quantized.py"), "--quick", "--results-dir", str(tmp_path)]
