@@ -75,6 +75,7 @@ ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
 }
 
+
 def _rms(t: torch.Tensor) -> float:
     return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
 

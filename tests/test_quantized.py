@@ -295,3 +295,23 @@ def test_the_core_imports_without_bitsandbytes_and_names_the_extra():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("OK ") and 'pip install "hf_dendrites[quantization]"' in done.stdout
+
+
+def test_a_kind_package_too_old_to_register_is_named_when_its_layers_are_refused(monkeypatch):
+    """A lazily registered kind whose package cannot be used (e.g. bitsandbytes older than the floor): conversion of
+    other layers goes on; its quantized layers are refused with the loader's message (which names the extra)."""
+    from hf_dendrites import layers
+
+    def loader():
+        raise ImportError('fakequant 0.1 is older than hf_dendrites supports: pip install "hf_dendrites[quantization]"')
+
+    monkeypatch.setitem(sys.modules, "fakequant", type(sys)("fakequant"))
+    monkeypatch.setitem(layers._LAZY_KINDS, "fakequant", loader)
+    monkeypatch.setattr(layers, "_LAZY_ERRORS", {})
+    old = type("Linear4bit", (PackedLinear,), {"__module__": "fakequant.nn"})
+    model = nn.Sequential(nn.Linear(2, 2), old())
+    dm = get_dendritic_model(model, DendriteConfig(target_modules=["0"]))  # the loader fails; nn.Linear converts
+    assert "fakequant" not in layers._LAZY_KINDS and len(list(dm.dendritic_layers())) == 1
+    reason = unsupported_reason(old())
+    assert "fakequant.nn.Linear4bit is a quantized linear layer, but fakequant 0.1 is older" in reason
+    assert 'pip install "hf_dendrites[quantization]"' in reason
