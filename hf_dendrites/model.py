@@ -1603,7 +1603,8 @@ def get_dendritic_model(
         config: which layers and what kind of dendrites; the default uses the per-architecture targets, or the
             checkpoint's config for a model loaded from a dendritic checkpoint. For such a model, the fields of an
             explicit config that select layers and the kind of dendrites (`target_modules`, `exclude_modules`,
-            `activation`, `rank`, `cascade`) take the checkpoint's values where they are left at their defaults;
+            `activation`, `rank`, `cascade`, `dendrite_dtype`) take the checkpoint's values where they are left at
+            their defaults;
             where they are set, they must agree with the checkpoint. Its other settings (`dendrites_per_cycle`,
             `learning_rule`, ...) govern the growth from now on.
         restore_dendrites: False converts the model with zero dendrites even when its source holds dendrites
@@ -1696,7 +1697,7 @@ def _requested_dendrite_dtype(model: nn.Module, config: DendriteConfig, names: l
 
 
 # What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.
-_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "activation", "rank", "cascade")
+_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "activation", "rank", "cascade", "dendrite_dtype")
 
 
 def _inherit_structure(config: DendriteConfig, saved: DendriteConfig) -> DendriteConfig:
@@ -1743,7 +1744,7 @@ def _check_restorable(
             f"selects (target_modules={config.target_modules!r}; selected but not in the checkpoint: {extra[:3]}; in "
             f"the checkpoint but not selected: {missing[:3]}). {how}"
         )
-    for name in ("activation", "rank", "cascade"):
+    for name in ("activation", "rank", "cascade", "dendrite_dtype"):
         if getattr(config, name) != getattr(saved, name):
             raise ValueError(
                 f"{source} is a dendritic checkpoint with {name}={getattr(saved, name)!r}, but the given DendriteConfig "

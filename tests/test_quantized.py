@@ -315,3 +315,23 @@ def test_a_kind_package_too_old_to_register_is_named_when_its_layers_are_refused
     reason = unsupported_reason(old())
     assert "fakequant.nn.Linear4bit is a quantized linear layer, but fakequant 0.1 is older" in reason
     assert 'pip install "hf_dendrites[quantization]"' in reason
+
+
+def test_a_quantized_checkpoint_loaded_by_transformers_gets_its_dendrites_back(tmp_path, base_dir):
+    """The drop-in path: `AutoModelForCausalLM.from_pretrained(full checkpoint)` loads the quantized base, and
+    `get_dendritic_model` with a config that leaves the structure at its defaults restores the dendrites (in their
+    saved dtype) exactly."""
+    config = DendriteConfig(target_modules="all-linear", rank=4, dendrite_dtype="bfloat16", dendrite_seed=0)
+    dm = get_dendritic_model(load(base_dir, "nf4"), config)
+    dm.add_dendrites(1)
+    with torch.no_grad():
+        for p in dm.dendrite_parameters():
+            p.normal_(0, 0.1)
+    expected = logits(dm.eval())
+    dm.save_pretrained(str(tmp_path / "full"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"), device_map="cpu")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    restored = get_dendritic_model(model, DendriteConfig(target_modules="all-linear"))
+    assert restored.dendrite_config.rank == 4 and restored.dendrite_config.dendrite_dtype == "bfloat16"
+    assert {p.dtype for p in restored.dendrite_parameters()} == {torch.bfloat16}
+    assert torch.equal(logits(restored.eval()), expected)
