@@ -156,14 +156,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, path: Path = RESULTS_MD) -> None:
-    start, end = f"<!-- {MARKER}:start -->", f"<!-- {MARKER}:end -->"
+def write_section(body: str, path: Path = RESULTS_MD, marker: str = MARKER, section: Optional[str] = None) -> None:
+    """Put `body` between `marker`'s start / end comments in RESULTS.md; the section (`section` title, default this
+    benchmark's) is appended with them when they are missing."""
+    section = SECTION if section is None else section
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     if start in text and end in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
+        text = text.rstrip() + f"\n\n{section}\n\n{block}\n"
     path.write_text(text, encoding="utf-8")
 
 

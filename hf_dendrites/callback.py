@@ -624,7 +624,7 @@ class DendriteScheduleCallback(TrainerCallback):
             return
         dm = self.model
         dm.set_dendrite_counts(snapshot.counts)
-        dm.load_state_dict(snapshot.state, strict=True)
+        dm.load_snapshot_state(snapshot.state)
         # a snapshot without metrics (the post-growth weights of an LR search) was never evaluated
         self.weights = self._evaluation_at(snapshot.step, snapshot.metrics, ORIGIN_RESTORED) if snapshot.metrics else None
         if self._main:

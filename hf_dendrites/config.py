@@ -9,6 +9,9 @@ from typing import Any, Optional, Union
 
 from .constants import ACTIVATIONS, CHECKPOINT_FORMAT_VERSION, DENDRITE_CONFIG_NAME, LEARNING_RULES
 
+# Values of `DendriteConfig.dendrite_dtype`.
+DENDRITE_DTYPES = ("float32", "bfloat16", "float16")
+
 # A single command-line value with one of these characters is a regular expression, never a module name.
 _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 
@@ -125,6 +128,18 @@ class DendriteConfig:
         },
     )
 
+    dendrite_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "dtype of the dendrites of quantized layers (bitsandbytes 4-bit / 8-bit, whose weights are not "
+                "floating point): 'float32', 'bfloat16' or 'float16'. None: the layer's compute dtype "
+                "(bnb_4bit_compute_dtype) or the model's dtype. Dendrites of other layers always take their weight's "
+                "dtype (docs/quantization.md)."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -173,6 +188,8 @@ class DendriteConfig:
                 )
         if self.dendrite_seed is not None and (not isinstance(self.dendrite_seed, int) or isinstance(self.dendrite_seed, bool)):
             raise ValueError(f"`dendrite_seed` must be None or an integer, got {self.dendrite_seed!r}.")
+        if self.dendrite_dtype is not None and self.dendrite_dtype not in DENDRITE_DTYPES:
+            raise ValueError(f"`dendrite_dtype` must be None or one of {list(DENDRITE_DTYPES)}, got {self.dendrite_dtype!r}.")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from typing import Any, Collection, Iterator, Optional, Union
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
+from . import quantized  # noqa: F401  (registers the bitsandbytes kinds for when bitsandbytes is imported)
 from .config import DendriteConfig
 from .constants import (
     DEFAULT_TARGET_MODULES,
@@ -32,7 +32,14 @@ from .constants import (
     TRAINING_CURVE_NAME,
 )
 from .hub import hub_model_id, upload_checkpoint_folder, write_model_card
-from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_for, unsupported_reason
+from .layers import (
+    DendriticLayerMixin,
+    dendritic_class_for,
+    layer_kind_for,
+    parameter_count,
+    quantized_description,
+    unsupported_reason,
+)
 from .peft_support import (
     ADAPTER,
     MODEL,
@@ -86,7 +93,7 @@ from .saving import (
     training_summary_from_metadata,
     write_checkpoint_metadata,
 )
-from .trainer_internals import install_pipeline_type_check
+from .trainer_internals import QUANTIZED_ADAPTERS_FLAG, install_pipeline_type_check
 from .utils import atomic_write_bytes, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -98,6 +105,32 @@ def _matches(name: str, pattern: Union[str, list[str]]) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def _all_linear_kind(module: nn.Module) -> bool:
+    """Whether "all-linear" selects `module` by its kind (nn.Linear, transformers Conv1D and the other kinds registered
+    with `all_linear=True`), before the exclusions of `_all_linear_exclusions`."""
+    kind = layer_kind_for(module)
+    return kind is not None and kind.all_linear
+
+
+def _skipped_quantized(model: nn.Module, excluded: Collection[str]) -> list[tuple[str, str]]:
+    """(name, class) of the quantized linear layers of `model` that "all-linear" skips for want of a layer kind."""
+    return [
+        (n, q) for n, m in model.named_modules()
+        if n not in excluded and not _all_linear_kind(m) and (q := quantized_description(m)) is not None
+    ]
+
+
+def _quantized_note(skipped: list[tuple[str, str]]) -> str:
+    if not skipped:
+        return ""
+    classes = sorted({q for _, q in skipped})
+    shown = ", ".join(f"`{n}`" for n, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (
+        f" It skipped {len(skipped)} quantized linear layer(s) of a kind hf_dendrites does not support ({', '.join(classes)}): "
+        f"{shown}; bitsandbytes 4-bit / 8-bit layers are supported (docs/quantization.md)."
+    )
 
 
 def _all_linear_exclusions(model: nn.Module) -> dict[str, str]:
@@ -140,16 +173,19 @@ def _no_match_message(model: nn.Module, config: DendriteConfig, targets: Union[s
         )
     if targets == "all-linear":
         excluded = _all_linear_exclusions(model)
-        skipped = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and n in excluded]
+        skipped = [n for n, m in model.named_modules() if _all_linear_kind(m) and n in excluded]
+        quantized = _quantized_note(_skipped_quantized(model, excluded))
         if skipped:
             reasons = "; ".join(f"`{n}` is {excluded[n]}" for n in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
             them = "it" if len(skipped) == 1 else "them"
             return (
                 f"{what}: 'all-linear' targets every nn.Linear / Conv1D except task heads and the output embedding, and "
-                f"this model has no other. {reasons}, which 'all-linear' never targets; pass "
+                f"this model has no other.{quantized} {reasons}, which 'all-linear' never targets; pass "
                 f"target_modules={skipped[:5]!r} to target {them} explicitly."
             )
-        return f"{what}: it has no nn.Linear or transformers Conv1D layer. Pass the names of the layers to target."
+        return (
+            f"{what}: it has no nn.Linear or transformers Conv1D layer.{quantized} Pass the names of the layers to target."
+        )
     candidates = [n for n, m in model.named_modules() if dendritic_class_for(m) is not None]
     shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
     return (
@@ -191,8 +227,11 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
     elif targets == "all-linear":
         excluded = _all_linear_exclusions(model)
         for name, module in model.named_modules():
-            if type(module) in (nn.Linear, Conv1D) and name not in excluded:
+            if _all_linear_kind(module) and name not in excluded:
                 selected.append(name)
+        skipped = _skipped_quantized(model, excluded)
+        if skipped and selected:
+            logger.warning("target_modules='all-linear' leaves layers without dendrites.%s", _quantized_note(skipped))
     else:
         for name, _ in model.named_modules():
             if name and _matches(name, targets):
@@ -234,7 +273,7 @@ def _peft_selection(
     if targets == "all-linear":
         inner = transformers_model(model)
         excluded = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
-        return [n for n in own if type(modules[n]) in (nn.Linear, Conv1D) and id(modules[n]) not in excluded]
+        return [n for n in own if _all_linear_kind(modules[n]) and id(modules[n]) not in excluded]
     selected = {n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))}
     adapter_names = adapter_layer_names(model)
     entries = [t for t in targets if names_adapter_layer(t, adapter_names)] if isinstance(targets, list) else []
@@ -299,7 +338,7 @@ class _DendriteOffloadHook(_accelerate_model_hook()):
 
     @contextlib.contextmanager
     def _without_dendrites(self, module: nn.Module):
-        hidden = {name: module._parameters.pop(name) for name in DENDRITE_PARAM_NAMES if name in module._parameters}
+        hidden = {name: module._parameters.pop(name) for name in module.dendrite_param_names if name in module._parameters}
         try:
             yield
         finally:
@@ -420,6 +459,12 @@ class DendriticModel(nn.Module):
     def _forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' Trainer trains a quantized model only with adapters attached (trainer_internals.py,
+        `QUANTIZED_ADAPTERS_FLAG`): the dendrites are this model's."""
+        return any(True for _ in self.dendritic_layers()) or bool(getattr(self.model, QUANTIZED_ADAPTERS_FLAG, False))
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -510,6 +555,23 @@ class DendriticModel(nn.Module):
             elif k > layer.num_dendrites:
                 layer.add_dendrites(k - layer.num_dendrites, generator=generator, initialize=initialize)
 
+    def load_snapshot_state(self, state: dict[str, torch.Tensor]) -> None:
+        """`load_state_dict(state, strict=True)` for a `state_dict()` of this model taken earlier (a best-weight
+        snapshot). Entries that are neither parameters nor buffers (a quantized layer's quantization state, which
+        bitsandbytes writes into the state dict but does not load back, derived from its frozen weight) must equal the
+        model's current ones, and are then left out of the load; one that differs is an error."""
+        own = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+        own |= {n for n, _ in self.named_buffers(remove_duplicate=False)}
+        derived = [k for k in state if k not in own]
+        current = self.state_dict() if derived else {}
+        changed = sorted(k for k in derived if k in current and not torch.equal(current[k].detach().cpu(), state[k].cpu()))
+        if changed:
+            raise RuntimeError(
+                f"Cannot restore these weights: the quantization state {changed[:3]} differs from the model's (a frozen "
+                "quantized weight changed since they were taken)."
+            )
+        self.load_state_dict({k: v for k, v in state.items() if k in own or k not in current}, strict=True)
+
     def dendrite_parameters(self) -> list[nn.Parameter]:
         """All dendrite parameters (weights, biases, output and cascade weights) of all layers."""
         return [p for _, layer in self.dendritic_layers() for p in layer.dendrite_parameters()]
@@ -536,42 +598,24 @@ class DendriticModel(nn.Module):
             >>> dm.add_dendrites(); dm.dendrite_weight_ratios()  # doctest: +SKIP
             {'bert.encoder.layer.0.intermediate.dense': 0.0, ...}
         """
-        from .layers import DendriticConv1D
-
-        def rms(t: torch.Tensor) -> float:
-            return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
-
         out: dict[str, float] = {}
         for name, layer in self.dendritic_layers():
 
-            def get(pname: str) -> Optional[torch.Tensor]:
+            def get(pname: str, name: str = name, layer: DendriticLayerMixin = layer) -> Optional[torch.Tensor]:
                 return state.get(f"model.{name}.{pname}") if state is not None else getattr(layer, pname)
 
             out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
             k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
             if k_all <= start:
                 continue
-            n, cat_dim = layer.num_neurons, 1 if isinstance(layer, DendriticConv1D) else 0
-            w = out_weights[start:k_all]
-            if layer.dendrite_rank is None:
-                d = get("dendrite_weight").narrow(cat_dim, start * n, (k_all - start) * n)
-            else:
-                r, a, b = layer.dendrite_rank, get("dendrite_lora_A"), get("dendrite_lora_B")
-                parts = []
-                for k in range(start, k_all):
-                    a_k = a.narrow(cat_dim, k * r, r)
-                    a_k = (a_k.t() if cat_dim == 1 else a_k).reshape(r, -1)
-                    parts.append(b[k].float() @ a_k.float())
-                d = torch.cat(parts)
-            scale = rms(get("weight"))
-            out[name] = rms(w) * rms(d) / scale if scale > 0 else float("inf")
+            out[name] = layer.dendrite_weight_ratio(get, start, k_all)
         return out
 
     def dendrite_state_dict(self) -> dict[str, torch.Tensor]:
         """The dendrite parameters only, keyed `<layer name>.<parameter name>` (names of the wrapped model)."""
         state = {}
         for name, layer in self.dendritic_layers():
-            for pname in DENDRITE_PARAM_NAMES:
+            for pname in layer.dendrite_param_names:
                 p = getattr(layer, pname)
                 if p is not None:
                     state[f"{name}.{pname}"] = p.detach()
@@ -673,12 +717,13 @@ class DendriticModel(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            count = parameter_count(p)  # a packed quantized weight counts the values it encodes
             if id(p) in dendrite_ids:
-                dendrite += p.numel()
+                dendrite += count
             else:
-                base += p.numel()
+                base += count
             if p.requires_grad:
-                trainable += p.numel()
+                trainable += count
         layers = []
         for name, layer in self.dendritic_layers():
             base_params = layer.base_parameters()
@@ -686,11 +731,11 @@ class DendriticModel(nn.Module):
             layers.append(
                 LayerSummary(
                     name=name,
-                    kind=layer.base_class.__name__,
+                    kind=layer.kind_name,
                     num_dendrites=layer.num_dendrites,
-                    base_params=sum(p.numel() for p in base_params),
+                    base_params=layer.base_parameter_count(),
                     dendrite_params=sum(p.numel() for p in dend_params),
-                    trainable_params=sum(p.numel() for p in base_params + dend_params if p.requires_grad),
+                    trainable_params=sum(parameter_count(p) for p in base_params + dend_params if p.requires_grad),
                 )
             )
         return DendriteSummary(base_params=base, dendrite_params=dendrite, trainable_params=trainable, layers=layers)
@@ -707,8 +752,12 @@ class DendriticModel(nn.Module):
         `set_dendrite_counts` unfuse the layers they change. `torch.compile` ignores the fusion (inductor fuses
         by itself). Returns the model, so `model.fuse_for_inference().eval()` chains.
         """
+        unfused = sorted({layer.kind_name for _, layer in self.dendritic_layers() if not layer.supports_fusion})
         for _, layer in self.dendritic_layers():
             layer.fuse()
+        if unfused:
+            logger.info("fuse_for_inference: %s layers do not fuse (their kind computes base and dendrites apart); "
+                        "they stay unfused.", ", ".join(unfused))
         return self
 
     def unfuse(self) -> "DendriticModel":
@@ -736,6 +785,7 @@ class DendriticModel(nn.Module):
             plain = layer.to_base_layer()
             _replace_module(self.model, name, plain)
             _move_accelerate_hook(layer, plain)
+        quantized.release_cpu_repacking(self.model)
         model = self.model
         del self.model
         return model
@@ -989,9 +1039,11 @@ class DendriticModel(nn.Module):
             adapter_entry = {"reference": adapter["reference"], "fingerprint": fingerprint, "aliases": aliases}
         prepare_save_directory(directory)
         if adapter is None:
-            base_files = save_base_weights(
-                transformers_model(self.model), directory, base_state, base_params=summary.base_params, max_shard_size=max_shard_size
-            )
+            with self._dendrites_hidden_from_quantized_save(state_dict):
+                base_files = save_base_weights(
+                    transformers_model(self.model), directory, base_state, base_params=summary.base_params,
+                    max_shard_size=max_shard_size,
+                )
         else:
             base_files = []
             save_dendrite_weights(directory, trained, DENDRITE_TRAINED_BASE_NAME)
@@ -1043,6 +1095,30 @@ class DendriticModel(nn.Module):
         own = {*base_files, *adapter_files, DENDRITE_WEIGHTS_NAME, DENDRITE_CONFIG_NAME, MODEL_CARD_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
         own |= {DENDRITE_TRAINED_BASE_NAME} if adapter is not None else set()
         return own | ({TRAINING_CURVE_NAME} if curve_bytes is not None else set())
+
+    @contextlib.contextmanager
+    def _dendrites_hidden_from_quantized_save(self, state_dict: Optional[dict[str, torch.Tensor]]) -> Iterator[None]:
+        """transformers saves a quantized model's own `state_dict()` whatever state dict it is given (its quantizer
+        supplies the tensors): for a full save of a quantized base, the dendrite parameters leave the layers while
+        the base files are written, so that those hold the base only."""
+        base = transformers_model(self.model)
+        if getattr(base, "hf_quantizer", None) is None:
+            yield
+            return
+        if state_dict is not None:
+            raise ValueError(
+                "save_pretrained(state_dict=...) cannot save a quantized base in full: transformers writes a quantized "
+                "model's own tensors. Save without state_dict, or with adapter_only=True (docs/quantization.md)."
+            )
+        hidden = []
+        try:
+            for _, layer in self.dendritic_layers():
+                params = {n: layer._parameters.pop(n) for n in layer.dendrite_param_names if n in layer._parameters}
+                hidden.append((layer, params))
+            yield
+        finally:
+            for layer, params in hidden:
+                layer._parameters.update(params)
 
     def _split_adapter_only(
         self, base_state: dict[str, torch.Tensor], trainable: Optional[set[str]] = None
@@ -1280,6 +1356,8 @@ class DendriticModel(nn.Module):
             kwargs.update({k: v for k, v in options if v is not None})
             if trust_remote_code:
                 kwargs["trust_remote_code"] = True
+            if "quantization_config" not in kwargs:  # the base quantized at load as the checkpoint's was
+                kwargs.update(quantized.quantization_load_kwargs(config))
             with plain_load_notice_hidden(name):
                 model = model_class.from_pretrained(name, **kwargs)
             described = f"{name!r}" + (f" at revision {revision}" if revision else "")
@@ -1396,6 +1474,13 @@ class DendriticModel(nn.Module):
             self.base_reference = dict(payload["base_model"]["reference"])
             logger.info("Loaded adapter-only checkpoint %s (%d dendrites)", directory, sum(payload["layers"].values()))
             return
+        if getattr(transformers_model(self.model), "hf_quantizer", None) is not None:
+            raise CheckpointError(
+                f"{directory} is a full checkpoint, which cannot be loaded in place into a quantized model (its base "
+                "weights would have to be quantized again). Load it with `DendriticModel.from_pretrained(folder)`, "
+                "which reloads the quantized base exactly, or save adapter-only checkpoints "
+                "(`save_pretrained(adapter_only=True)`; DendriticTrainer writes them for a quantized base)."
+            )
         base = read_base_state(directory, payload, transformers_model(self.model))
         adapter_tensors = read_adapter_tensors(self.model, directory, peft["adapters"]) if peft else []
         roles = module_roles(self.model) if peft else {}
@@ -1518,7 +1603,8 @@ def get_dendritic_model(
         config: which layers and what kind of dendrites; the default uses the per-architecture targets, or the
             checkpoint's config for a model loaded from a dendritic checkpoint. For such a model, the fields of an
             explicit config that select layers and the kind of dendrites (`target_modules`, `exclude_modules`,
-            `activation`, `rank`, `cascade`) take the checkpoint's values where they are left at their defaults;
+            `activation`, `rank`, `cascade`, `dendrite_dtype`) take the checkpoint's values where they are left at
+            their defaults;
             where they are set, they must agree with the checkpoint. Its other settings (`dendrites_per_cycle`,
             `learning_rule`, ...) govern the growth from now on.
         restore_dendrites: False converts the model with zero dendrites even when its source holds dendrites
@@ -1559,14 +1645,20 @@ def get_dendritic_model(
             config = saved if config is None else _inherit_structure(config, saved)
             _check_restorable(model, config, saved, payload, source)
     config = DendriteConfig() if config is None else config
-    for name in resolve_target_modules(model, config):
+    names = resolve_target_modules(model, config)
+    requested = _requested_dendrite_dtype(model, config, names)
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    quantized.hold_cpu_repacking(model)  # bitsandbytes' lossy CPU repacking would change the frozen 4-bit base
+    for name in names:
         old = model.get_submodule(name)
-        new = dendritic_class_for(old).from_base_layer(
+        cls = dendritic_class_for(old)
+        new = cls.from_base_layer(
             old,
             activation=config.activation,
             cascade=config.cascade,
             rank=config.rank,
             init_scale=config.init_scale,
+            dtype=requested or cls.default_dendrite_dtype(old) or model_dtype,
         )
         _replace_module(model, name, new)
         _move_accelerate_hook(old, new)
@@ -1587,8 +1679,25 @@ def get_dendritic_model(
     return dm
 
 
+def _requested_dendrite_dtype(model: nn.Module, config: DendriteConfig, names: list[str]) -> Optional[torch.dtype]:
+    """`config.dendrite_dtype` as a torch dtype (None when unset), refused when no selected layer is of a kind whose
+    dendrites take it (quantized bases): the other kinds keep their dendrites in their weight's dtype.
+
+    Without it, the dendrites of such layers take the kind's default (bitsandbytes 4-bit: the compute dtype) or the
+    model's dtype (its first floating-point parameter's, as transformers' `model.dtype`)."""
+    if config.dendrite_dtype is None:
+        return None
+    if not any(dendritic_class_for(model.get_submodule(n)).uses_dendrite_dtype for n in names):
+        raise ValueError(
+            f"DendriteConfig(dendrite_dtype={config.dendrite_dtype!r}) sets the dtype of the dendrites of quantized "
+            "layers (bitsandbytes 4-bit / 8-bit), and no selected layer is one: dendrites of other layers take their "
+            "weight's dtype (convert the model with `model.to(dtype)` first). Leave dendrite_dtype=None."
+        )
+    return getattr(torch, config.dendrite_dtype)
+
+
 # What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.
-_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "activation", "rank", "cascade")
+_STRUCTURE_FIELDS = ("target_modules", "exclude_modules", "activation", "rank", "cascade", "dendrite_dtype")
 
 
 def _inherit_structure(config: DendriteConfig, saved: DendriteConfig) -> DendriteConfig:
@@ -1635,7 +1744,7 @@ def _check_restorable(
             f"selects (target_modules={config.target_modules!r}; selected but not in the checkpoint: {extra[:3]}; in "
             f"the checkpoint but not selected: {missing[:3]}). {how}"
         )
-    for name in ("activation", "rank", "cascade"):
+    for name in ("activation", "rank", "cascade", "dendrite_dtype"):
         if getattr(config, name) != getattr(saved, name):
             raise ValueError(
                 f"{source} is a dendritic checkpoint with {name}={getattr(saved, name)!r}, but the given DendriteConfig "

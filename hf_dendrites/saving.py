@@ -625,13 +625,15 @@ def split_adapter_state(
 
     Trained: the parameters that train and every persistent buffer (buffers change without gradients, e.g. running
     statistics, and are small). Frozen: the other parameters, which the checkpoint references and fingerprints
-    instead of storing. A tensor under several names (tied weights) is kept under its first name; `aliases` maps
-    its other names to that one.
+    instead of storing, and the entries that are neither parameters nor buffers (a quantized layer's quantization
+    state, such as bitsandbytes' `weight.absmax`, derived from its frozen weight). A tensor under several names
+    (tied weights) is kept under its first name; `aliases` maps its other names to that one.
     """
     kept = model.state_dict(keep_vars=True)
     if names is not None:
         kept = {names[key]: tensor for key, tensor in kept.items() if key in names}
     param_ids = {id(p) for p in model.parameters()}
+    buffer_ids = {id(b) for b in model.buffers()}
     groups: dict[int, list[str]] = {}
     for key, tensor in kept.items():
         groups.setdefault(id(tensor), []).append(key)
@@ -645,7 +647,7 @@ def split_adapter_state(
         if value is None:
             raise ValueError(f"save_pretrained(state_dict=...) lacks {canonical!r}; pass the model's full state dict.")
         if id(tensor) not in param_ids:
-            trains = True
+            trains = id(tensor) in buffer_ids
         elif trainable is None:
             trains = tensor.requires_grad
         else:

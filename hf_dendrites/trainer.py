@@ -291,6 +291,13 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             dendrite_config = model.dendrite_config
         self.dendrite_config = dendrite_config
         self.args = training_args  # to_dendritic_model reads args.seed (model_init); Trainer.__init__ sets it again
+        if isinstance(model, nn.Module) and not isinstance(model, DendriticModel) and getattr(model, "is_quantized", False):
+            # Trainer.__init__ refuses a quantized model without adapters: it gets its dendritic layers first.
+            model = self.to_dendritic_model(model)
+            if "model" in kwargs or names.index("model") >= len(positional):
+                kwargs["model"] = model
+            else:
+                positional[names.index("model")] = model
         super().__init__(*positional, **kwargs)
         if not isinstance(self.model, DendriticModel):
             # The model the trainer prepared (loaded from a string id, wrapped, patched): converted now.

@@ -74,6 +74,13 @@ Under DeepSpeed `Trainer.train` does not call         The trainer calls it itsel
 `_load_from_checkpoint`                               (`deepspeed_support.load_layout_before_engine`), and the Trainer
                                                       then loads DeepSpeed's checkpoint (`global_step<n>/`) into the
                                                       engine it built for that parameter set.
+`model._hf_peft_config_loaded` (read by `transformers.trainer_utils.validate_quantization_for_training`)
+                                                      `Trainer.__init__` refuses a quantized model (`is_quantized`)
+                                                      unless this flag says adapters are attached (or it is a
+                                                      PeftModel). `DendriticModel` answers it for itself (True when
+                                                      it has dendritic layers, `QUANTIZED_ADAPTERS_FLAG`): a quantized
+                                                      base with dendrites trains its dendrites as a base with LoRA
+                                                      trains its adapters.
 ====================================================  ===============================================================
 """
 
@@ -98,6 +105,8 @@ CALLED_TRAINER_METHODS = ("create_accelerator_and_postprocess", "call_model_init
 PRIVATE_TRAINER_ATTRIBUTES = ("_trial", "_train_batch_size", "hp_search_backend", "hp_space", "hp_name", "compute_objective", "objective")
 PRIVATE_ACCELERATOR_LISTS = ("_optimizers", "_schedulers", "_models")
 PRIVATE_MODULE_MARKS = ("_is_accelerate_prepared", "_original_forward")
+# The attribute by which transformers' Trainer tells a quantized model with trainable adapters from a bare one.
+QUANTIZED_ADAPTERS_FLAG = "_hf_peft_config_loaded"
 # The logger and the function of transformers' pipeline model check (see `install_pipeline_type_check`).
 PIPELINE_LOGGER = "transformers.pipelines.base"
 PIPELINE_CHECK_FUNCTION = "check_model_type"

@@ -282,3 +282,25 @@ def test_deepspeed_engine_reference_hooks_and_resume_path():
     assert destroyed and acc.deepspeed_engine_wrapped is None
     assert engine.optimizer is None and engine.basic_optimizer is None
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_trainer_refuses_a_bare_quantized_model_unless_adapters_are_flagged():
+    """`DendriticModel` answers `QUANTIZED_ADAPTERS_FLAG` for itself: transformers' Trainer reads it (through
+    `validate_quantization_for_training`) to accept a quantized model that has trainable adapters."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    class Quantizer:
+        is_trainable, is_qat_trainable = True, False
+
+    class Bare(torch.nn.Module):
+        is_quantized, hf_quantizer = True, Quantizer()
+
+    try:
+        validate_quantization_for_training(Bare())
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(_upstream("Trainer no longer refuses a bare quantized model"))
+    flagged = Bare()
+    setattr(flagged, trainer_internals.QUANTIZED_ADAPTERS_FLAG, True)
+    validate_quantization_for_training(flagged)  # accepted: adapters are attached
