@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
+from . import moe
 from .config import DendriteConfig
 from .constants import (
     DEFAULT_TARGET_MODULES,
@@ -190,10 +191,14 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
         selected = _peft_selection(model, targets, roles, modules)
     elif targets == "all-linear":
         excluded = _all_linear_exclusions(model)
+        routers = moe.routers(model)  # MoE routers and gates: never dendritic (hf_dendrites/moe.py)
         for name, module in model.named_modules():
-            if type(module) in (nn.Linear, Conv1D) and name not in excluded:
+            if (type(module) in (nn.Linear, Conv1D) or moe.is_fused_experts(module)) and name not in excluded and name not in routers:
                 selected.append(name)
     else:
+        wrong = moe.parameter_pattern_error(model, targets, _matches)
+        if wrong is not None:
+            raise ValueError(wrong)
         for name, _ in model.named_modules():
             if name and _matches(name, targets):
                 selected.append(name)
@@ -211,7 +216,7 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         raise ValueError(message)
     for name in names:
-        reason = unsupported_reason(modules[name])
+        reason = None if moe.is_fused_experts(modules[name]) else unsupported_reason(modules[name])
         if reason is not None:
             raise TypeError(
                 f"Module {name!r} was selected by target_modules={targets!r} but cannot get dendrites: {reason}. "
@@ -299,7 +304,8 @@ class _DendriteOffloadHook(_accelerate_model_hook()):
 
     @contextlib.contextmanager
     def _without_dendrites(self, module: nn.Module):
-        hidden = {name: module._parameters.pop(name) for name in DENDRITE_PARAM_NAMES if name in module._parameters}
+        names = getattr(module, "dendrite_param_names", DENDRITE_PARAM_NAMES)
+        hidden = {name: module._parameters.pop(name) for name in names if name in module._parameters}
         try:
             yield
         finally:
@@ -547,6 +553,10 @@ class DendriticModel(nn.Module):
             def get(pname: str) -> Optional[torch.Tensor]:
                 return state.get(f"model.{name}.{pname}") if state is not None else getattr(layer, pname)
 
+            if isinstance(layer, moe.DendriticExperts):  # both projections of every expert (hf_dendrites/moe.py)
+                if (ratio := layer.weight_ratio(get, (first or {}).get(name, 0))) is not None:
+                    out[name] = ratio
+                continue
             out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
             k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
             if k_all <= start:
@@ -571,7 +581,7 @@ class DendriticModel(nn.Module):
         """The dendrite parameters only, keyed `<layer name>.<parameter name>` (names of the wrapped model)."""
         state = {}
         for name, layer in self.dendritic_layers():
-            for pname in DENDRITE_PARAM_NAMES:
+            for pname in getattr(layer, "dendrite_param_names", DENDRITE_PARAM_NAMES):
                 p = getattr(layer, pname)
                 if p is not None:
                     state[f"{name}.{pname}"] = p.detach()
@@ -1561,7 +1571,8 @@ def get_dendritic_model(
     config = DendriteConfig() if config is None else config
     for name in resolve_target_modules(model, config):
         old = model.get_submodule(name)
-        new = dendritic_class_for(old).from_base_layer(
+        kind = moe.DendriticExperts if moe.is_fused_experts(old) else dendritic_class_for(old)
+        new = kind.from_base_layer(
             old,
             activation=config.activation,
             cascade=config.cascade,
@@ -1571,6 +1582,7 @@ def get_dendritic_model(
         _replace_module(model, name, new)
         _move_accelerate_hook(old, new)
     dm = DendriticModel(model, config)
+    _check_experts(dm, config)
     if checkpoint is not None:
         try:
             dm._load_dendrites(checkpoint, payload)
@@ -1585,6 +1597,30 @@ def get_dendritic_model(
             len(payload["layers"]),
         )
     return dm
+
+
+def _check_experts(dm: DendriticModel, config: DendriteConfig) -> None:
+    """MoE checks after conversion: the correlation rule does not apply to experts; warn about experts left plain."""
+    experts = [name for name, layer in dm.dendritic_layers() if isinstance(layer, moe.DendriticExperts)]
+    if experts and config.learning_rule == "correlation":
+        dm.unload()
+        raise ValueError(
+            f"learning_rule='correlation' does not apply to dendritic experts ({experts[0]!r} and {len(experts) - 1} "
+            "more): its candidate pools are built for single-weight layers. Use learning_rule='gd', or exclude the "
+            "experts (exclude_modules=['experts'])."
+        )
+    if experts and (note := moe.experts_implementation_note(dm.model)):
+        logger.warning(note)
+    if config.target_modules is None or config.target_modules == "all-linear":
+        share, names = moe.unsupported_experts_share(dm.model, dict(dm.dendritic_layers()))
+        if names:
+            logger.warning(
+                "%.1f %% of the parameters of %s are in mixture-of-experts layers whose experts layout hf_dendrites does "
+                "not support (%s, e.g. %s): they get no dendrites. Supported: the fused experts of transformers "
+                "(`use_experts_implementation`, docs/moe.md).",
+                100 * share, type(transformers_model(dm.model)).__name__,
+                type(dm.model.get_submodule(names[0])).__name__, names[0],
+            )
 
 
 # What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.

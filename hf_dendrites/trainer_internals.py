@@ -58,6 +58,13 @@ TRL trainers' `_metrics` (a dict of lists per mode)   Copied and put back around
                                                       `check_model_type`, whose locals `self` (the pipeline, with
                                                       `.model` and `.task`) and `supported_models` (by then the list of
                                                       class names) the filter reads to check the wrapped class instead.
+`transformers.integrations.moe._grouped_linear(input, weight, offs, bias=None, is_transposed=False)`
+                                                      Called by the dendritic experts (hf_dendrites/moe.py) for the
+                                                      base projections, as transformers' `grouped_mm` experts
+                                                      implementation calls it: rows sorted by expert, `offs` the
+                                                      cumulative row counts; it returns row i's product with its
+                                                      group's weight (transposed: [E, in, out]) plus `bias` rows.
+                                                      Computing the base the same way keeps insertion bit-exact.
 ====================================================  ===============================================================
 """
 
@@ -155,3 +162,10 @@ def unmark_prepared(model: nn.Module) -> None:
     original_forward = model.__dict__.pop("_original_forward", None)
     if original_forward is not None:  # accelerate's autocast wrapper; prepare() applies it again
         model.forward = original_forward
+
+
+def grouped_linear() -> Any:
+    """transformers' grouped experts product (`transformers.integrations.moe._grouped_linear`, see the table above)."""
+    from transformers.integrations.moe import _grouped_linear
+
+    return _grouped_linear
