@@ -5,7 +5,16 @@ __version__ = "0.1.0"
 from .callback import DendriteScheduleCallback
 from .config import DendriteConfig
 from .hp_search import dendrite_hp_space
-from .layers import DendriticConv1D, DendriticConv1d, DendriticConv2d, DendriticLayerMixin, DendriticLinear
+from .layers import (
+    DendriticConv1D,
+    DendriticConv1d,
+    DendriticConv2d,
+    DendriticLayerMixin,
+    DendriticLinear,
+    LayerKind,
+    layer_kinds,
+    register_layer_kind,
+)
 from .model import DendriteSummary, DendriticModel, LayerSummary, get_dendritic_model, resolve_target_modules
 from .saving import CheckpointError, load_dendritic_state
 from .schedule import Action, Decision, DendriteSchedule, ScheduleSettings
@@ -32,8 +41,11 @@ __all__ = [
     "DendriticTrainingArguments",
     "dendrite_hp_space",
     "get_dendritic_model",
+    "LayerKind",
+    "layer_kinds",
     "LayerSummary",
     "load_dendritic_state",
+    "register_layer_kind",
     "resolve_target_modules",
     "ScheduleSettings",
 ]

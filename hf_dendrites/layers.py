@@ -41,6 +41,12 @@ dendrites count as zero in every forward path (fast kernel, reference, no-grad, 
 ``dendrite_out`` / ``dendrite_cascade``; the parameters themselves are never written, so the state dict, saving
 and the optimizer see the real weights, and ``enable_dendrites()`` gives back the exact previous outputs. It is a
 runtime switch for ablations (`DendriticModel.dendrites_disabled`), not part of the saved model.
+
+Layer kinds. Which modules can become dendritic is a registry of kinds (`register_layer_kind`, end of this module):
+a kind matches a module class and its subclasses that compute the same function, and names the dendritic class
+(a `DendriticLayerMixin` subclass) that wraps them. The four kinds above are registered here; optional packages'
+kinds (bitsandbytes, `hf_dendrites.quantized`) are registered once the package is imported. Users register kinds
+for their own modules (docs/dendritic_layer.md, "Adding a layer kind").
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +75,19 @@ ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
 }
 
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def parameter_count(p: torch.Tensor) -> int:
+    """Number of values `p` stands for: its element count, or for a packed quantized weight (bitsandbytes 4-bit)
+    the element count of the real weight it encodes."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if type(p).__name__ == "Params4bit":
+        return math.prod(shape) if shape is not None else p.numel() * p.element_size() * 2
+    return p.numel()
+
+
 # Attributes that the dendritic layer adds to the wrapped layer's __dict__ (removed again by `unload`).
 _LAYER_ATTRS = (
     "num_dendrites",
@@ -80,15 +100,35 @@ _LAYER_ATTRS = (
     "_dendrite_fused",
     "_dendrite_device",
     "_dendrites_off",
+    "_dendrite_dtype",
 )
 
 
 class DendriticLayerMixin:
-    """Logic shared by every dendritic layer kind. Subclasses set `base_class` and the three kind hooks."""
+    """Logic shared by every dendritic layer kind (see "Adding a layer kind" in docs/dendritic_layer.md).
+
+    A single-weight kind sets the class attributes below and implements the four kind hooks (`_apply_kind`,
+    `_weight_shape`, `num_neurons`, `fan_in`). A kind whose module holds several weights (or whose dendrites are not
+    laid out like one weight of the module) overrides the layer protocol that `DendriticModel`, the schedule and
+    checkpoints use instead: `from_base_layer`, `to_base_layer`, `add_dendrites`, `truncate_dendrites`,
+    `expected_dendrite_shapes`, `dendrite_param_names`, `dendrite_parameters`, `base_parameters`,
+    `base_parameter_count`, `dendrite_weight_ratio`, `forward`, the switches (`disable_dendrites`,
+    `enable_dendrites`, `disabled_dendrites`) and `fuse` / `unfuse` / `is_fused`.
+    """
 
     base_class: type[nn.Module]
     # Axis of the output that indexes neurons: -1 for Linear / Conv1D, 1 (channels) for convolutions.
     neuron_dim: int = -1
+    # Axis of the kind's weight that indexes output neurons (where dendrites are stacked): 0 for weights stored
+    # (out, in, ...) as nn.Linear and convolutions, 1 for transformers' Conv1D (stored (in, out)).
+    weight_neuron_axis: int = 0
+    # Whether `fuse()` may concatenate the base and dendrite input weights (False: the layer stays unfused). Only for
+    # kinds whose forward pass is exactly `_apply_kind(x, self.weight, self.bias)` (the built-in kinds).
+    supports_fusion: bool = False
+    # Whether the correlation learning rule (hf_dendrites.learning_rules) can train candidates for this kind.
+    supports_correlation: bool = True
+    # Names of the parameters this kind adds (absent while there are no dendrites).
+    dendrite_param_names: tuple[str, ...] = DENDRITE_PARAM_NAMES
     # Axis of the dendrite index once the neuron axis is split into (K, N); spatial axes after the neurons.
     dendrite_axis: int = -2
     spatial_dims: int = 0
@@ -104,6 +144,8 @@ class DendriticLayerMixin:
     _dendrite_device: Optional[torch.device] = None
     # Indices of the dendrites switched off (see `disable_dendrites`); None: all on.
     _dendrites_off: Optional[frozenset] = None
+    # dtype of the dendrite parameters when it is not the base weight's (set at conversion for quantized bases).
+    _dendrite_dtype: Optional[torch.dtype] = None
 
     # ------------------------------------------------------------------ kind hooks
     def _apply_kind(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -131,10 +173,13 @@ class DendriticLayerMixin:
         cascade: bool = False,
         rank: Optional[int] = None,
         init_scale: float = 1.0,
+        dtype: Optional[torch.dtype] = None,
     ):
         """Wrap `base` without copying its parameters: the new layer holds the same Parameter objects.
 
-        `base` itself is left untouched; replace it in its parent with the returned layer.
+        `base` itself is left untouched; replace it in its parent with the returned layer. `dtype`: the dendrites'
+        dtype, for kinds whose weight is not a floating-point tensor (quantized bases); other kinds keep their
+        dendrites in the weight's dtype and ignore it.
         """
         if type(base) is not cls.base_class:
             raise TypeError(f"{cls.__name__} wraps {cls.base_class.__name__}, got {type(base).__name__}.")
@@ -154,9 +199,13 @@ class DendriticLayerMixin:
         # Perforated backward (correlation rule): dendrites read a detached input, so no error flows through
         # them into earlier layers.
         layer.dendrite_detach_input = False
-        for name in DENDRITE_PARAM_NAMES:
+        layer._dendrite_dtype = dtype if cls.uses_dendrite_dtype else None
+        for name in cls.dendrite_param_names:
             layer.register_parameter(name, None)
         return layer
+
+    # Whether `from_base_layer(dtype=...)` sets the dendrites' dtype (quantized kinds); other kinds follow the weight.
+    uses_dendrite_dtype: bool = False
 
     def to_base_layer(self) -> nn.Module:
         """The plain layer (same class and Parameter objects as before conversion), without dendrites."""
@@ -166,13 +215,24 @@ class DendriticLayerMixin:
             if key in _LAYER_ATTRS or key in ("forward", "_old_forward", "_hf_hook"):
                 continue
             base.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
-        for name in DENDRITE_PARAM_NAMES:
+        for name in self.dendrite_param_names:
             base._parameters.pop(name, None)
         return base
 
     # ------------------------------------------------------------------ growth
     def _reference(self) -> torch.Tensor:
+        """A tensor of the base layer whose device (and, unless `_dendrite_dtype` is set, dtype) dendrites take."""
         return self.weight
+
+    @property
+    def dendrite_dtype(self) -> torch.dtype:
+        """The dtype of this layer's dendrite parameters."""
+        return self._dendrite_dtype or self._reference().dtype
+
+    @property
+    def kind_name(self) -> str:
+        """The layer kind's name in summaries and the model card (the wrapped class's name)."""
+        return self.base_class.__name__
 
     def _new_param(self, old: Optional[torch.Tensor], new: torch.Tensor, dim: int) -> nn.Parameter:
         data = new if old is None else torch.cat([old.detach(), new], dim=dim)
@@ -182,18 +242,16 @@ class DendriticLayerMixin:
     def _random(
         self, shape: tuple[int, ...], std: float, generator: Optional[torch.Generator], initialize: bool = True
     ) -> torch.Tensor:
-        ref = self._reference()
-        device = self._dendrite_device or ref.device
+        device, dtype = self._dendrite_device or self._reference().device, self.dendrite_dtype
         if device.type == "meta" or not initialize:
-            return torch.empty(shape, dtype=ref.dtype, device=device)
+            return torch.empty(shape, dtype=dtype, device=device)
         bound = std * math.sqrt(3.0)
         # Drawn in float32 on the CPU so that a seeded growth gives the same values on every device and rank.
         values = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        return values.to(dtype=ref.dtype, device=device)
+        return values.to(dtype=dtype, device=device)
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
-        ref = self._reference()
-        return torch.zeros(shape, dtype=ref.dtype, device=self._dendrite_device or ref.device)
+        return torch.zeros(shape, dtype=self.dendrite_dtype, device=self._dendrite_device or self._reference().device)
 
     @torch.no_grad()
     def add_dendrites(self, n: int = 1, generator: Optional[torch.Generator] = None, *, initialize: bool = True) -> None:
@@ -207,7 +265,7 @@ class DendriticLayerMixin:
         self.unfuse()  # growth means training goes on; a fused weight would be stale
         k_old, N = self.num_dendrites, self.num_neurons
         std = self.dendrite_init_scale / math.sqrt(self.fan_in)
-        cat_dim = 1 if isinstance(self, DendriticConv1D) else 0
+        cat_dim = self.weight_neuron_axis
         if self.dendrite_rank is None:
             new_w = self._random(self._weight_shape(n * N), std, generator, initialize)
             self.dendrite_weight = self._new_param(self.dendrite_weight, new_w, cat_dim)
@@ -236,7 +294,7 @@ class DendriticLayerMixin:
         self.unfuse()
         N = self.num_neurons
         if k == 0:
-            for name in DENDRITE_PARAM_NAMES:
+            for name in self.dendrite_param_names:
                 setattr(self, name, None)
             self.num_dendrites = 0
             return
@@ -246,11 +304,10 @@ class DendriticLayerMixin:
             if old is not None:
                 setattr(self, name, nn.Parameter(old.detach().narrow(dim, 0, size).clone(), requires_grad=old.requires_grad))
 
-        conv1d_layout = isinstance(self, DendriticConv1D)
         if self.dendrite_rank is None:
-            cut("dendrite_weight", k * N, 1 if conv1d_layout else 0)
+            cut("dendrite_weight", k * N, self.weight_neuron_axis)
         else:
-            cut("dendrite_lora_A", k * self.dendrite_rank, 1 if conv1d_layout else 0)
+            cut("dendrite_lora_A", k * self.dendrite_rank, self.weight_neuron_axis)
             cut("dendrite_lora_B", k, 0)
         cut("dendrite_bias", k * N, 0)
         cut("dendrite_out", k, 0)
@@ -280,11 +337,39 @@ class DendriticLayerMixin:
         return shapes
 
     def dendrite_parameters(self) -> list[nn.Parameter]:
-        return [p for name in DENDRITE_PARAM_NAMES if (p := getattr(self, name)) is not None]
+        return [p for name in self.dendrite_param_names if (p := getattr(self, name)) is not None]
 
     def base_parameters(self) -> list[nn.Parameter]:
-        names = set(DENDRITE_PARAM_NAMES)
+        names = set(self.dendrite_param_names)
         return [p for name, p in self._parameters.items() if p is not None and name not in names]
+
+    def base_parameter_count(self) -> int:
+        """Number of values of the base layer's own parameters (of the real weight, for packed quantized storage)."""
+        return sum(parameter_count(p) for p in self.base_parameters())
+
+    def base_weight(self, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The base layer's weight as real values in the kind's layout (dequantized for quantized kinds); `stored`:
+        the weight as a state dict of this layer holds it (default: the layer's own)."""
+        return self.weight if stored is None else stored
+
+    def dendrite_weight_ratio(self, get: Callable[[str], Optional[torch.Tensor]], start: int, k_all: int) -> float:
+        """`RMS(w) * RMS(D) / RMS(W)` of dendrites `start .. k_all-1` (see `DendriticModel.dendrite_weight_ratios`).
+
+        `get(name)` returns this layer's dendrite parameter `name` as a state dict holds it (with `k_all` dendrites).
+        """
+        n, axis = self.num_neurons, self.weight_neuron_axis
+        w = get("dendrite_out")[start:k_all]
+        if self.dendrite_rank is None:
+            d = get("dendrite_weight").narrow(axis, start * n, (k_all - start) * n)
+        else:
+            r, a, b = self.dendrite_rank, get("dendrite_lora_A"), get("dendrite_lora_B")
+            parts = []
+            for k in range(start, k_all):
+                a_k = a.narrow(axis, k * r, r).movedim(axis, 0).reshape(r, -1)
+                parts.append(b[k].float() @ a_k.float())
+            d = torch.cat(parts)
+        scale = _rms(self.base_weight(get("weight")))
+        return _rms(w) * _rms(d) / scale if scale > 0 else float("inf")
 
     # ------------------------------------------------------------------ switching dendrites off
     def disable_dendrites(self, indices: Optional[Iterable[int]] = None) -> None:
@@ -373,9 +458,13 @@ class DendriticLayerMixin:
         a = self.dendrite_activations(self.dendrite_preactivations(x))
         return (a * self._per_neuron(self._active_out())).sum(self.dendrite_axis)
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's own forward pass."""
+        return self.base_class.forward(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_dendrites == 0:
-            return self.base_class.forward(self, x)
+            return self._base_forward(x)
         if torch.compiler.is_compiling() or not self.dendrite_fast_path:
             # Plain autograd ops: dynamo traces them without graph breaks and inductor fuses the elementwise work.
             return self._reference_forward(x)
@@ -398,7 +487,7 @@ class DendriticLayerMixin:
         return self._reference_forward(x)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_class.forward(self, x)
+        y = self._base_forward(x)
         out = y + self.dendrite_output(x.detach() if self.dendrite_detach_input else x)
         # Under autocast y is low precision while w (float32) promotes the sum: keep the base layer's dtype.
         return out if out.dtype == y.dtype else out.to(y.dtype)
@@ -419,7 +508,7 @@ class DendriticLayerMixin:
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without autograd for the kinds without a matmul kernel: same values, fewer passes."""
-        return self._combine_(self.base_class.forward(self, x), self.dendrite_preactivations(x))
+        return self._combine_(self._base_forward(x), self.dendrite_preactivations(x))
 
     # ------------------------------------------------------------------ inference fusion
     @property
@@ -437,11 +526,12 @@ class DendriticLayerMixin:
 
     @torch.no_grad()
     def _build_fused(self) -> dict:
-        cat_dim = 1 if self._matmul_transposed else 0
+        cat_dim = self.weight_neuron_axis
         d_weight = self.dendrite_weight if self.dendrite_rank is None else self.dendrite_lora_A
         weight = torch.cat([self.weight, d_weight], dim=cat_dim)
         n_extra = d_weight.shape[cat_dim]
-        bias = self.bias if self.bias is not None else self._zeros((self.num_neurons,))
+        bias = getattr(self, "bias", None)
+        bias = bias if bias is not None else self._zeros((self.num_neurons,))
         # Full-shape dendrites carry their bias in the fused matmul; low-rank ones add it after B (zeros here).
         extra_bias = self.dendrite_bias if self.dendrite_rank is None else self._zeros((n_extra,))
         fused = {"weight": weight, "bias": torch.cat([bias, extra_bias.to(bias.dtype)]), "key": self._fusion_key()}
@@ -456,10 +546,10 @@ class DendriticLayerMixin:
         layer computes the same outputs as the unfused one within float rounding (the concatenated matmul may
         sum in another order). It works under `torch.no_grad()` / `torch.inference_mode()` only: a forward pass
         that needs gradients raises, since gradients would not reach the parameters. `unfuse()` frees the copy;
-        `add_dendrites` and `truncate_dendrites` unfuse the layer. A layer without dendrites has nothing to
-        fuse and stays unfused.
+        `add_dendrites` and `truncate_dendrites` unfuse the layer. A layer without dendrites, or of a kind that does
+        not fuse (`supports_fusion = False`: a quantized base), stays unfused.
         """
-        if self.num_dendrites == 0:
+        if self.num_dendrites == 0 or not self.supports_fusion:
             return
         if any(p.device.type == "meta" for p in self._parameters.values() if p is not None):
             # Weights offloaded by an accelerate hook: built at the first forward pass, when they are loaded.
@@ -509,6 +599,7 @@ class DendriticLinear(DendriticLayerMixin, nn.Linear):
 
     base_class = nn.Linear
     _matmul_transposed = False
+    supports_fusion = True
 
     def _apply_kind(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -530,6 +621,8 @@ class DendriticConv1D(DendriticLayerMixin, Conv1D):
 
     base_class = Conv1D
     _matmul_transposed = True
+    weight_neuron_axis = 1
+    supports_fusion = True
 
     def _apply_kind(self, x, weight, bias):
         flat = x.reshape(-1, x.size(-1))
@@ -554,6 +647,7 @@ class DendriticConv1D(DendriticLayerMixin, Conv1D):
 class _DendriticConvNd(DendriticLayerMixin):
     neuron_dim = 1
     dendrite_axis = 1
+    supports_fusion = True
 
     def _apply_kind(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
@@ -584,31 +678,231 @@ class DendriticConv2d(_DendriticConvNd, nn.Conv2d):
     spatial_dims = 2
 
 
-DENDRITIC_LAYER_CLASSES: dict[type[nn.Module], type[DendriticLayerMixin]] = {
-    nn.Linear: DendriticLinear,
-    Conv1D: DendriticConv1D,
-    nn.Conv1d: DendriticConv1d,
-    nn.Conv2d: DendriticConv2d,
-}
+# ---------------------------------------------------------------------------------------------- layer kinds
+@dataclass(frozen=True)
+class LayerKind:
+    """A registered layer kind: which modules it matches and the dendritic class that wraps them.
+
+    See `register_layer_kind` for the fields.
+    """
+
+    module_class: type[nn.Module]
+    dendritic_class: type[DendriticLayerMixin]
+    name: str
+    all_linear: bool = False
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None
+    exclude: tuple[type, ...] = ()
+    same_function: tuple[str, ...] = ("forward",)
+
+
+# Registered kinds, by the module class they match (later registrations of the same class replace earlier ones).
+_KINDS: dict[type[nn.Module], LayerKind] = {}
+# The exact module class -> dendritic class of every kind whose dendritic class subclasses the module class (the
+# built-in kinds: nn.Linear -> DendriticLinear, ...); kept for code that looks a class up directly.
+DENDRITIC_LAYER_CLASSES: dict[type[nn.Module], type[DendriticLayerMixin]] = {}
+# Dendritic classes built for a matched subclass (see `dendritic_class_for`), by (dendritic class, module class).
+_DERIVED: dict[tuple[type, type], type] = {}
+# Loaders of optional kinds (bitsandbytes): run once the package they need has been imported by someone else.
+_LAZY_KINDS: dict[str, Callable[[], None]] = {}
+
+
+def register_layer_kind(
+    module_class: type[nn.Module],
+    dendritic_class: type[DendriticLayerMixin],
+    *,
+    name: Optional[str] = None,
+    all_linear: bool = False,
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None,
+    exclude: Iterable[type] = (),
+    same_function: Iterable[str] = ("forward",),
+) -> LayerKind:
+    """Let `get_dendritic_model` give dendrites to modules of `module_class` (and of its subclasses).
+
+    Args:
+        module_class: the module class the kind matches. A subclass matches too unless it overrides one of the
+            methods in `same_function` (then it may compute another function: it is reported as unsupported) or is
+            in `exclude`; a subclass with its own registered kind uses that one (the most derived registered class
+            in the module's MRO wins).
+        dendritic_class: a subclass of `DendriticLayerMixin` implementing the kind (see "Adding a layer kind" in
+            docs/dendritic_layer.md). It may subclass `module_class` itself (as `DendriticLinear` does) or not: then
+            the class that wraps a module of type T is built once as `(dendritic_class, T)`.
+        name: the kind's name in messages (default: `module_class`'s qualified name).
+        all_linear: whether `target_modules="all-linear"` selects these modules.
+        check: optional `check(module) -> None or a reason` for modules of the class that cannot get dendrites
+            (e.g. grouped convolutions).
+        exclude: subclasses of `module_class` that never match (their weight is used without calling `forward`).
+        same_function: methods a subclass must not override to match.
+
+    Returns the registered `LayerKind`. Registering a class again replaces its kind.
+    """
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise TypeError(f"register_layer_kind: module_class must be an nn.Module subclass, got {module_class!r}.")
+    if not (isinstance(dendritic_class, type) and issubclass(dendritic_class, DendriticLayerMixin)):
+        raise TypeError(
+            f"register_layer_kind: dendritic_class must subclass hf_dendrites.DendriticLayerMixin, got {dendritic_class!r}."
+        )
+    if issubclass(module_class, DendriticLayerMixin):
+        raise TypeError(f"register_layer_kind: {module_class.__name__} is already a dendritic class.")
+    own = getattr(dendritic_class, "base_class", None)
+    if issubclass(dendritic_class, nn.Module) and not (own is not None and issubclass(module_class, own)):
+        raise TypeError(
+            f"register_layer_kind: {dendritic_class.__name__} is an nn.Module for {getattr(own, '__name__', own)}; pass a "
+            f"class that subclasses {module_class.__name__}, or a DendriticLayerMixin subclass that is no nn.Module."
+        )
+    kind = LayerKind(
+        module_class=module_class,
+        dendritic_class=dendritic_class,
+        name=name or f"{module_class.__module__.split('.')[0]}.{module_class.__name__}",
+        all_linear=bool(all_linear),
+        check=check,
+        exclude=tuple(exclude),
+        same_function=tuple(same_function),
+    )
+    _KINDS[module_class] = kind
+    DENDRITIC_LAYER_CLASSES.pop(module_class, None)
+    if own is module_class:
+        DENDRITIC_LAYER_CLASSES[module_class] = dendritic_class
+    for key in [k for k in _DERIVED if k[1] is module_class or k[0] is dendritic_class]:
+        del _DERIVED[key]
+    return kind
+
+
+def register_lazy_layer_kind(package: str, loader: Callable[[], None]) -> None:
+    """Run `loader` (which calls `register_layer_kind`) the first time kinds are looked up after `package` has been
+    imported: kinds for an optional package's modules, without importing the package for models that lack them."""
+    _LAZY_KINDS[package] = loader
+
+
+def _load_lazy_kinds() -> None:
+    import sys
+
+    for package in [p for p in _LAZY_KINDS if p in sys.modules]:
+        _LAZY_KINDS.pop(package)()
+
+
+def layer_kinds() -> list[LayerKind]:
+    """The registered layer kinds (those of optional packages once the package is imported)."""
+    _load_lazy_kinds()
+    return list(_KINDS.values())
+
+
+def _overrides(cls: type, base: type, names: tuple[str, ...]) -> Optional[str]:
+    """The first of `names` that `cls` (a subclass of `base`) defines differently from `base`."""
+    return next((n for n in names if getattr(cls, n, None) is not getattr(base, n, None)), None)
+
+
+def _match(module: nn.Module) -> tuple[Optional[LayerKind], Optional[str]]:
+    """(the kind of `module`, None) or (None or the nearest kind, why it does not apply)."""
+    _load_lazy_kinds()
+    cls = type(module)
+    for klass in cls.__mro__:
+        kind = _KINDS.get(klass)
+        if kind is None:
+            continue
+        if cls is not klass:
+            if any(issubclass(cls, e) for e in kind.exclude):
+                return kind, f"its type {cls.__module__}.{cls.__name__} is not a supported layer kind (its weight is used without calling its forward)"
+            method = _overrides(cls, klass, kind.same_function)
+            if method is not None:
+                return kind, (
+                    f"its type {cls.__module__}.{cls.__name__} is not a supported layer kind: it subclasses {kind.name} "
+                    f"but overrides `{method}`, so it may compute another function (register a kind for it with "
+                    "hf_dendrites.register_layer_kind)"
+                )
+        return kind, None
+    return None, None
+
+
+def layer_kind_for(module: nn.Module) -> Optional[LayerKind]:
+    """The registered kind that matches `module`, or None."""
+    kind, reason = _match(module)
+    return kind if reason is None else None
 
 
 def dendritic_class_for(module: nn.Module) -> Optional[type[DendriticLayerMixin]]:
-    """The dendritic class that wraps `module`, or None when its kind is not supported.
+    """The dendritic class that wraps `module`, or None when no registered kind matches it.
 
-    Only the exact supported classes qualify: a subclass (e.g. a quantized Linear, or the out-projection of
-    `nn.MultiheadAttention`, whose weight is used without calling `forward`) could bypass the dendrites.
+    A module of the kind's exact class gets the kind's class (`nn.Linear` -> `DendriticLinear`); a matching subclass
+    T gets a class built once from (kind's dendritic class, T), so the converted layer is still a T.
     """
-    return DENDRITIC_LAYER_CLASSES.get(type(module))
+    if isinstance(module, DendriticLayerMixin):
+        return None
+    kind = layer_kind_for(module)
+    if kind is None:
+        return None
+    cls, dendritic = type(module), kind.dendritic_class
+    if getattr(dendritic, "base_class", None) is cls:
+        return dendritic
+    key = (dendritic, cls)
+    if key not in _DERIVED:
+        name = "Dendritic" + cls.__name__
+        derived = type(name, (dendritic, cls), {"base_class": cls, "__module__": __name__, "__qualname__": name})
+        if globals().get(name) is None:  # importable by name, so that a pickled model loads
+            globals()[name] = derived
+        _DERIVED[key] = derived
+    return _DERIVED[key]
+
+
+# Class names of quantized linear layers hf_dendrites recognises but has no kind for (their packed weight cannot be
+# read as a floating-point matrix), and of their packed parameter classes.
+QUANTIZED_LINEAR_CLASS_NAMES = frozenset({
+    "Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt", "Int8Params", "Params4bit",
+    "QuantLinear", "QLinear", "WQLinear_GEMM", "WQLinear_GEMV", "WQLinear_Exllama", "WQLinear_ExllamaV2",
+    "WQLinear_IPEX", "WQLinear_Marlin", "HQQLinear", "HQQLinearLoRA", "FP8Linear", "Int8Linear", "QuantizedLinear",
+    "Linear8bitLtOrig", "BitLinear", "MarlinQuantLinear", "ExllamaQuantLinear", "TorchaoLinear", "EetqLinear",
+    "FbgemmFp8Linear", "HiggsLinear", "SpQRLinear", "VptqLinear", "QuantoLinear",
+})
+# Module prefixes of quantization packages: a linear-like module from one of them is quantized.
+QUANTIZATION_PACKAGES = ("bitsandbytes", "optimum", "hqq", "awq", "auto_gptq", "gptqmodel", "quanto", "torchao",
+                         "eetq", "fbgemm_gpu", "aqlm", "vptq", "compressed_tensors")
+
+
+def quantized_description(module: nn.Module) -> Optional[str]:
+    """`package.Class` when `module` is a quantized linear layer (by its class, its package or its weight's class)."""
+    cls = type(module)
+    weight = module.__dict__.get("_parameters", {}).get("weight")
+    package = cls.__module__.split(".")[0]
+    quantized = (
+        cls.__name__ in QUANTIZED_LINEAR_CLASS_NAMES
+        or (package in QUANTIZATION_PACKAGES and "linear" in cls.__name__.lower())
+        or (weight is not None and type(weight).__name__ in QUANTIZED_LINEAR_CLASS_NAMES)
+    )
+    return f"{cls.__module__}.{cls.__name__}" if quantized else None
 
 
 def unsupported_reason(module: nn.Module) -> Optional[str]:
     """Why `module` cannot become dendritic (None when it can)."""
     if isinstance(module, DendriticLayerMixin):
         return "it is already a dendritic layer"
-    cls = dendritic_class_for(module)
-    if cls is None:
-        kinds = ", ".join(c.__module__.split(".")[0] + "." + c.__name__ for c in DENDRITIC_LAYER_CLASSES)
-        return f"its type {type(module).__module__}.{type(module).__name__} is not a supported layer kind ({kinds})"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-        return f"grouped convolutions (groups={module.groups}) are not supported"
-    return None
+    kind, reason = _match(module)
+    if kind is None or reason is not None:
+        quantized = quantized_description(module)
+        kinds = ", ".join(k.name for k in _KINDS.values())
+        if quantized is not None:
+            return (
+                f"its type {quantized} is a quantized linear layer that hf_dendrites does not support (its packed "
+                f"weight is no floating-point matrix); supported layer kinds: {kinds}. Load the model with "
+                "bitsandbytes 4-bit / 8-bit quantization (docs/quantization.md), or not quantized"
+            )
+        if reason is not None:
+            return reason
+        cls = type(module)
+        return f"its type {cls.__module__}.{cls.__name__} is not a supported layer kind ({kinds})"
+    return kind.check(module) if kind.check is not None else None
+
+
+def _grouped_conv(module: nn.Module) -> Optional[str]:
+    return f"grouped convolutions (groups={module.groups}) are not supported" if module.groups != 1 else None
+
+
+register_layer_kind(
+    nn.Linear,
+    DendriticLinear,
+    name="torch.nn.Linear",
+    all_linear=True,
+    # nn.MultiheadAttention reads its out_proj's weight without calling forward: dendrites there would do nothing.
+    exclude=(nn.modules.linear.NonDynamicallyQuantizableLinear,),
+)
+register_layer_kind(Conv1D, DendriticConv1D, name="transformers.Conv1D", all_linear=True)
+register_layer_kind(nn.Conv1d, DendriticConv1d, name="torch.nn.Conv1d", check=_grouped_conv, same_function=("forward", "_conv_forward"))
+register_layer_kind(nn.Conv2d, DendriticConv2d, name="torch.nn.Conv2d", check=_grouped_conv, same_function=("forward", "_conv_forward"))

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import ACTIVATION_FUNCTIONS, DendriticConv1D, DendriticLayerMixin
+from .layers import ACTIVATION_FUNCTIONS, DendriticLayerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class CandidatePool(nn.Module):
 
     def __init__(self, layer: DendriticLayerMixin, pool_size: int, generator: torch.Generator | None):
         super().__init__()
+        if not layer.supports_correlation:
+            raise NotImplementedError(
+                f"learning_rule='correlation' does not support {layer.kind_name} layers (a {type(layer).__name__}); use "
+                "learning_rule='gd', or exclude these layers with `exclude_modules`."
+            )
         if layer.dendrite_rank is not None:
             raise NotImplementedError(
                 "learning_rule='correlation' needs full-shape dendrites: set DendriteConfig(rank=None), or use "
@@ -78,9 +83,9 @@ class CandidatePool(nn.Module):
             return flat
         if name == "cascade":
             return scale[:, None, :]
-        if isinstance(layer, DendriticConv1D):  # weight [in, P*N]
-            return flat[None, :]
-        return flat.view(-1, *([1] * (self.weight.dim() - 1)))
+        shape = [1] * self.weight.dim()  # one value per row on the weight's neuron axis ([in, P*N] for Conv1D)
+        shape[layer.weight_neuron_axis] = -1
+        return flat.view(shape)
 
     def activations(self, layer: DendriticLayerMixin, x: torch.Tensor) -> torch.Tensor:
         """Candidate activations [..., P, N] (or [B, P, N, ...]) for layer input x (detached by the caller)."""
@@ -311,10 +316,8 @@ class CorrelationRule:
             k_old, N = layer.num_dendrites, layer.num_neurons
             layer.add_dendrites(n)
             rows = torch.cat([torch.arange(p * N, (p + 1) * N) for p in picks]).to(pool.bias.device)
-            if isinstance(layer, DendriticConv1D):
-                layer.dendrite_weight[:, k_old * N :] = pool.weight[:, rows]
-            else:
-                layer.dendrite_weight[k_old * N :] = pool.weight[rows]
+            axis = layer.weight_neuron_axis
+            layer.dendrite_weight.narrow(axis, k_old * N, n * N).copy_(pool.weight.index_select(axis, rows))
             layer.dendrite_bias[k_old * N :] = pool.bias[rows]
             if pool.cascade is not None:
                 for i, p in enumerate(picks):

@@ -18,7 +18,6 @@ from typing import Any, Collection, Iterator, Optional, Union
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 from . import moe
@@ -33,7 +32,14 @@ from .constants import (
     TRAINING_CURVE_NAME,
 )
 from .hub import hub_model_id, upload_checkpoint_folder, write_model_card
-from .layers import DENDRITE_PARAM_NAMES, DendriticLayerMixin, dendritic_class_for, unsupported_reason
+from .layers import (
+    DendriticLayerMixin,
+    dendritic_class_for,
+    layer_kind_for,
+    parameter_count,
+    quantized_description,
+    unsupported_reason,
+)
 from .peft_support import (
     ADAPTER,
     MODEL,
@@ -101,6 +107,32 @@ def _matches(name: str, pattern: Union[str, list[str]]) -> bool:
     return any(name == p or name.endswith("." + p) for p in pattern)
 
 
+def _all_linear_kind(module: nn.Module) -> bool:
+    """Whether "all-linear" selects `module` by its kind (nn.Linear, transformers Conv1D and the other kinds registered
+    with `all_linear=True`), before the exclusions of `_all_linear_exclusions`."""
+    kind = layer_kind_for(module)
+    return kind is not None and kind.all_linear
+
+
+def _skipped_quantized(model: nn.Module, excluded: Collection[str]) -> list[tuple[str, str]]:
+    """(name, class) of the quantized linear layers of `model` that "all-linear" skips for want of a layer kind."""
+    return [
+        (n, q) for n, m in model.named_modules()
+        if n not in excluded and not _all_linear_kind(m) and (q := quantized_description(m)) is not None
+    ]
+
+
+def _quantized_note(skipped: list[tuple[str, str]]) -> str:
+    if not skipped:
+        return ""
+    classes = sorted({q for _, q in skipped})
+    shown = ", ".join(f"`{n}`" for n, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (
+        f" It skipped {len(skipped)} quantized linear layer(s) of a kind hf_dendrites does not support ({', '.join(classes)}): "
+        f"{shown}; bitsandbytes 4-bit / 8-bit layers are supported (docs/quantization.md)."
+    )
+
+
 def _all_linear_exclusions(model: nn.Module) -> dict[str, str]:
     """The modules that "all-linear" never targets, by name, each with the rule that excludes it.
 
@@ -141,16 +173,19 @@ def _no_match_message(model: nn.Module, config: DendriteConfig, targets: Union[s
         )
     if targets == "all-linear":
         excluded = _all_linear_exclusions(model)
-        skipped = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and n in excluded]
+        skipped = [n for n, m in model.named_modules() if _all_linear_kind(m) and n in excluded]
+        quantized = _quantized_note(_skipped_quantized(model, excluded))
         if skipped:
             reasons = "; ".join(f"`{n}` is {excluded[n]}" for n in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
             them = "it" if len(skipped) == 1 else "them"
             return (
                 f"{what}: 'all-linear' targets every nn.Linear / Conv1D except task heads and the output embedding, and "
-                f"this model has no other. {reasons}, which 'all-linear' never targets; pass "
+                f"this model has no other.{quantized} {reasons}, which 'all-linear' never targets; pass "
                 f"target_modules={skipped[:5]!r} to target {them} explicitly."
             )
-        return f"{what}: it has no nn.Linear or transformers Conv1D layer. Pass the names of the layers to target."
+        return (
+            f"{what}: it has no nn.Linear or transformers Conv1D layer.{quantized} Pass the names of the layers to target."
+        )
     candidates = [n for n, m in model.named_modules() if dendritic_class_for(m) is not None]
     shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
     return (
@@ -183,6 +218,7 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         targets = DEFAULT_TARGET_MODULES[model_type]
 
+    moe.register_experts_kinds(model)  # the fused experts classes this model uses (hf_dendrites/moe.py)
     peft = has_peft_layers(model)
     roles = module_roles(model) if peft else {}
     modules = dict(model.named_modules())
@@ -193,8 +229,11 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
         excluded = _all_linear_exclusions(model)
         routers = moe.routers(model)  # MoE routers and gates: never dendritic (hf_dendrites/moe.py)
         for name, module in model.named_modules():
-            if (type(module) in (nn.Linear, Conv1D) or moe.is_fused_experts(module)) and name not in excluded and name not in routers:
+            if _all_linear_kind(module) and name not in excluded and name not in routers:
                 selected.append(name)
+        skipped = _skipped_quantized(model, excluded)
+        if skipped and selected:
+            logger.warning("target_modules='all-linear' leaves layers without dendrites.%s", _quantized_note(skipped))
     else:
         wrong = moe.parameter_pattern_error(model, targets, _matches)
         if wrong is not None:
@@ -216,7 +255,7 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         raise ValueError(message)
     for name in names:
-        reason = None if moe.is_fused_experts(modules[name]) else unsupported_reason(modules[name])
+        reason = unsupported_reason(modules[name])
         if reason is not None:
             raise TypeError(
                 f"Module {name!r} was selected by target_modules={targets!r} but cannot get dendrites: {reason}. "
@@ -239,7 +278,7 @@ def _peft_selection(
     if targets == "all-linear":
         inner = transformers_model(model)
         excluded = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
-        return [n for n in own if type(modules[n]) in (nn.Linear, Conv1D) and id(modules[n]) not in excluded]
+        return [n for n in own if _all_linear_kind(modules[n]) and id(modules[n]) not in excluded]
     selected = {n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))}
     adapter_names = adapter_layer_names(model)
     entries = [t for t in targets if names_adapter_layer(t, adapter_names)] if isinstance(targets, list) else []
@@ -304,8 +343,7 @@ class _DendriteOffloadHook(_accelerate_model_hook()):
 
     @contextlib.contextmanager
     def _without_dendrites(self, module: nn.Module):
-        names = getattr(module, "dendrite_param_names", DENDRITE_PARAM_NAMES)
-        hidden = {name: module._parameters.pop(name) for name in names if name in module._parameters}
+        hidden = {name: module._parameters.pop(name) for name in module.dendrite_param_names if name in module._parameters}
         try:
             yield
         finally:
@@ -542,46 +580,28 @@ class DendriticModel(nn.Module):
             >>> dm.add_dendrites(); dm.dendrite_weight_ratios()  # doctest: +SKIP
             {'bert.encoder.layer.0.intermediate.dense': 0.0, ...}
         """
-        from .layers import DendriticConv1D
-
-        def rms(t: torch.Tensor) -> float:
-            return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
-
         out: dict[str, float] = {}
         for name, layer in self.dendritic_layers():
 
-            def get(pname: str) -> Optional[torch.Tensor]:
+            def get(pname: str, name: str = name, layer: DendriticLayerMixin = layer) -> Optional[torch.Tensor]:
                 return state.get(f"model.{name}.{pname}") if state is not None else getattr(layer, pname)
 
-            if isinstance(layer, moe.DendriticExperts):  # both projections of every expert (hf_dendrites/moe.py)
-                if (ratio := layer.weight_ratio(get, (first or {}).get(name, 0))) is not None:
-                    out[name] = ratio
-                continue
-            out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
-            k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
+            if isinstance(layer, moe.DendriticExperts):  # [E, K, N] per projection (hf_dendrites/moe.py)
+                out_weights = get(f"{layer.projections[0]}_dendrite_out")
+                k_all, start = (0 if out_weights is None else out_weights.shape[1]), (first or {}).get(name, 0)
+            else:
+                out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
+                k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
             if k_all <= start:
                 continue
-            n, cat_dim = layer.num_neurons, 1 if isinstance(layer, DendriticConv1D) else 0
-            w = out_weights[start:k_all]
-            if layer.dendrite_rank is None:
-                d = get("dendrite_weight").narrow(cat_dim, start * n, (k_all - start) * n)
-            else:
-                r, a, b = layer.dendrite_rank, get("dendrite_lora_A"), get("dendrite_lora_B")
-                parts = []
-                for k in range(start, k_all):
-                    a_k = a.narrow(cat_dim, k * r, r)
-                    a_k = (a_k.t() if cat_dim == 1 else a_k).reshape(r, -1)
-                    parts.append(b[k].float() @ a_k.float())
-                d = torch.cat(parts)
-            scale = rms(get("weight"))
-            out[name] = rms(w) * rms(d) / scale if scale > 0 else float("inf")
+            out[name] = layer.dendrite_weight_ratio(get, start, k_all)
         return out
 
     def dendrite_state_dict(self) -> dict[str, torch.Tensor]:
         """The dendrite parameters only, keyed `<layer name>.<parameter name>` (names of the wrapped model)."""
         state = {}
         for name, layer in self.dendritic_layers():
-            for pname in getattr(layer, "dendrite_param_names", DENDRITE_PARAM_NAMES):
+            for pname in layer.dendrite_param_names:
                 p = getattr(layer, pname)
                 if p is not None:
                     state[f"{name}.{pname}"] = p.detach()
@@ -683,12 +703,13 @@ class DendriticModel(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            count = parameter_count(p)  # a packed quantized weight counts the values it encodes
             if id(p) in dendrite_ids:
-                dendrite += p.numel()
+                dendrite += count
             else:
-                base += p.numel()
+                base += count
             if p.requires_grad:
-                trainable += p.numel()
+                trainable += count
         layers = []
         for name, layer in self.dendritic_layers():
             base_params = layer.base_parameters()
@@ -696,11 +717,11 @@ class DendriticModel(nn.Module):
             layers.append(
                 LayerSummary(
                     name=name,
-                    kind=layer.base_class.__name__,
+                    kind=layer.kind_name,
                     num_dendrites=layer.num_dendrites,
-                    base_params=sum(p.numel() for p in base_params),
+                    base_params=layer.base_parameter_count(),
                     dendrite_params=sum(p.numel() for p in dend_params),
-                    trainable_params=sum(p.numel() for p in base_params + dend_params if p.requires_grad),
+                    trainable_params=sum(parameter_count(p) for p in base_params + dend_params if p.requires_grad),
                 )
             )
         return DendriteSummary(base_params=base, dendrite_params=dendrite, trainable_params=trainable, layers=layers)
@@ -1569,15 +1590,16 @@ def get_dendritic_model(
             config = saved if config is None else _inherit_structure(config, saved)
             _check_restorable(model, config, saved, payload, source)
     config = DendriteConfig() if config is None else config
+    dtype = _dendrite_dtype(model)
     for name in resolve_target_modules(model, config):
         old = model.get_submodule(name)
-        kind = moe.DendriticExperts if moe.is_fused_experts(old) else dendritic_class_for(old)
-        new = kind.from_base_layer(
+        new = dendritic_class_for(old).from_base_layer(
             old,
             activation=config.activation,
             cascade=config.cascade,
             rank=config.rank,
             init_scale=config.init_scale,
+            dtype=dtype,
         )
         _replace_module(model, name, new)
         _move_accelerate_hook(old, new)
@@ -1621,6 +1643,13 @@ def _check_experts(dm: DendriticModel, config: DendriteConfig) -> None:
                 100 * share, type(transformers_model(dm.model)).__name__,
                 type(dm.model.get_submodule(names[0])).__name__, names[0],
             )
+
+
+def _dendrite_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype for the dendrites of layers whose weight is not floating point (quantized bases): the model's dtype
+    (its first floating-point parameter's, as transformers' `model.dtype`); a kind may prefer its own (bitsandbytes
+    4-bit: the compute dtype)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 # What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.

@@ -36,14 +36,14 @@ uses). With dendrites it computes the projections with transformers' own grouped
 the outputs by exactly nothing. A model loaded with `experts_implementation="eager"` or `"batched_mm"` gets the same
 function from its dendritic experts, equal within float rounding (conversion says so in a warning).
 
-What does not apply: the correlation learning rule (its candidate pools are built for single-weight layers) and
-inference fusion (`fuse()`); both raise an error that says so. Expert parallelism (experts sharded over processes)
-is refused too.
+What does not apply: the correlation learning rule (its candidate pools are built for single-weight layers):
+conversion with `learning_rule="correlation"` raises an error that says so; inference fusion: `fuse()` leaves the
+experts unfused and logs a warning (the model's other layers still fuse). Expert parallelism (experts sharded over
+processes) is refused.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterable
@@ -91,77 +91,23 @@ def looks_like_experts(module: nn.Module) -> bool:
 class DendriticExperts(DendriticLayerMixin):
     """Dendrites for every expert of a fused transformers experts module (see the module docstring).
 
-    Built with `DendriticExperts.from_base_layer(experts, ...)`, which returns an instance of a subclass of the
-    experts' own class (`DendriticMixtralExperts` is a `MixtralExperts`) holding the same parameter objects.
+    A layer kind (`hf_dendrites.register_layer_kind`, registered by `register_experts_kinds` for each fused experts
+    class a converted model uses): the converted module is an instance of a class built from this one and the
+    experts' own class (`DendriticMixtralExperts` is a `MixtralExperts`) and holds the same parameter objects.
     """
 
     supports_fusion = False
     supports_correlation = False
     dendrite_fast_path = False
-    base_class: type[nn.Module] = nn.Module
-    _subclasses: dict[type, type] = {}
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def class_for(cls, base_cls: type[nn.Module]) -> type["DendriticExperts"]:
-        """The dendritic subclass of the experts class `base_cls` (created once, registered in this module so that
-        instances pickle)."""
-        sub = cls._subclasses.get(base_cls)
-        if sub is None:
-            name = f"Dendritic{base_cls.__name__}"
-            sub = type(name, (cls, base_cls), {"base_class": base_cls, "__module__": __name__, "__qualname__": name})
-            cls._subclasses[base_cls] = sub
-            globals().setdefault(name, sub)
-        return sub
-
-    @classmethod
-    def from_base_layer(
-        cls,
-        base: nn.Module,
-        activation: str = "tanh",
-        cascade: bool = False,
-        rank: Optional[int] = None,
-        init_scale: float = 1.0,
-    ) -> "DendriticExperts":
-        if not is_fused_experts(base):
-            raise TypeError(f"{type(base).__name__} is not a fused experts module of transformers (see hf_dendrites.moe).")
-        if getattr(base, "_is_expert_parallel", False):
-            raise ValueError(
-                f"{type(base).__name__} is sharded for expert parallelism; dendritic experts need every expert on "
-                "this process."
-            )
-        sub = cls.class_for(type(base))
-        layer = sub.__new__(sub)
-        nn.Module.__init__(layer)
-        for key, value in base.__dict__.items():
-            if key in ("forward", "_old_forward", "_hf_hook"):
-                continue
-            layer.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
-        layer.num_dendrites = 0
-        layer.dendrite_activation = activation
-        layer.dendrite_cascade_enabled = bool(cascade)
-        layer.dendrite_rank = rank
-        layer.dendrite_init_scale = float(init_scale)
-        layer.dendrite_detach_input = False
-        for name in layer.dendrite_param_names:
-            layer.register_parameter(name, None)
-        return layer
-
-    def to_base_layer(self) -> nn.Module:
-        base = super().to_base_layer()
-        for name in self.dendrite_param_names:
-            base._parameters.pop(name, None)
-        return base
+    # Every name the kind may use (experts with a gate have `gate_up_proj_*`, without one `up_proj_*`); the mixin
+    # registers them all, unused ones stay None (absent from the state dict).
+    dendrite_param_names = tuple(f"{p}_{n}" for p in ("gate_up_proj", "up_proj", "down_proj") for n in _PROJ_PARAM_NAMES)
 
     # ------------------------------------------------------------------ layout
     @property
     def projections(self) -> tuple[str, str]:
         """The names of the two projections: (`gate_up_proj` or `up_proj`, `down_proj`)."""
         return ("gate_up_proj" if self.has_gate else "up_proj", "down_proj")
-
-    @property
-    def dendrite_param_names(self) -> tuple[str, ...]:
-        return tuple(f"{p}_{n}" for p in self.projections for n in _PROJ_PARAM_NAMES)
 
     def _dims(self, proj: str) -> tuple[int, int]:
         """(in, out) features of one expert's projection."""
@@ -226,7 +172,8 @@ class DendriticExperts(DendriticLayerMixin):
             return
         if k == 0:
             for name in self.dendrite_param_names:
-                setattr(self, name, None)
+                if getattr(self, name) is not None:
+                    setattr(self, name, None)
             self.num_dendrites = 0
             return
         out_dim = 2 if self.is_transposed else 1
@@ -280,14 +227,9 @@ class DendriticExperts(DendriticLayerMixin):
         return [p for name, p in self._parameters.items() if p is not None and name not in names]
 
     @torch.no_grad()
-    def weight_ratio(self, get: Any, start: int) -> Optional[float]:
+    def dendrite_weight_ratio(self, get: Any, start: int, k_all: int) -> float:
         """`DendriticModel.dendrite_weight_ratios` for experts: RMS(w) * RMS(D) / RMS(P) over both projections'
-        dendrites from index `start` on (`get(name)` reads a parameter by name from the model or a state dict, whose
-        dendrite count may differ from the layer's); None when there are no such dendrites."""
-        out_weights = get(f"{self.projections[0]}_dendrite_out")
-        k_all = 0 if out_weights is None else out_weights.shape[1]
-        if k_all <= start:
-            return None
+        dendrites `start .. k_all-1` (`get(name)` reads a parameter by name from the layer or a state dict)."""
 
         def ms(t: torch.Tensor) -> float:
             return float(t.detach().float().pow(2).mean()) if t.numel() else 0.0
@@ -311,12 +253,14 @@ class DendriticExperts(DendriticLayerMixin):
 
     # ------------------------------------------------------------------ what does not apply
     def fuse(self) -> None:
-        if self.num_dendrites == 0:
-            return
-        raise NotImplementedError(
-            f"Inference fusion does not apply to dendritic experts ({type(self).__name__}): their base and dendrite "
-            "weights are already used by one grouped product per projection. Run the model unfused."
-        )
+        """Inference fusion does not apply (`supports_fusion = False`): the layer stays unfused, with a warning, so
+        that `DendriticModel.fuse_for_inference()` still fuses a MoE model's other layers."""
+        if self.num_dendrites:
+            logger.warning(
+                "Inference fusion does not apply to dendritic experts (%s): they stay unfused and compute as in "
+                "training (one grouped product per projection for the base, one for the dendrites).",
+                type(self).__name__,
+            )
 
     def _active(self, proj: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`<proj>_dendrite_out` and `_cascade` with switched-off dendrites zeroed (see `disable_dendrites`)."""
@@ -435,6 +379,30 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, trans
         parts.append(x[start:end].to(w.dtype) @ w)
         start = end
     return torch.cat(parts) if parts else x.new_zeros((0, n_out))
+
+
+# ---------------------------------------------------------------------------------------------- the kind
+def experts_check(module: nn.Module) -> Optional[str]:
+    """Why a module of a registered experts class cannot get dendrites (None when it can)."""
+    if not is_fused_experts(module):
+        return f"{type(module).__name__} does not have the fused experts layout (see hf_dendrites.moe)"
+    if getattr(module, "_is_expert_parallel", False):
+        return "its experts are sharded over processes (expert parallelism), which dendritic experts do not support"
+    return None
+
+
+def register_experts_kinds(model: nn.Module) -> None:
+    """Register `DendriticExperts` as the layer kind of every fused experts class in `model` (idempotent).
+
+    transformers has one experts class per MoE architecture (about 70 in 5.25), all built by
+    `use_experts_implementation`; registering those a model uses, when it is converted, avoids importing every
+    modeling module. "all-linear" selects them (they are the experts' linear projections).
+    """
+    from .layers import layer_kind_for, register_layer_kind
+
+    for module in model.modules():
+        if is_fused_experts(module) and layer_kind_for(module) is None:
+            register_layer_kind(type(module), DendriticExperts, all_linear=True, check=experts_check, same_function=())
 
 
 # ---------------------------------------------------------------------------------------------- targets

@@ -236,13 +236,20 @@ def test_growth_truncation_masks_and_low_rank_reload(tmp_path):
         assert torch.equal(loaded(x).logits, expected)
 
 
-def test_correlation_rule_and_fusion_say_they_do_not_apply():
+def test_correlation_rule_and_fusion_say_they_do_not_apply(caplog):
+    model = tiny_moe("mixtral")
     with pytest.raises(ValueError, match="correlation.*does not apply to dendritic experts"):
-        get_dendritic_model(tiny_moe("mixtral"), DendriteConfig(target_modules=["experts"], learning_rule="correlation"))
-    dm = get_dendritic_model(tiny_moe("mixtral"), DendriteConfig(target_modules=["experts"]))
+        get_dendritic_model(model, DendriteConfig(target_modules=["experts"], learning_rule="correlation"))
+    assert not any(isinstance(m, DendriticExperts) for m in model.modules())  # the model is left as it was
+    dm = get_dendritic_model(model, DendriteConfig(target_modules=["experts", "q_proj"]))
     dm.add_dendrites()
-    with pytest.raises(NotImplementedError, match="fusion does not apply to dendritic experts"):
+    with caplog.at_level(logging.WARNING, logger="hf_dendrites"):
         dm.fuse_for_inference()
+    assert "fusion does not apply to dendritic experts" in caplog.text
+    fused = {n: layer.is_fused for n, layer in dm.dendritic_layers()}
+    assert fused["model.layers.0.self_attn.q_proj"] and not fused["model.layers.0.mlp.experts"]
+    with torch.no_grad():
+        dm(ids())
 
 
 # ---------------------------------------------------------------------------------------------- targets
