@@ -103,6 +103,20 @@ class DendriticExperts(DendriticLayerMixin):
     # registers them all, unused ones stay None (absent from the state dict).
     dendrite_param_names = tuple(f"{p}_{n}" for p in ("gate_up_proj", "up_proj", "down_proj") for n in _PROJ_PARAM_NAMES)
 
+    @classmethod
+    def from_base_layer(cls, base: nn.Module, *args: Any, **kwargs: Any) -> "DendriticExperts":
+        """Wrap a fused experts module (same parameter objects). Called on `DendriticExperts` itself, it registers
+        the kind for the module's class and builds the class that wraps it (`DendriticMixtralExperts`)."""
+        reason = experts_check(base)
+        if reason is not None:
+            raise TypeError(f"Cannot give dendrites to {type(base).__name__}: {reason}.")
+        if cls is DendriticExperts:
+            from .layers import dendritic_class_for
+
+            register_experts_kinds(base)
+            return dendritic_class_for(base).from_base_layer(base, *args, **kwargs)
+        return super().from_base_layer(base, *args, **kwargs)
+
     # ------------------------------------------------------------------ layout
     @property
     def projections(self) -> tuple[str, str]:
@@ -283,7 +297,7 @@ class DendriticExperts(DendriticLayerMixin):
             x = x.detach()
         bias = self._p(proj, "dendrite_bias")[experts]  # [S, K*N]
         if self.dendrite_rank is None:
-            z = _grouped(x, self._p(proj, "dendrite_weight"), offsets, self.is_transposed) + bias
+            z = _grouped(x, self._p(proj, "dendrite_weight"), offsets, self.is_transposed, bias)
         else:
             r, S = self.dendrite_rank, x.shape[0]
             h = _grouped(x, self._p(proj, "dendrite_lora_A"), offsets, self.is_transposed)  # [S, K*r]
@@ -307,6 +321,8 @@ class DendriticExperts(DendriticLayerMixin):
                     z_k = z_k + c[:, first + j] * acts[j]
                 acts.append(phi(z_k))
             a = torch.stack(acts, 1)
+        if K == 1:
+            return a.squeeze(1) * out[experts].squeeze(1)
         return (a * out[experts]).sum(1)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -364,21 +380,25 @@ def _aligned(*sizes: int, dtype: torch.dtype) -> bool:
     return all(s % per == 0 for s in sizes)
 
 
-def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """x @ weight[e] (transposed: [E, in, out]) or x @ weight[e].T ([E, out, in]) for the rows of group e.
+def _grouped(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """x @ weight[e] (transposed: [E, in, out]) or x @ weight[e].T ([E, out, in]) for the rows of group e, plus the
+    per-row `bias` ([rows, out]) if given.
 
     One grouped product (transformers' `_grouped_linear`) when the sizes suit the kernel; otherwise, e.g. a rank that
     is not a multiple of 4 in float32 on the CPU, a loop over the groups (the only Python loop over experts).
     """
     n_in, n_out = (weight.shape[1], weight.shape[2]) if transposed else (weight.shape[2], weight.shape[1])
     if x.device.type != "cpu" or _aligned(n_in, n_out, dtype=weight.dtype):
-        return grouped_linear()(x, weight, offsets, is_transposed=transposed)
+        return grouped_linear()(x, weight, offsets, bias=bias, is_transposed=transposed)
     parts, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         w = weight[e] if transposed else weight[e].t()
         parts.append(x[start:end].to(w.dtype) @ w)
         start = end
-    return torch.cat(parts) if parts else x.new_zeros((0, n_out))
+    out = torch.cat(parts) if parts else x.new_zeros((0, n_out))
+    return out if bias is None else out + bias
 
 
 # ---------------------------------------------------------------------------------------------- the kind
@@ -413,13 +433,15 @@ ROUTER_NAME_PARTS = ("router", "gate")
 def is_router(name: str, module: nn.Module, parent: Optional[nn.Module]) -> bool:
     """A routing or gating Linear of an MoE layer (never a dendrite target of "all-linear" or the defaults).
 
-    A Linear whose own name contains "router" (`router`, `router_gate`, `modality_router`), or whose name is `gate` or
-    ends in `_gate` (`shared_expert_gate`) and that has one output or sits beside an experts module.
+    A Linear whose own name or its parent's contains "router" (`router`, `router_gate`, `modality_router`, JetMoE's
+    `router.layer`), or whose name is `gate` or ends in `_gate` (`shared_expert_gate`) and that has one output or sits
+    beside an experts module.
     """
     if not isinstance(module, nn.Linear):
         return False
-    last = name.rpartition(".")[2]
-    if "router" in last:
+    parts = name.split(".")
+    last = parts[-1]
+    if any("router" in part for part in parts[-2:]):
         return True
     if last == "gate" or last.endswith("_gate"):
         if module.out_features == 1:
