@@ -277,7 +277,7 @@ def _peft_selection(
     own = [n for n, (_, role) in roles.items() if role == MODEL]
     if targets == "all-linear":
         inner = transformers_model(model)
-        excluded = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
+        excluded = {id(inner.get_submodule(n)) for n in [*_all_linear_exclusions(inner), *moe.routers(inner)]}
         return [n for n in own if _all_linear_kind(modules[n]) and id(modules[n]) not in excluded]
     selected = {n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))}
     adapter_names = adapter_layer_names(model)

@@ -252,6 +252,20 @@ def test_correlation_rule_and_fusion_say_they_do_not_apply(caplog):
         dm(ids())
 
 
+def test_other_experts_implementations_get_the_same_function_and_a_warning(caplog):
+    model = tiny_moe("qwen3_moe")
+    model.set_experts_implementation("eager")
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits
+    with caplog.at_level(logging.WARNING, logger="hf_dendrites"):
+        dm = get_dendritic_model(model, DendriteConfig(target_modules=["experts"]))
+    assert "experts_implementation='eager'" in caplog.text and "within float rounding" in caplog.text
+    dm.add_dendrites()
+    with torch.no_grad():
+        torch.testing.assert_close(dm(x).logits, before, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- targets
 def test_routers_and_gates_are_never_dendritic():
     for model_type in ("qwen2_moe", "qwen3_next", "gpt_oss", "mixtral"):
@@ -322,3 +336,12 @@ def test_dendritic_trainer_grows_the_experts(tmp_path):
     assert counts and all(k == 1 for k in counts.values())
     layer = next(iter(experts_of(trainer.model).values()))
     assert layer.gate_up_proj_dendrite_out.abs().sum() > 0  # the grown dendrites trained
+
+
+def test_peft_model_all_linear_gets_the_experts_and_never_the_routers():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_moe("qwen2_moe"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    dm = get_dendritic_model(model, DendriteConfig(target_modules="all-linear"))
+    names = [n for n, _ in dm.dendritic_layers()]
+    assert any(n.endswith("mlp.experts") for n in names)
+    assert not [n for n in names if "shared_expert_gate" in n]
