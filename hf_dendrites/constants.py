@@ -65,6 +65,26 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # Gemma 3 with its vision tower: the same names also select the tower's q/k/v projections.
+    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    # Mixture-of-experts models (docs/moe.md): `experts` is the fused experts module (every expert gets dendrites on
+    # its gate_up_proj and down_proj); gate_proj / up_proj / down_proj are shared experts' and dense layers' Linears.
+    # Routers and gates are never targets.
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    "qwen3_next": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"],
+    "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    "phimoe": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    "granitemoe": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    "jamba": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"],
+    "deepseek_v2": ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"],
+    "deepseek_v3": ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"],
 }
 
 # Module names (any component of the dotted path) that hold task heads. "all-linear" never targets them:

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
-from . import quantized  # noqa: F401  (registers the bitsandbytes kinds for when bitsandbytes is imported)
+from . import (
+    moe,
+    quantized,  # noqa: F401  (registers the bitsandbytes kinds for when bitsandbytes is imported)
+)
 from .config import DendriteConfig
 from .constants import (
     DEFAULT_TARGET_MODULES,
@@ -218,6 +221,7 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
             )
         targets = DEFAULT_TARGET_MODULES[model_type]
 
+    moe.register_experts_kinds(model)  # the fused experts classes this model uses (hf_dendrites/moe.py)
     peft = has_peft_layers(model)
     roles = module_roles(model) if peft else {}
     modules = dict(model.named_modules())
@@ -226,13 +230,17 @@ def resolve_target_modules(model: nn.Module, config: DendriteConfig) -> list[str
         selected = _peft_selection(model, targets, roles, modules)
     elif targets == "all-linear":
         excluded = _all_linear_exclusions(model)
+        routers = moe.routers(model)  # MoE routers and gates: never dendritic (hf_dendrites/moe.py)
         for name, module in model.named_modules():
-            if _all_linear_kind(module) and name not in excluded:
+            if _all_linear_kind(module) and name not in excluded and name not in routers:
                 selected.append(name)
         skipped = _skipped_quantized(model, excluded)
         if skipped and selected:
             logger.warning("target_modules='all-linear' leaves layers without dendrites.%s", _quantized_note(skipped))
     else:
+        wrong = moe.parameter_pattern_error(model, targets, _matches)
+        if wrong is not None:
+            raise ValueError(wrong)
         for name, _ in model.named_modules():
             if name and _matches(name, targets):
                 selected.append(name)
@@ -272,7 +280,7 @@ def _peft_selection(
     own = [n for n, (_, role) in roles.items() if role == MODEL]
     if targets == "all-linear":
         inner = transformers_model(model)
-        excluded = {id(inner.get_submodule(n)) for n in _all_linear_exclusions(inner)}
+        excluded = {id(inner.get_submodule(n)) for n in [*_all_linear_exclusions(inner), *moe.routers(inner)]}
         return [n for n in own if _all_linear_kind(modules[n]) and id(modules[n]) not in excluded]
     selected = {n for n in own if n and (_matches(roles[n][0], targets) or _matches(n, targets))}
     adapter_names = adapter_layer_names(model)
@@ -604,8 +612,12 @@ class DendriticModel(nn.Module):
             def get(pname: str, name: str = name, layer: DendriticLayerMixin = layer) -> Optional[torch.Tensor]:
                 return state.get(f"model.{name}.{pname}") if state is not None else getattr(layer, pname)
 
-            out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
-            k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
+            if isinstance(layer, moe.DendriticExperts):  # [E, K, N] per projection (hf_dendrites/moe.py)
+                out_weights = get(f"{layer.projections[0]}_dendrite_out")
+                k_all, start = (0 if out_weights is None else out_weights.shape[1]), (first or {}).get(name, 0)
+            else:
+                out_weights = get("dendrite_out")  # [K, N]: K is the dendrite count of `state`, which may differ from now
+                k_all, start = (0 if out_weights is None else out_weights.shape[0]), (first or {}).get(name, 0)
             if k_all <= start:
                 continue
             out[name] = layer.dendrite_weight_ratio(get, start, k_all)
@@ -1663,6 +1675,7 @@ def get_dendritic_model(
         _replace_module(model, name, new)
         _move_accelerate_hook(old, new)
     dm = DendriticModel(model, config)
+    _check_experts(dm, config)
     if checkpoint is not None:
         try:
             dm._load_dendrites(checkpoint, payload)
@@ -1694,6 +1707,30 @@ def _requested_dendrite_dtype(model: nn.Module, config: DendriteConfig, names: l
             "weight's dtype (convert the model with `model.to(dtype)` first). Leave dendrite_dtype=None."
         )
     return getattr(torch, config.dendrite_dtype)
+
+
+def _check_experts(dm: DendriticModel, config: DendriteConfig) -> None:
+    """MoE checks after conversion: the correlation rule does not apply to experts; warn about experts left plain."""
+    experts = [name for name, layer in dm.dendritic_layers() if isinstance(layer, moe.DendriticExperts)]
+    if experts and config.learning_rule == "correlation":
+        dm.unload()
+        raise ValueError(
+            f"learning_rule='correlation' does not apply to dendritic experts ({experts[0]!r} and {len(experts) - 1} "
+            "more): its candidate pools are built for single-weight layers. Use learning_rule='gd', or exclude the "
+            "experts (exclude_modules=['experts'])."
+        )
+    if experts and (note := moe.experts_implementation_note(dm.model)):
+        logger.warning(note)
+    if config.target_modules is None or config.target_modules == "all-linear":
+        share, names = moe.unsupported_experts_share(dm.model, dict(dm.dendritic_layers()))
+        if names:
+            logger.warning(
+                "%.1f %% of the parameters of %s are in mixture-of-experts layers whose experts layout hf_dendrites does "
+                "not support (%s, e.g. %s): they get no dendrites. Supported: the fused experts of transformers "
+                "(`use_experts_implementation`, docs/moe.md).",
+                100 * share, type(transformers_model(dm.model)).__name__,
+                type(dm.model.get_submodule(names[0])).__name__, names[0],
+            )
 
 
 # What a checkpoint's dendrites are made of: a config that leaves these at their defaults takes the checkpoint's.

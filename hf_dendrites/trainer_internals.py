@@ -81,6 +81,13 @@ Under DeepSpeed `Trainer.train` does not call         The trainer calls it itsel
                                                       it has dendritic layers, `QUANTIZED_ADAPTERS_FLAG`): a quantized
                                                       base with dendrites trains its dendrites as a base with LoRA
                                                       trains its adapters.
+`transformers.integrations.moe._grouped_linear(input, weight, offs, bias=None, is_transposed=False)`
+                                                      Called by the dendritic experts (hf_dendrites/moe.py) for the
+                                                      base projections, as transformers' `grouped_mm` experts
+                                                      implementation calls it: rows sorted by expert, `offs` the
+                                                      cumulative row counts; it returns row i's product with its
+                                                      group's weight (transposed: [E, in, out]) plus `bias` rows.
+                                                      Computing the base the same way keeps insertion bit-exact.
 ====================================================  ===============================================================
 """
 
@@ -201,3 +208,10 @@ def release_deepspeed_engine(accelerator: Any, engine: Any) -> None:
         if name in vars(engine):
             setattr(engine, name, None)
     accelerator.deepspeed_engine_wrapped = None
+
+
+def grouped_linear() -> Any:
+    """transformers' grouped experts product (`transformers.integrations.moe._grouped_linear`, see the table above)."""
+    from transformers.integrations.moe import _grouped_linear
+
+    return _grouped_linear

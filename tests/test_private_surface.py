@@ -304,3 +304,16 @@ def test_trainer_refuses_a_bare_quantized_model_unless_adapters_are_flagged():
     flagged = Bare()
     setattr(flagged, trainer_internals.QUANTIZED_ADAPTERS_FLAG, True)
     validate_quantization_for_training(flagged)  # accepted: adapters are attached
+
+
+def test_grouped_linear_multiplies_each_expert_group_by_its_weight():
+    """hf_dendrites/moe.py computes the experts' base projections with transformers' grouped product."""
+    grouped = trainer_internals.grouped_linear()
+    params = list(inspect.signature(grouped).parameters)
+    assert params[:5] == ["input", "weight", "offs", "bias", "is_transposed"], _upstream(f"_grouped_linear{params}")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(10, 8, generator=g), torch.randn(3, 12, 8, generator=g), torch.randn(10, 12, generator=g)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no row
+    want = torch.cat([x[:4] @ w[0].t(), x[4:] @ w[2].t()]) + b
+    torch.testing.assert_close(grouped(x, w, offs, bias=b.clone(), is_transposed=False), want, msg=_upstream("_grouped_linear"))
+    torch.testing.assert_close(grouped(x, w.transpose(1, 2), offs, is_transposed=True), want - b, msg=_upstream("_grouped_linear"))
