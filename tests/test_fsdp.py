@@ -60,6 +60,25 @@ def test_fsdp2_growth_discard_retry_shards_everything_and_matches_ddp(fsdp_run, 
     torch.testing.assert_close(torch.tensor(results[0]["logits"]), torch.tensor(ddp[0]["logits"]), rtol=1e-5, atol=1e-6)
 
 
+def test_fsdp2_lr_search_and_load_best_model_at_end_match_ddp(tmp_path):
+    (tmp_path / "fsdp").mkdir(), (tmp_path / "ddp").mkdir()
+    sharded = run_two_processes(SCRIPT, tmp_path / "fsdp", "fsdp", "--variant", "search")
+    replicated = run_two_processes(SCRIPT, tmp_path / "ddp", "ddp", "--variant", "search")
+    history = sharded[0]["history"]
+    assert [r["decision"] for r in history].count("next_lr") == 2 and not sharded[0]["done"]
+    assert history == sharded[1]["history"] and sharded[0]["final_params_identical"]
+    assert [(r["step"], r["decision"], r["lr_factor"]) for r in history] == [
+        (r["step"], r["decision"], r["lr_factor"]) for r in replicated[0]["history"]
+    ]
+    # load_best_model_at_end loaded checkpoint-10 (one dendrite per layer; the last model had two), sharded again
+    assert sharded[0]["dendrite_counts"] == replicated[0]["dendrite_counts"] == [1]
+    assert all(sharded[0]["final"].values())
+    a, b = _final_state(tmp_path / "fsdp"), _final_state(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fsdp2_resume_from_a_checkpoint_written_at_a_growth_is_exact(fsdp_run, tmp_path):
     out, results = fsdp_run
     checkpoint = out / "checkpoint-4"  # written right after the first growth (a new, still empty optimizer)

@@ -1,6 +1,8 @@
 """DendriticTrainer under FSDP2 (or DDP, for comparison) on two CPU processes:
 `python -m torch.distributed.run --nproc_per_node 2 fsdp_train.py OUTPUT_DIR MODE [--resume CHECKPOINT] [--device cuda]`.
 
+`--variant search` runs an LR search with `load_best_model_at_end` instead (see SEARCH_SCORES).
+
 MODE is `fsdp` (`fsdp=True`, `fsdp_config={"version": 2, ...}`; on CPU that is gloo, on `--device cuda` NCCL) or
 `ddp` (the same run under DDP). Each rank trains the tiny task through a scripted sequence of scores that makes the
 schedule grow, switch to the neuron phase, grow again, discard and retry a cycle, and complete (the same script as
@@ -35,6 +37,12 @@ from dendritic_task import SEQ, ScriptedMetric, all_linear, make_args, task_data
 
 from hf_dendrites import DendriticTrainer, fsdp
 from hf_dendrites.fsdp import cpu_copy
+
+# With the LR search (factors 1.0, 0.3): grow at step 4; factor 1.0 plateaus -> next LR (step 8); factor 0.3 scores
+# 0.5 at step 10 and plateaus -> cycle 1 kept, grow (step 12, two dendrites per layer); next LR (step 16); max_steps
+# (step 20) ends the run before the schedule completes, and `load_best_model_at_end` loads checkpoint-10 (one
+# dendrite per layer).
+SEARCH_SCORES = [1.0, 1.0, 0.9, 0.9, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -88,6 +96,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["fsdp", "ddp"])
     parser.add_argument("--resume", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--variant", choices=["schedule", "search"], default="schedule")
     cli = parser.parse_args()
     transformers.logging.set_verbosity_error()
     launch = {"use_cpu": cli.device == "cpu", "ddp_backend": "gloo" if cli.device == "cpu" else None}
@@ -95,9 +104,14 @@ def main() -> None:
         # BERT lists BertEmbeddings as a block not to split, and accelerate 1.16 then shards its word embeddings twice:
         # wrap the encoder layers only (the usual setting for BERT under FSDP).
         launch.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
-    args = make_args(cli.output_dir, save_strategy="steps", save_steps=2, **SCHEDULE, **launch)
+    settings = dict(SCHEDULE)
+    if cli.variant == "search":
+        # An LR search over two factors after every growth, cut short by max_steps before the schedule completes, so
+        # that `load_best_model_at_end` loads the best checkpoint (of another dendrite layout than the last model).
+        settings.update(dendrite_lr_search=[1.0, 0.3], max_steps=20, load_best_model_at_end=True, dendrites_only_phase=False)
+    args = make_args(cli.output_dir, save_strategy="steps", save_steps=2, **settings, **launch)
     checker = EventChecker()
-    metric = ScriptedMetric(SCORES)
+    metric = ScriptedMetric(SCORES if cli.variant == "schedule" else SEARCH_SCORES)
     if cli.resume:  # the scripted scores go on where the checkpoint's run was
         for _ in range(len(json.load(open(os.path.join(cli.resume, "dendrite_schedule.json")))["history"])):
             metric(None)
@@ -114,7 +128,7 @@ def main() -> None:
         logits = model(**{k: v.to(trainer.args.device) for k, v in batch.items()}).logits.float().cpu()
     fsdp.unshard(model)  # the whole model, plain, on every rank: what the report below digests and compares
     if dist.get_rank() == 0:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, os.path.join(cli.output_dir, "final_state.safetensors"))
     write_rank_result(
         trainer, output, checker, cli.output_dir, final=final, inputs={k: v.tolist() for k, v in batch.items()},
