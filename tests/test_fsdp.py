@@ -60,6 +60,18 @@ def test_fsdp2_growth_discard_retry_shards_everything_and_matches_ddp(fsdp_run, 
     torch.testing.assert_close(torch.tensor(results[0]["logits"]), torch.tensor(ddp[0]["logits"]), rtol=1e-5, atol=1e-6)
 
 
+def test_accelerate_launch_use_fsdp_on_cpu_runs_fsdp2_not_ddp(fsdp_run, tmp_path):
+    # `accelerate launch --use_fsdp --fsdp_version 2 ...` on a machine without a GPU, training arguments without `fsdp`:
+    # accelerate alone trains with DDP there; the trainer runs FSDP2, as the same run with `fsdp=True` does.
+    out, results = fsdp_run
+    launched = run_two_processes(SCRIPT, tmp_path, "ddp", launcher="accelerate-fsdp2")
+    assert launched[0]["distributed_type"].endswith("FSDP") and all(launched[0]["final"].values())
+    assert all(e["all_dtensor"] for e in launched[0]["events"]) and launched[0]["history"] == results[0]["history"]
+    a, b = _final_state(out), _final_state(tmp_path)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fsdp2_lr_search_and_load_best_model_at_end_match_ddp(tmp_path):
     (tmp_path / "fsdp").mkdir(), (tmp_path / "ddp").mkdir()
     sharded = run_two_processes(SCRIPT, tmp_path / "fsdp", "fsdp", "--variant", "search")
