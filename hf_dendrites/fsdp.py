@@ -94,6 +94,18 @@ def check_fsdp_args(args: Any, trainer_name: str) -> None:
             "the model in FullyShardedDataParallel, whose flattened parameters cannot follow a growth of the "
             f"dendrites. Set {where} (docs/distributed.md)."
         )
+    if int(getattr(args, "world_size", 1) or 1) <= 1:
+        # Refused before the Trainer builds an accelerator (which would export ACCELERATE_USE_FSDP for this process).
+        raise RuntimeError(not_one_job_message(trainer_name, "NO"))
+
+
+def not_one_job_message(trainer_name: str, distributed_type: str) -> str:
+    return (
+        f"{trainer_name}: FSDP is requested, but accelerate runs this process with distributed type {distributed_type}, "
+        "not FSDP, and would train without sharding. FSDP needs several processes in one job: on GPUs `torchrun "
+        "--nproc_per_node N train.py ...` or `accelerate launch --use_fsdp --fsdp_version 2 ...`; on CPU `torchrun "
+        "--nproc_per_node N train.py --use_cpu ...` (docs/distributed.md)."
+    )
 
 
 def is_fsdp2(accelerator: Any) -> bool:
@@ -128,12 +140,7 @@ def enable_fsdp2(trainer: Any) -> None:
             )
         return
     if state.distributed_type != DistributedType.MULTI_CPU:
-        raise RuntimeError(
-            f"{name}: FSDP is requested, but accelerate runs this process with distributed type "
-            f"{state.distributed_type.value}, not FSDP, and would train without sharding. FSDP needs several processes "
-            "in one job: on GPUs `torchrun --nproc_per_node N train.py ...` or `accelerate launch --use_fsdp ...`; on "
-            "CPU `torchrun --nproc_per_node N train.py --use_cpu ...` (docs/distributed.md)."
-        )
+        raise RuntimeError(not_one_job_message(name, state.distributed_type.value))
     plugin_args = dict(getattr(args, "fsdp_plugin_args", None) or {"fsdp_version": SUPPORTED_FSDP_VERSION})
     plugin = FullyShardedDataParallelPlugin(**plugin_args)
     if state.mixed_precision != "no":

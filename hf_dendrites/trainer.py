@@ -29,7 +29,9 @@ Growth, retries and phase switches replace parameters (new `Parameter` objects),
   that no stale optimizer is unscaled, stepped or saved);
 - the LR scheduler (see "LR schedule" below);
 - under DDP, the model wrapper (a DDP wrapper registers its parameters once; the new wrapper also broadcasts
-  rank 0's parameters, so all ranks start the cycle identical).
+  rank 0's parameters, so all ranks start the cycle identical);
+- under FSDP2, the shards: the model was gathered into a plain module before the schedule changed it
+  (`prepare_model_change`) and is sharded again, new dendrites included (hf_dendrites/fsdp.py).
 
 The Trainer's epoch loop keeps the wrapper it started the epoch with in a local variable; `training_step` swaps a
 stale wrapper for the current one (keeping the loop's `no_sync` gradient-accumulation window), which covers every
@@ -432,8 +434,8 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         if unsupported:
             raise NotImplementedError(
                 f"{self._dendritic_class_name()} does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
-                "which these engines shard or register once. Train with a single process or DDP (`torchrun` / "
-                "`accelerate launch` without a DeepSpeed or FSDP config); use low-rank dendrites "
+                "which these engines shard or register once. Train with a single process, DDP (`torchrun` / "
+                "`accelerate launch` without a DeepSpeed or FSDP config) or FSDP version 2 (docs/distributed.md); use low-rank dendrites "
                 "(DendriteConfig(rank=...)) to keep large models affordable."
             )
         problem = processes_out_of_step(self.accelerator)
@@ -872,8 +874,9 @@ class DendriticTrainer(DendriticTrainerMixin, Trainer):
     the schedule (its `history` lists every cycle try), `trainer.dendrite_history` the evaluation rows and
     `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
 
-    Supported: a single process (CPU / one GPU) and DDP (`torchrun` / `accelerate launch`; CPU processes with
-    `use_cpu=True`). Not supported, with an error at construction: DeepSpeed, FSDP, tensor / context / sequence
+    Supported: a single process (CPU / one GPU), DDP (`torchrun` / `accelerate launch`; CPU processes with
+    `use_cpu=True`) and FSDP version 2 (`fsdp=True, fsdp_config={"version": 2}`; docs/distributed.md). Not
+    supported, with an error at construction: DeepSpeed, FSDP version 1, tensor / context / sequence
     parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
     does not run as one job (on CPU without `use_cpu=True`).
     """

@@ -198,9 +198,12 @@ def remove_fsdp2(module: nn.Module) -> None:
 
     state = module._get_fsdp_state()
     hooks = [state._pre_forward_hook_handle, state._post_forward_hook_handle]
-    for group in state._fsdp_param_groups:  # state-dict hooks of the modules whose parameters the group holds
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # older torch releases: one group per state
+        groups = [g] if (g := getattr(state, "_fsdp_param_group", None)) is not None else []
+    for group in groups:  # state-dict hooks of the modules whose parameters the group holds
         hooks += [*group._module_to_pre_save_state_dict_hook_handle.values(), *group._module_to_pre_load_state_dict_hook_handle.values()]
-        hooks += [p._post_load_hook_handle for p in group.fsdp_params]
+        hooks += [getattr(p, "_post_load_hook_handle", None) for p in group.fsdp_params]
     handles = {id(h): h for h in hooks if h is not None}
     for handle in handles.values():
         handle.remove()

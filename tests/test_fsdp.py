@@ -103,6 +103,22 @@ def test_fsdp2_resume_from_a_checkpoint_written_at_a_growth_is_exact(fsdp_run, t
     assert all(torch.equal(uninterrupted[k], continued[k]) for k in uninterrupted)
 
 
+def test_fsdp2_resume_from_sharded_state_dict_checkpoints_is_exact(tmp_path):
+    # fsdp_config state_dict_type SHARDED_STATE_DICT: the Trainer saves each process's optimizer shards (DCP); the
+    # dendritic model files are the single-process ones all the same. Resumed in the dendrites-only phase after a growth.
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    first.mkdir(), resumed.mkdir()
+    flags = ("fsdp", "--sharded-state-dict", "--max-steps", "10")
+    original = run_two_processes(SCRIPT, first, *flags)
+    checkpoint = first / "checkpoint-6"
+    assert (checkpoint / "optimizer_0").is_dir() and (checkpoint / "model.safetensors").exists()
+    assert [r["decision"] for r in original[0]["history"]][:3] == ["continue", "grow", "continue"]
+    continued = run_two_processes(SCRIPT, resumed, *flags, "--resume", str(checkpoint))
+    assert continued[0]["history"] == original[0]["history"] and continued[0]["logits"] == original[0]["logits"]
+    a, b = _final_state(first), _final_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fsdp2_saves_the_single_process_format_and_it_loads_in_one_process(fsdp_run):
     out, results = fsdp_run
     final = out / "final"  # trainer.save_model() after training, on both ranks; rank 0 wrote

@@ -97,14 +97,19 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--variant", choices=["schedule", "search"], default="schedule")
+    parser.add_argument("--sharded-state-dict", action="store_true", help="fsdp_config state_dict_type SHARDED_STATE_DICT")
+    parser.add_argument("--max-steps", type=int, default=-1)
     cli = parser.parse_args()
     transformers.logging.set_verbosity_error()
     launch = {"use_cpu": cli.device == "cpu", "ddp_backend": "gloo" if cli.device == "cpu" else None}
     if cli.mode == "fsdp":
         # BERT lists BertEmbeddings as a block not to split, and accelerate 1.16 then shards its word embeddings twice:
         # wrap the encoder layers only (the usual setting for BERT under FSDP).
-        launch.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
-    settings = dict(SCHEDULE)
+        config = {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}
+        if cli.sharded_state_dict:  # checkpoints hold each process's shards of the optimizer (and FSDP's model copy)
+            config["state_dict_type"] = "SHARDED_STATE_DICT"
+        launch.update(fsdp=True, fsdp_config=config)
+    settings = dict(SCHEDULE, max_steps=cli.max_steps)
     if cli.variant == "search":
         # An LR search over two factors after every growth, cut short by max_steps before the schedule completes, so
         # that `load_best_model_at_end` loads the best checkpoint (of another dendrite layout than the last model).
