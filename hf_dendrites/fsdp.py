@@ -22,7 +22,9 @@ So the trainer gathers, changes and shards again:
 - **Saving** (`trainer.save_model()`, checkpoints): each parameter is gathered to the CPU of the main process,
   which writes the same single-process checkpoint (`DendriticModel.save_pretrained`, `from_pretrained` loads it
   in one process); the others take part in the gathering only. The Trainer then writes its FSDP optimizer state
-  (full or sharded, `fsdp_config["state_dict_type"]`), from which a resumed run continues exactly.
+  (full or sharded, `fsdp_config["state_dict_type"]`), from which a resumed run continues exactly
+  (`FreshOptimizerState` keeps an optimizer built at that step new across the save). `save_pretrained` on the
+  sharded model itself is refused (`refuse_sharded_save`).
 
 On CPU, accelerate runs `fsdp=` (or `accelerate launch --use_fsdp`) as plain DDP without saying so: its state
 keeps the FSDP plugin only for GPU-like devices. `enable_fsdp2` switches the accelerator's state to FSDP with the
@@ -182,6 +184,8 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 def _sharded_parameters(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
     """(module, name, parameter) of every sharded parameter, in a fixed order (the same on every process: each
     gather is a collective)."""
+    if not torch.distributed.is_available():  # a torch build without distributed support has no DTensor
+        return
     from torch.distributed.tensor import DTensor
 
     for module in model.modules():
@@ -251,6 +255,16 @@ def full_parameters(model: nn.Module, on_this_process: bool) -> Iterator[None]:
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+
+
+def refuse_sharded_save(model: nn.Module) -> None:
+    """`save_pretrained` of a model whose parameters are FSDP2 shards would write each process's part: refuse it."""
+    if any(True for _ in _sharded_parameters(model)):
+        raise RuntimeError(
+            "save_pretrained was called on a model sharded by FSDP2: each process holds only its shards of the "
+            "parameters. Call `trainer.save_model(output_dir)` on every process (the main process writes the whole "
+            "model, gathered), or pass the gathered state as `state_dict=` (docs/distributed.md)."
+        )
 
 
 def reshard(trainer: Any) -> None:

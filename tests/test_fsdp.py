@@ -125,6 +125,9 @@ def test_fsdp2_saves_the_single_process_format_and_it_loads_in_one_process(fsdp_
     names = {p.name for p in final.iterdir()}
     assert {"model.safetensors", "dendrite_model.safetensors", "dendrite_config.json", "config.json"} <= names
     assert not any(n.startswith("pytorch_model_fsdp") for n in names)  # the dendritic format, not FSDP's own
+    # save_pretrained on the sharded model itself is refused on every rank (it would write each rank's shards)
+    assert all("save_pretrained was called on a model sharded by FSDP2" in r["direct_save"] for r in results)
+    assert not (out / "direct").exists()
     model = DendriticModel.from_pretrained(str(final)).eval()
     assert sorted(set(model.dendrite_counts().values())) == [2]
     with torch.no_grad():

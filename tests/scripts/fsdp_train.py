@@ -128,6 +128,13 @@ def main() -> None:
     model = trainer.model
     model.eval()
     final = sharding(model)  # before a forward pass (the root module keeps its parameters gathered after one)
+    direct_save = None
+    if cli.mode == "fsdp":  # DendriticModel.save_pretrained on the sharded model: refused (it would write the shards)
+        try:
+            model.save_pretrained(os.path.join(cli.output_dir, "direct"))
+            direct_save = "saved"
+        except RuntimeError as err:
+            direct_save = str(err)
     batch = fixed_batch()
     with torch.no_grad():
         logits = model(**{k: v.to(trainer.args.device) for k, v in batch.items()}).logits.float().cpu()
@@ -137,7 +144,7 @@ def main() -> None:
         save_file(state, os.path.join(cli.output_dir, "final_state.safetensors"))
     write_rank_result(
         trainer, output, checker, cli.output_dir, final=final, inputs={k: v.tolist() for k, v in batch.items()},
-        logits=logits.tolist(),
+        logits=logits.tolist(), direct_save=direct_save,
     )
 
 
