@@ -7,7 +7,7 @@
 # 1. tests/scripts/fsdp_train.py under FSDP2 and under DDP (same seed, `--device cuda`): growth, phase switches, a
 #    discarded and retried cycle, completion; the checks below are the CPU test's (identical parameters on both ranks,
 #    every parameter sharded after every event, the same decisions and final weights as DDP within float tolerance).
-# 2. resume from the checkpoint written at the first growth: the same history and final weights;
+# 2. resume from the checkpoint written at the first growth: the same history and (within float tolerance) weights;
 # 3. the saved model loads in one process (DendriticModel.from_pretrained) and gives the sharded model's outputs;
 # 4. python benchmarks/bench_fsdp.py --device cuda (writes benchmarks/results/fsdp.json: move the CPU one aside first).
 set -euo pipefail
@@ -40,7 +40,11 @@ worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 print(f"largest difference FSDP2 vs DDP final weights: {worst:.3g}")
 for k in a:
     torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)  # GPU reductions differ in order: looser than CPU
-assert rs[0]["history"] == fs[0]["history"] and all(torch.equal(a[k], c[k]) for k in a), "resume was not exact"
+assert rs[0]["history"] == fs[0]["history"], "the resumed run took other decisions"
+resumed = max((a[k].float() - c[k].float()).abs().max().item() for k in a)
+print(f"largest difference resumed vs uninterrupted final weights: {resumed:.3g} (0 on CPU; CUDA kernels may not be deterministic)")
+for k in a:
+    torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5, msg=k)
 model = DendriticModel.from_pretrained(os.path.join(out, "fsdp", "final")).eval()
 with torch.no_grad():
     logits = model(**{k: torch.tensor(v) for k, v in fs[0]["inputs"].items()}).logits
