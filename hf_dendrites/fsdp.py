@@ -306,14 +306,19 @@ class FreshOptimizerState(TrainerCallback):
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
-        self.clear_after_save = False
+        self.clear_after_save: int | None = None  # the step of the checkpoint whose save leaves a state to clear
         self.clear_after_resume = False
 
     def checkpoint_saved_model(self, directory: str, write: bool) -> None:
-        """`save_model` wrote checkpoint `directory`; the optimizer state follows it."""
+        """`save_model` wrote the model of a checkpoint (`<run>/checkpoint-<step>`); its optimizer state follows."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        step = self.trainer.state.global_step
+        if os.path.basename(os.path.normpath(directory)) != f"{PREFIX_CHECKPOINT_DIR}-{step}":
+            return
         optimizer = self.trainer.optimizer
-        self.clear_after_save = optimizer is not None and not optimizer.state
-        if self.clear_after_save and write:
+        self.clear_after_save = step if optimizer is not None and not optimizer.state else None
+        if self.clear_after_save is not None and write:
             with open(os.path.join(directory, FRESH_OPTIMIZER_NAME), "w", encoding="utf-8") as handle:
                 handle.write('{"optimizer_state": "none: the optimizer was new when this checkpoint was written"}\n')
 
@@ -325,9 +330,9 @@ class FreshOptimizerState(TrainerCallback):
             self.trainer.optimizer.state.clear()
 
     def on_save(self, args, state, control, **kwargs):
-        if self.clear_after_save:
+        if self.clear_after_save is not None and self.clear_after_save == state.global_step:
             self._clear()
-            self.clear_after_save = False
+        self.clear_after_save = None
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):
