@@ -91,6 +91,16 @@ def test_fsdp2_lr_search_and_load_best_model_at_end_match_ddp(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fsdp2_restarts_only_control(tmp_path):
+    results = run_two_processes(SCRIPT, tmp_path, "fsdp", "--variant", "restarts")
+    res = results[0]
+    assert res["distributed_type"].endswith("FSDP") and res["done"] and res["dendrite_counts"] == [0]
+    # every growth event happened (restore, fresh optimizer, sharded again), without a dendrite
+    assert [e["event"] for e in res["events"]].count(1) >= 1 and all(e["fsdp_module"] and e["all_dtensor"] for e in res["events"])
+    assert all(e["params_identical"] for e in res["events"]) and res["final_params_identical"]
+    assert results[1]["history"] == res["history"]
+
+
 def test_fsdp2_resume_from_a_checkpoint_written_at_a_growth_is_exact(fsdp_run, tmp_path):
     out, results = fsdp_run
     checkpoint = out / "checkpoint-4"  # written right after the first growth (a new, still empty optimizer)

@@ -1,7 +1,8 @@
 """DendriticTrainer under FSDP2 (or DDP, for comparison) on two CPU processes:
 `python -m torch.distributed.run --nproc_per_node 2 fsdp_train.py OUTPUT_DIR MODE [--resume CHECKPOINT] [--device cuda]`.
 
-`--variant search` runs an LR search with `load_best_model_at_end` instead (see SEARCH_SCORES).
+`--variant search` runs an LR search with `load_best_model_at_end` instead (see SEARCH_SCORES); `--variant restarts`
+the schedule with `dendrite_restarts_only=True`.
 
 MODE is `fsdp` (`fsdp=True`, `fsdp_config={"version": 2, ...}`; on CPU that is gloo, on `--device cuda` NCCL) or
 `ddp` (the same run under DDP). Each rank trains the tiny task through a scripted sequence of scores that makes the
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["fsdp", "ddp"])
     parser.add_argument("--resume", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--variant", choices=["schedule", "search"], default="schedule")
+    parser.add_argument("--variant", choices=["schedule", "search", "restarts"], default="schedule")
     parser.add_argument("--sharded-state-dict", action="store_true", help="fsdp_config state_dict_type SHARDED_STATE_DICT")
     parser.add_argument("--max-steps", type=int, default=-1)
     cli = parser.parse_args()
@@ -114,6 +115,8 @@ def main() -> None:
         # An LR search over two factors after every growth, cut short by max_steps before the schedule completes, so
         # that `load_best_model_at_end` loads the best checkpoint (of another dendrite layout than the last model).
         settings.update(dendrite_lr_search=[1.0, 0.3], max_steps=20, load_best_model_at_end=True, dendrites_only_phase=False)
+    if cli.variant == "restarts":  # the control: every growth event happens, no dendrite is added
+        settings.update(dendrite_restarts_only=True, dendrites_only_phase=False)
     args = make_args(cli.output_dir, save_strategy="steps", save_steps=2, **settings, **launch)
     checker = EventChecker()
     metric = ScriptedMetric(SCORES if cli.variant == "schedule" else SEARCH_SCORES)
