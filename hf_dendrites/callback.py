@@ -420,6 +420,7 @@ class DendriteScheduleCallback(TrainerCallback):
             self.accepted = self.cycle_best
         if decision.action is Action.CONTINUE:
             return
+        self.trainer.prepare_model_change()  # FSDP2: gathered into a plain model until the rebuild shards it again
         if self._main:
             logger.info("Step %d: %s", state.global_step, decision.message)
 

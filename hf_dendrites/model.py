@@ -914,6 +914,10 @@ class DendriticModel(nn.Module):
         directory = os.fspath(save_directory)
         if os.path.isfile(directory):
             raise ValueError(f"save_pretrained needs a folder, but {directory} is a file.")
+        if state_dict is None:
+            from .fsdp import refuse_sharded_save
+
+            refuse_sharded_save(self)  # FSDP2 shards: each process holds a part; `trainer.save_model()` gathers them
         adapter = self._adapter_save_options(adapter_only, trainable, base_model_name_or_path, base_revision)
         if not is_main_process:
             return directory

@@ -30,7 +30,9 @@ Growth, retries and phase switches replace parameters (new `Parameter` objects),
 - the LR scheduler (see "LR schedule" below);
 - under DDP, the model wrapper (a DDP wrapper registers its parameters once; the new wrapper also broadcasts
   rank 0's parameters, so all ranks start the cycle identical);
-- under DeepSpeed ZeRO-0/1/2, the engine, for the same reason (`deepspeed_support.py`).
+- under DeepSpeed ZeRO-0/1/2, the engine, for the same reason (`deepspeed_support.py`);
+- under FSDP2, the shards: the model was gathered into a plain module before the schedule changed it
+  (`prepare_model_change`) and is sharded again, new dendrites included (hf_dendrites/fsdp.py).
 
 The Trainer's epoch loop keeps the wrapper it started the epoch with in a local variable; `training_step` swaps a
 stale wrapper for the current one (keeping the loop's `no_sync` gradient-accumulation window), which covers every
@@ -139,7 +141,7 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import can_return_loss, find_labels
 
-from . import deepspeed_support, trainer_internals
+from . import deepspeed_support, fsdp, trainer_internals
 from .callback import DendriteScheduleCallback, processes_out_of_step
 from .config import DendriteConfig
 from .constants import DENDRITE_CONFIG_NAME
@@ -310,7 +312,23 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             self.model_accepts_loss_kwargs = False
         self.dendrite_callback = DendriteScheduleCallback(self)
         self.add_callback(self.dendrite_callback)
+        self.dendrite_fsdp_optimizer = fsdp.FreshOptimizerState(self) if fsdp.is_fsdp2(self.accelerator) else None
+        if self.dendrite_fsdp_optimizer is not None:
+            self.add_callback(self.dendrite_fsdp_optimizer)
         follow_transformers_verbosity()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; with `fsdp` set, one that really runs FSDP2, also on CPU processes, where
+        accelerate would run DDP (`fsdp.enable_fsdp2`, docs/distributed.md)."""
+        super().create_accelerator_and_postprocess()
+        fsdp.enable_fsdp2(self)
+
+    def prepare_model_change(self) -> None:
+        """Called before the parameter set changes (the schedule restores, grows or freezes; a checkpoint or the best
+        model loads): under FSDP2 the model is gathered into a plain module on every process, until
+        `rebuild_optimizer_and_scheduler` shards it again (hf_dendrites/fsdp.py). Nothing to do otherwise."""
+        if fsdp.is_fsdp2(self.accelerator):
+            fsdp.unshard(self.model)
 
     def _dendrite_arguments(self, args: Any) -> DendriteScheduleArguments:
         """The training arguments, checked: an instance of `dendrite_args_class` (plain `TrainingArguments` are
@@ -408,8 +426,10 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         unsupported = []
         if self.is_deepspeed_enabled:
             deepspeed_support.check_deepspeed_setup(self)  # ZeRO-0/1/2 run (hf_dendrites/deepspeed_support.py)
-        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
-            unsupported.append("FSDP")
+        if getattr(self, "is_fsdp_xla_enabled", False) or (self.is_fsdp_enabled and not fsdp.is_fsdp2(self.accelerator)):
+            unsupported.append("FSDP version 1 (FSDP version 2 is supported: fsdp_config={'version': 2})")
+        if fsdp.is_fsdp2(self.accelerator):
+            fsdp.check_model_supported(self.model, self._dendritic_class_name())
         if getattr(self, "is_distributed_loading_by_transformers", False):
             unsupported.append("models sharded at load time (from_pretrained(distributed_config=...))")
         pc = getattr(self.accelerator, "parallelism_config", None)
@@ -422,8 +442,8 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         if unsupported:
             raise NotImplementedError(
                 f"{self._dendritic_class_name()} does not support {', '.join(unsupported)}: growing dendrites replaces parameters, "
-                "which these engines shard or register once. Train with a single process or DDP (`torchrun` / "
-                "`accelerate launch` without a DeepSpeed or FSDP config); use low-rank dendrites "
+                "which these engines shard or register once. Train with a single process, DDP (`torchrun` / "
+                "`accelerate launch`), DeepSpeed ZeRO-1/2 or FSDP version 2 (docs/distributed.md); use low-rank dendrites "
                 "(DendriteConfig(rank=...)) to keep large models affordable."
             )
         problem = processes_out_of_step(self.accelerator)
@@ -537,6 +557,8 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         suspended gradient synchronisation on the old one (gradient accumulation). During a candidate phase
         (correlation rule) the errors this backward pass captured are folded into the rule's statistics.
         """
+        if fsdp.fsdp_requested(self.args):
+            fsdp.check_sharded(self)  # never a silent DDP run
         current = self.model_wrapped
         if model is current or current is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -620,10 +642,15 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         trainer_internals.forget_prepared(acc, optimizers=[old_optimizer], schedulers=[old_scheduler])
         self.optimizer = None
         self.lr_scheduler = None
+        if fsdp.is_fsdp2(acc):
+            fsdp.unshard(self.model)  # the optimizer is built on the plain parameters, then sharded with them
         self.create_optimizer()
         distributed = acc.num_processes > 1 and not isinstance(old_wrapped, nn.DataParallel)
         if self.is_deepspeed_enabled:
             deepspeed_support.rebuild_engine(self, old_wrapped)  # a new engine for the new parameter set
+        elif fsdp.is_fsdp2(acc):
+            # FSDP2: shard the changed model anew (new dendrites included), mapping the new optimizer to the shards.
+            fsdp.reshard(self)
         elif distributed and self.dendrite_callback.correlation is not None:
             # Candidate phase: nothing of the model trains, and DDP refuses a module without trainable parameters.
             # Run the bare model; the correlation rule all-reduces its own statistics.
@@ -675,18 +702,22 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         dm = self.model
         dm.training_summary = self.dendrite_callback.training_summary()
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            logger.info("Saving dendritic model checkpoint to %s", output_dir)
-            processing_class = self.processing_class
-            if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
-                processing_class = self.data_collator.tokenizer
-            options = self.dendrite_callback.save_options(output_dir, _internal_call)  # adapter-only for a frozen base
-            dm.save_pretrained(output_dir, processing_class=processing_class, tags=getattr(dm, "model_tags", None), **options)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-            is_checkpoint = os.path.basename(os.path.normpath(output_dir)) == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if _internal_call and self.is_in_train and is_checkpoint:
-                self.dendrite_callback.write_state(output_dir)
+        # FSDP2: every process takes part in gathering the whole model; the writing process holds it on the CPU.
+        with fsdp.full_parameters(dm, on_this_process=self.args.should_save):
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                logger.info("Saving dendritic model checkpoint to %s", output_dir)
+                processing_class = self.processing_class
+                if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
+                    processing_class = self.data_collator.tokenizer
+                options = self.dendrite_callback.save_options(output_dir, _internal_call)  # adapter-only for a frozen base
+                dm.save_pretrained(output_dir, processing_class=processing_class, tags=getattr(dm, "model_tags", None), **options)
+                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+                is_checkpoint = os.path.basename(os.path.normpath(output_dir)) == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                if _internal_call and self.is_in_train and is_checkpoint:
+                    self.dendrite_callback.write_state(output_dir)
+        if _internal_call and self.is_in_train and getattr(self, "dendrite_fsdp_optimizer", None) is not None:
+            self.dendrite_fsdp_optimizer.checkpoint_saved_model(output_dir, write=self.args.should_save)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -701,6 +732,9 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         from .saving import load_dendritic_state
 
         dm = self.model
+        self.prepare_model_change()
+        if getattr(self, "dendrite_fsdp_optimizer", None) is not None:
+            self.dendrite_fsdp_optimizer.loading_checkpoint(resume_from_checkpoint)
         schedule_state = self.dendrite_callback.load_state(resume_from_checkpoint)
         if os.path.isfile(os.path.join(resume_from_checkpoint, DENDRITE_CONFIG_NAME)):
             load_dendritic_state(dm, resume_from_checkpoint)
@@ -714,6 +748,9 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             self.dendrite_callback.finish_loading(resume_from_checkpoint, schedule_state)
         else:
             self.dendrite_callback.apply_phase_trainability()
+        if fsdp.is_fsdp2(self.accelerator) and self.optimizer is not None:
+            # Under FSDP the Trainer loads a checkpoint after it sharded the model: shard the loaded layout again.
+            self.rebuild_optimizer_and_scheduler()
 
     def _load_best_model(self) -> None:
         """`load_best_model_at_end` with a changed architecture (private Trainer hook, see `trainer_internals`):
@@ -727,9 +764,12 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
             return
         checkpoint = self.state.best_model_checkpoint
         logger.info("Loading best model from %s (score: %s).", checkpoint, self.state.best_metric)
+        self.prepare_model_change()
         load_dendritic_state(self.model, checkpoint)
         self.dendrite_callback.loaded_best_checkpoint(checkpoint)
         self.dendrite_callback.apply_phase_trainability()
+        if fsdp.is_fsdp2(self.accelerator):
+            self.rebuild_optimizer_and_scheduler()
 
     def create_model_card(
         self,
@@ -816,12 +856,7 @@ def _check_args_supported(args: TrainingArguments) -> None:
     """Fail before building anything for arguments that select an unsupported engine."""
     if getattr(args, "deepspeed", None):
         deepspeed_support.check_deepspeed_arguments(args)  # ZeRO-0/1/2 (hf_dendrites/deepspeed_support.py)
-    if getattr(args, "fsdp", None):
-        raise NotImplementedError(
-            "DendriticTrainer does not support FSDP (`fsdp=` is set): growing dendrites replaces parameters, which "
-            "FSDP shards once. Use a single process or DDP (`torchrun`); low-rank dendrites (DendriteConfig(rank=...)) "
-            "keep large models affordable."
-        )
+    fsdp.check_fsdp_args(args, "DendriticTrainer")  # FSDP version 2 only (hf_dendrites/fsdp.py)
 
 
 class DendriticTrainer(DendriticTrainerMixin, Trainer):
@@ -849,8 +884,9 @@ class DendriticTrainer(DendriticTrainerMixin, Trainer):
     `trainer.dendrite_callback` the `DendriteScheduleCallback` that runs the schedule.
 
     Supported: a single process (CPU / one GPU), DDP (`torchrun` / `accelerate launch`; CPU processes with
-    `use_cpu=True`) and DeepSpeed ZeRO-1/2 (`deepspeed=`; docs/distributed.md). Not supported, with an error at
-    construction: DeepSpeed ZeRO-3, FSDP, tensor / context / sequence
+    `use_cpu=True`), DeepSpeed ZeRO-1/2 (`deepspeed=`) and FSDP version 2 (`fsdp=True, fsdp_config={"version": 2}`;
+    docs/distributed.md). Not supported, with an error at construction: DeepSpeed ZeRO-3, FSDP version 1, tensor /
+    context / sequence
     parallelism, SageMaker model parallelism, models sharded at load time, and several processes that accelerate
     does not run as one job (on CPU without `use_cpu=True`).
     """

@@ -88,6 +88,21 @@ Under DeepSpeed `Trainer.train` does not call         The trainer calls it itsel
                                                       cumulative row counts; it returns row i's product with its
                                                       group's weight (transposed: [E, in, out]) plus `bias` rows.
                                                       Computing the base the same way keeps insertion bit-exact.
+`AcceleratorState.distributed_type` / `fsdp_plugin`   Set (`switch_to_fsdp`, FSDP2 on CPU, hf_dendrites/fsdp.py): on
+(and `PartialState`'s `distributed_type`)             CPU processes accelerate keeps MULTI_CPU and drops the FSDP
+                                                      plugin (DDP without a word); switched to FSDP with an FSDP2
+                                                      plugin right after the Trainer built its accelerator, its
+                                                      `prepare` shards with `fully_shard` (gloo).
+torch FSDP2: `FSDPModule._get_fsdp_state()`; the      Removed (`remove_fsdp2`) to make a sharded module plain again
+state's `_pre_forward_hook_handle`,                   before the dendrites change (fsdp.py): its forward hooks, the
+`_post_forward_hook_handle`, `_fsdp_param_groups`     state-dict hooks its parameter groups put on the modules whose
+(each group's `_module_to_pre_save_state_dict_hook_   parameters they hold, the FSDP class (the original class is
+handle`, `_module_to_pre_load_state_dict_hook_handle` at `_orig_cls_mro_index`, 2, in its MRO), the composable state
+and `fsdp_params[i]._post_load_hook_handle`); the     and registry entries in the module's `__dict__`, the module's
+class `FSDP<cls>` (`_orig_cls_mro_index`);            entry in the global state map (`fully_shard` refuses a module
+`_composable.contract.STATE_KEY` / `REGISTRY_KEY`;    that still has them), and the managed-module marks
+`_composable_state._module_state_mapping`;            (`unmark_fsdp_managed`).
+`_is_fsdp_managed_module`, `_fsdp_use_orig_params`
 ====================================================  ===============================================================
 """
 
@@ -215,3 +230,53 @@ def grouped_linear() -> Any:
     from transformers.integrations.moe import _grouped_linear
 
     return _grouped_linear
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 (fsdp.py)
+FSDP2_MODULE_MARKS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
+
+
+def switch_to_fsdp(accelerator: Any, plugin: Any) -> None:
+    """Make `accelerator` shard with `plugin` (FSDP2) where accelerate chose DDP (CPU processes)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def remove_fsdp2(module: nn.Module) -> None:
+    """Undo `fully_shard` on one module whose parameters were already replaced by plain ones (its hooks, FSDP class,
+    composable state), so that it runs as a plain module and `fully_shard` accepts it again."""
+    import importlib
+
+    from torch.distributed._composable_state import _module_state_mapping
+
+    contract = importlib.import_module("torch.distributed._composable.contract")  # the module, not its function
+
+    state = module._get_fsdp_state()
+    hooks = [state._pre_forward_hook_handle, state._post_forward_hook_handle]
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # older torch releases: one group per state
+        groups = [g] if (g := getattr(state, "_fsdp_param_group", None)) is not None else []
+    for group in groups:  # state-dict hooks of the modules whose parameters the group holds
+        hooks += [*group._module_to_pre_save_state_dict_hook_handle.values(), *group._module_to_pre_load_state_dict_hook_handle.values()]
+        hooks += [getattr(p, "_post_load_hook_handle", None) for p in group.fsdp_params]
+    handles = {id(h): h for h in hooks if h is not None}
+    for handle in handles.values():
+        handle.remove()
+    fsdp_class = type(module)
+    module.__class__ = fsdp_class.__mro__[getattr(fsdp_class, "_orig_cls_mro_index", 2)]
+    module.__dict__.pop(contract.STATE_KEY, None)
+    module.__dict__.pop(contract.REGISTRY_KEY, None)
+    _module_state_mapping.pop(module, None)
+    if getattr(module.__dict__.get("generate"), "__self__", None) is module:
+        del module.__dict__["generate"]  # `register_fsdp_forward_method(model, "generate")`, as the Trainer does
+
+
+def unmark_fsdp_managed(module: nn.Module) -> None:
+    """Drop the marks `fully_shard` leaves on the modules it manages (read by dynamo)."""
+    for name in FSDP2_MODULE_MARKS:
+        module.__dict__.pop(name, None)

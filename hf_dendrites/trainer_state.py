@@ -72,8 +72,11 @@ class Snapshot:
 
     @classmethod
     def of(cls, dm, step: int, metrics: dict[str, float]) -> Snapshot:
-        """Copy the current weights of `dm` (a `DendriticModel`) to CPU memory."""
-        state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
+        """Copy the current weights of `dm` (a `DendriticModel`) to CPU memory (under FSDP2 gathered from the shards,
+        by every process)."""
+        from .fsdp import cpu_copy
+
+        state = {k: cpu_copy(v) for k, v in dm.state_dict().items()}
         return cls(dm.dendrite_counts(), state, int(step), dict(metrics))
 
     def matches(self, dm) -> bool:

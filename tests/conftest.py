@@ -104,7 +104,8 @@ def launch_two_processes(script: str, *script_args: str, launcher: str = "torchr
     """Run `script *script_args` as two real CPU processes (no GPU visible) and return the finished launch.
 
     `launcher`: "torchrun" (torch.distributed.run), "accelerate" (`accelerate launch --multi_gpu --num_processes 2`,
-    with no accelerate config file) or "env" (two plain `python script` processes given RANK, WORLD_SIZE,
+    with no accelerate config file), "accelerate-fsdp2" (`accelerate launch --use_fsdp --fsdp_version 2`, wrapping every
+    `BertLayer`) or "env" (two plain `python script` processes given RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT by hand, as a cluster scheduler's own launch would, without LOCAL_RANK).
     """
     with socket.socket() as s:
@@ -126,8 +127,11 @@ def launch_two_processes(script: str, *script_args: str, launcher: str = "torchr
         return subprocess.CompletedProcess(
             run_args, max((p.returncode for p in procs), key=abs), "".join(o[0] for o in outputs), "".join(o[1] for o in outputs)
         )
-    if launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    if launcher in ("accelerate", "accelerate-fsdp2"):
+        mode = ["--multi_gpu"] if launcher == "accelerate" else [
+            "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap", "BertLayer"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -317,3 +317,55 @@ def test_grouped_linear_multiplies_each_expert_group_by_its_weight():
     want = torch.cat([x[:4] @ w[0].t(), x[4:] @ w[2].t()]) + b
     torch.testing.assert_close(grouped(x, w, offs, bias=b.clone(), is_transposed=False), want, msg=_upstream("_grouped_linear"))
     torch.testing.assert_close(grouped(x, w.transpose(1, 2), offs, is_transposed=True), want - b, msg=_upstream("_grouped_linear"))
+
+
+# A single-process (world size 1, gloo) job: accelerate switched to FSDP2 (`switch_to_fsdp`) shards with `fully_shard`;
+# `fsdp.unshard` (`remove_fsdp2`, `unmark_fsdp_managed`) makes the model plain again, and it can be sharded again.
+_FSDP2_PROBE = r"""
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from hf_dendrites import fsdp, trainer_internals
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+acc = Accelerator(cpu=True)
+trainer_internals.switch_to_fsdp(acc, FullyShardedDataParallelPlugin(fsdp_version=2))
+assert fsdp.is_fsdp2(acc), "switch_to_fsdp: accelerate does not report FSDP2"
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+cls = type(model[0])
+for round in range(2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    assert isinstance(model, FSDPModule), "Accelerator.prepare did not shard with fully_shard after switch_to_fsdp"
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    before = {k: fsdp.cpu_copy(v) for k, v in model.state_dict().items()}
+    assert fsdp.unshard(model), "unshard saw no FSDP module"
+    assert type(model) is nn.Sequential and type(model[0]) is cls, "the FSDP classes were not removed"
+    assert not any(isinstance(p, DTensor) for p in model.parameters()), "parameters are still DTensors"
+    assert not model._forward_pre_hooks and not model._forward_hooks, "FSDP's forward hooks are still there"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "gathered values differ"
+    model.load_state_dict(before)  # FSDP's load hooks removed: a plain load works
+    model(torch.randn(3, 4))
+    trainer_internals.forget_prepared(acc, optimizers=[opt], models=[model])
+dist.destroy_process_group()
+print("FSDP2 PROBE OK")
+"""
+
+
+def test_fsdp2_switch_and_unshard_rely_on_accelerate_and_torch_as_they_are(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _FSDP2_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert "FSDP2 PROBE OK" in proc.stdout, _upstream(
+        "accelerate's FSDP2 state switch or torch's fully_shard internals changed (trainer_internals.switch_to_fsdp / "
+        f"remove_fsdp2): {proc.stderr[-3000:]}"
+    )

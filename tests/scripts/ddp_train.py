@@ -129,23 +129,17 @@ def write_rank_result(trainer, output, checker, output_dir: str, **extra) -> Non
     # 'terminate called without an active exception') while the other was still leaving.
     dist.destroy_process_group()
 
+# The schedule settings that SCORES drives (also used by tests/scripts/fsdp_train.py).
+SCHEDULE = {
+    "eval_steps": 2, "logging_steps": 2, "per_device_train_batch_size": 4, "dendrite_patience": [1],
+    "dendrite_improvement_threshold": [0.01], "dendrites_only_phase": True, "max_dendrite_cycles": 2,
+    "max_dendrite_tries": 2, "metric_for_best_model": "scripted", "greater_is_better": False,
+}
+
+
 def main(output_dir: str, flags: list[str]) -> None:
     transformers.logging.set_verbosity_error()
-    args = make_args(
-        output_dir,
-        eval_steps=2,
-        logging_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        dendrite_patience=[1],
-        dendrite_improvement_threshold=[0.01],
-        dendrites_only_phase=True,
-        max_dendrite_cycles=2,
-        max_dendrite_tries=2,
-        metric_for_best_model="scripted",
-        greater_is_better=False,
-        **launch_flags(flags),
-    )
+    args = make_args(output_dir, gradient_accumulation_steps=2, **SCHEDULE, **launch_flags(flags))
     checker = EventChecker()
     trainer = CheckingTrainer(
         tiny_bert(),
