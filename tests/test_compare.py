@@ -20,7 +20,6 @@ from hf_dendrites.compare import models as M
 from hf_dendrites.compare.runner import (
     arm_model,
     build_context,
-    supports_restarts_only,
     training_arguments,
 )
 
@@ -149,10 +148,10 @@ def test_dataset_folder_with_a_stratified_validation_split_and_the_default_arms(
     assert sorted(ctx.splits.validation["labels"]) == [0] * 6 + [1] * 12  # the 2:1 class balance is kept
     assert len(ctx.splits.train) == 72 and len(ctx.test) == 12
     assert not set(ctx.splits.validation["text"]) & set(ctx.splits.train["text"]) or len(set(ctx.splits.train["text"])) < 72
-    expected = ["baseline", "wider", "dendrites", "dendrites-only-phase", "correlation", "frozen-dendrites", "lora"]
-    if supports_restarts_only():
-        expected.insert(1, "baseline-restarts")
-    assert ctx.arms == expected
+    # the lora-* arms only when asked for (--lora-rank or --arms): each adds a run per seed
+    assert ctx.arms == ["baseline", "baseline-restarts", "wider", "dendrites", "dendrites-only-phase", "correlation",
+                        "frozen-dendrites", "lora"]
+    assert "pass --lora-rank" in ctx.skipped["lora-dendrites"]
 
 
 def test_the_frozen_base_and_other_dendritic_arms_train(data, tmp_path):

@@ -119,3 +119,85 @@ def _suite():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _pm(stats: dict, scale: float = 100.0, digits: int = 1, unit: str = " %", sign: bool = False, ci: bool = False) -> str:
+    """mean ± std[ [low, high]] as README writes it."""
+    f = f"{'+' if sign else ''}.{digits}f"
+    text = f"{scale * stats['mean']:{f}} ± {scale * stats['std']:.{digits}f}"
+    if ci:
+        return f"{text}{unit} [{scale * stats['ci_low']:.{digits}f}, {scale * stats['ci_high']:.{digits}f}]"
+    return text + unit
+
+
+def _suite_expectations(results: dict) -> dict[str, list[str]]:
+    """README's issue 5 bullets (by their start) -> what they quote, from the suite's JSON as the engine summarises it."""
+    same, comp = results["same_arch"]["summary"], results["compression"]["summary"]
+    cost, pai = results["cost"]["summary"], results["perforatedai"]["summary"]["perforatedai"]
+    seeds = len(results["same_arch"]["seeds"])
+    width = results["compression"]["widths"][0]
+    wider = results["compression"]["wider_widths"][str(width)]
+
+    def kept(fraction: float) -> str:
+        return f"{round(fraction * seeds)} of {seeds} seeds"
+
+    def ratio(k: str, key: str, spread: bool = False) -> str:
+        s = cost[k][key]
+        return f"{s['mean']:.2f} ± {s['std']:.2f}x" if spread else f"{s['mean']:.2f}x"
+
+    early = [r for r in results["compression"]["runs"]
+             if r["name"] == f"reduced{width}" and r["steps"] <= results["compression"]["settings"]["eval_steps"]]
+    return {
+        "- **Same architecture": [
+            "Baseline at its plateau " + _pm(same["baseline_plateau"]["test"], unit=" %"),
+            "steps " + _pm(same["baseline_continued"]["test"]), "gd dendrites " + _pm(same["dendrites_gd"]["test"]),
+            f"dendrite cycle in {kept(1 - same['dendrites_gd']['dendrites_kept'])}",
+            "correlation-rule dendrites " + _pm(same["dendrites_correlation"]["test"]),
+            f"(kept in {kept(same['dendrites_correlation']['dendrites_kept'])})",
+            "vs the plateau " + _pm(same["dendrites_correlation"]["rel_error_change_vs_baseline_plateau"], ci=True),
+            "vs the baseline trained on\n  " + _pm(same["dendrites_correlation"]["rel_error_change_vs_baseline_continued"],
+                                                   sign=True, ci=True)],
+        "- **Compression": [
+            f"from 1536 to {width} units", f"{same['baseline_plateau']['non_embedding_params'] / 1e6:.2f}M -> "
+            f"{comp[f'reduced{width}']['non_embedding_params'] / 1e6:.2f}M",
+            "reduced + dendrites scored " + _pm(comp[f"reduced{width}_dendrites"]["test"]),
+            "the same steps " + _pm(comp[f"reduced{width}_continued"]["test"]),
+            f"({wider} units) " + _pm(comp[f"reduced{width}_wider{wider}"]["test"]),
+            f"{100 * same['baseline_plateau']['test']['mean']:.1f}-{100 * same['baseline_continued']['test']['mean']:.1f} %",
+            f"In {len(early)} of {seeds} seeds", "at plateau\", " + _pm(comp[f"reduced{width}"]["test"])],
+        "- **Cost:**": [
+            "made a training step " + ratio("1", "train_step_ratio_vs_0", True),
+            "inference batch " + ratio("1", "inference_ratio_vs_0", True),
+            f"(2 dendrites {ratio('2', 'train_step_ratio_vs_0')} / {ratio('2', 'inference_ratio_vs_0')}, 4 dendrites "
+            f"{ratio('4', 'train_step_ratio_vs_0')} / {ratio('4', 'inference_ratio_vs_0')}",
+            f"{len(results['cost']['seeds'])} repetitions",
+            " -> ".join([f"{cost['0']['peak_rss_mb']['mean']:.0f}",
+                         " / ".join(f"{cost[k]['peak_rss_mb']['mean']:.0f}" for k in ("1", "2", "4"))]) + " MB"],
+        "- **perforatedai": [
+            _pm(pai["test"]) + f" (it kept its dendrites in\n  {sum(1 for d in pai['dendrites_added'] if d)} of {seeds} seeds)",
+            "hf_dendrites gd " + _pm(same["dendrites_gd"]["test"])],
+    }
+
+
+def test_readme_suite_summary_quotes_the_committed_runs():
+    suite = _suite()
+    results = suite.load_results(suite.RESULTS_DIR)
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### The issue 5 benchmark suite", 1)[1]
+    bullets = {b.split("\n", 1)[0][:30]: b for b in ("\n" + section).split("\n- ")[1:]}
+    wrong = []
+    for start, expected in _suite_expectations(results).items():
+        bullet = next(("- " + b for b in ("\n" + section).split("\n- ")[1:] if ("- " + b).startswith(start)), None)
+        assert bullet is not None, f"README's suite summary has no bullet starting {start!r} ({list(bullets)})"
+        wrong += [(start, e) for e in expected if e not in bullet]
+    assert not wrong, "README's suite summary quotes numbers the committed JSON does not give; expected: " + "; ".join(
+        f"{s!r}: {e!r}" for s, e in wrong)
+
+
+def test_suite_report_is_rebuilt_from_the_committed_json():
+    suite = _suite()
+    block = suite.report_block(suite.load_results(suite.RESULTS_DIR))
+    text = suite.RESULTS_MD.read_text(encoding="utf-8")
+    assert suite.BEGIN in text and suite.END in text
+    quoted = suite.BEGIN + text.split(suite.BEGIN, 1)[1].split(suite.END, 1)[0] + suite.END
+    assert quoted == block, "RESULTS.md's suite block differs from `python benchmarks/run_suite.py --report`"

@@ -25,8 +25,8 @@ validation evaluation. The arms (`settings.ARMS`):
 - `wider`: every MLP gets as many extra units as give the parameters that `max_cycles` growths of the dendrites
   arm add (computed exactly on a weightless copy of the converted model; the kept count may end lower). From
   scratch the config's intermediate size is raised; pretrained, the new units get random input weights and zero
-  output weights, so the model computes the same function at the start. Same recipe as `baseline-restarts`
-  (or `baseline` where the trainer lacks the restarts mode; the run records which).
+  output weights, so the model computes the same function at the start. Restarts at its own plateaus (best
+  weights restored, fresh optimizer, LR restart), without dendrites.
 - `dendrites`, `dendrites-only-phase`, `correlation`: the dendritic schedule with the gd rule (joint, or with a
   dendrites-only phase first) or the correlation rule.
 - `frozen-dendrites` / `lora`: the base frozen except the task head; low-rank dendrites of `--frozen-rank`

@@ -32,13 +32,6 @@ RESTARTS_FIELD = "dendrite_restarts_only"
 REPLAYS = {"baseline-restarts": ("dendrites", "frozen-dendrites"), "lora-restarts": ("lora-dendrites",)}
 
 
-def supports_restarts_only() -> bool:
-    """Whether the installed `DendriticTrainingArguments` has the restarts-only mode."""
-    from ..trainer import DendriticTrainingArguments
-
-    return RESTARTS_FIELD in {f.name for f in dataclasses.fields(DendriticTrainingArguments)}
-
-
 def replays_dendritic_run(s: CompareSettings) -> bool:
     """Whether baseline-restarts replays the dendrites run's restart steps. Not with --lr-search: each LR
     candidate trains to its own plateau, so those steps cannot be replayed; the control then runs the same recipe
@@ -96,11 +89,6 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
         targets = resolve_target_modules(meta, config)
     except (ValueError, TypeError) as err:
         raise ValueError(f"--targets {s.targets!r}: {err}") from err
-    if not supports_restarts_only():
-        reasons["baseline-restarts"] = (
-            f"needs hf_dendrites with {RESTARTS_FIELD} (DendriticTrainingArguments.{RESTARTS_FIELD}); this "
-            f"hf_dendrites {library_version()} lacks it"
-        )
     if s.rank is not None:
         reasons["correlation"] = "the correlation rule needs full-shape dendrites; drop --rank"
     if s.max_cycles == 0:
@@ -210,35 +198,110 @@ def build_context(s: CompareSettings) -> Context:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-class _BestTracker:
-    """Keeps a CPU copy of the weights at the best validation score of a run, for runs that hit --max-steps
-    before the schedule completed (then those weights are scored, as `load_best_model_at_end` would)."""
+class BestTracker:
+    """Follows the validation score of a run: keeps a CPU copy of the weights (and dendrite counts) at its best
+    evaluation, for runs that hit --max-steps before the schedule completed (then those weights are scored, as
+    `load_best_model_at_end` would), and with `test_dataset` scores the test data at every new best.
 
-    def __init__(self, key: str, greater_is_better: bool):
+    `entries` lists every evaluation during training: `step`, `val` and `test` (None unless a new best), so the test
+    score of any model the run may end with (cycle 0's best = the baseline at its plateau, a later cycle's best) is
+    known without scoring the test data at every evaluation; validation alone drives every decision. The test data
+    is scored with `trainer.predict`, which (unlike `evaluate`) does not reach the schedule's `on_evaluate`.
+    """
+
+    def __init__(self, metric: str, greater_is_better: bool, test_dataset=None, keep_weights: bool = True):
         from transformers import TrainerCallback
 
-        self.key, self.greater = key, greater_is_better
+        self.key, self.test_key, self.greater = f"eval_{metric}", f"test_{metric}", greater_is_better
+        self.test_dataset, self.keep_weights = test_dataset, keep_weights
         self.best: float | None = None
         self.state: dict | None = None
         self.counts: dict | None = None
+        self.entries: list[dict[str, Any]] = []
         self.trainer = None
         outer = self
 
         class Callback(TrainerCallback):
             def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-                outer._seen(metrics or {})
+                outer._seen(metrics or {}, state.global_step)
 
         self.callback = Callback()
 
-    def _seen(self, metrics: dict) -> None:
+    def _seen(self, metrics: dict, step: int) -> None:
         if self.trainer is None or not self.trainer.is_in_train or self.key not in metrics:
             return
         score = float(metrics[self.key])
+        entry = {"step": step, "val": score, "test": None}
         if self.best is None or (score > self.best if self.greater else score < self.best):
-            dm = self.trainer.model
             self.best = score
-            self.counts = dm.dendrite_counts()
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
+            if self.keep_weights:
+                dm = self.trainer.model
+                self.counts = dm.dendrite_counts()
+                self.state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
+            if self.test_dataset is not None:
+                entry["test"] = float(self.trainer.predict(self.test_dataset, metric_key_prefix="test").metrics[self.test_key])
+        self.entries.append(entry)
+
+    def best_entry(self, steps: set[int] | None = None) -> dict[str, Any] | None:
+        """The evaluation with the best validation score (among `steps`, if given)."""
+        best = None
+        for e in self.entries:
+            if (steps is None or e["step"] in steps) and (
+                    best is None or (e["val"] > best["val"] if self.greater else e["val"] < best["val"])):
+                best = e
+        return best
+
+
+@dataclass
+class TrainedRun:
+    """What `train_and_score` returns: the trainer, its `BestTracker`, the final model's validation and test
+    metrics, whether the schedule completed, and the training time."""
+
+    trainer: Any
+    tracker: BestTracker
+    validation: dict[str, float]
+    test: dict[str, float]
+    completed: bool
+    seconds: float
+
+
+def train_and_score(model, args, train, validation, test=None, *, task: str = "text-classification",
+                    processing_class=None, data_collator=None, dendrite_config=None, test_at_best: bool = False,
+                    quiet: bool = True) -> TrainedRun:
+    """Train `model` (a `DendriticModel`, or a model with `dendrite_config`) with `DendriticTrainer` on `train`, the
+    `validation` data driving the schedule (`args.metric_for_best_model`), then score the final model.
+
+    The final model is the one the schedule restored (its accepted best) when it completed; when training ran out of
+    steps first, the weights of the best validation evaluation. Both splits are scored after training
+    (`trainer.evaluate`); the test data never influences a decision. `test_at_best` also scores the test data at
+    every new best validation score (`tracker.entries`). What `compare` and the benchmark suite train with.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..trainer import DendriticTrainer
+
+    start = time.perf_counter()
+    metric = args.metric_for_best_model
+    tracker = BestTracker(metric, bool(args.greater_is_better), test if test_at_best else None)
+    trainer = DendriticTrainer(
+        model, args, train_dataset=train, eval_dataset=validation, **metric_functions(task),
+        processing_class=processing_class, data_collator=data_collator, callbacks=[tracker.callback],
+        dendrite_config=dendrite_config,
+    )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)  # no per-step dict printing
+    tracker.trainer = trainer
+    trainer.train()
+    seconds = time.perf_counter() - start
+    dm = trainer.dendritic_model
+    completed = bool(trainer.dendrite_schedule.done)
+    if not completed and tracker.state is not None:
+        # out of steps before the schedule ended: score the best validation checkpoint
+        dm.set_dendrite_counts(tracker.counts)
+        dm.load_state_dict(tracker.state, strict=True)
+    val = trainer.evaluate()
+    scored = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
+    return TrainedRun(trainer, tracker, val, scored, completed, seconds)
 
 
 def arm_model(ctx: Context, arm: str, seed: int):
@@ -255,7 +318,6 @@ def arm_model(ctx: Context, arm: str, seed: int):
     s, b = ctx.settings, ctx.budgets
     set_seed(seed)
     extra: dict[str, Any] = {}
-    restarts = supports_restarts_only()
     overrides: dict[str, Any] = {}
     if arm == "wider" and s.from_scratch:
         model = M.build_model(s, ctx.num_labels, extra_mlp=b["wider_units"])
@@ -286,11 +348,8 @@ def arm_model(ctx: Context, arm: str, seed: int):
         overrides["max_dendrite_cycles"] = 0
         extra["recipe"] = "stop at first plateau"
     elif arm in ("wider", "lora", "lora-wider"):
-        if restarts:
-            overrides[RESTARTS_FIELD] = True
-        else:
-            overrides["max_dendrite_cycles"] = 0
-        extra["recipe"] = "restarts" if restarts else "stop at first plateau"
+        overrides[RESTARTS_FIELD] = True
+        extra["recipe"] = "restarts"
     if arm == "wider":
         if not s.from_scratch:
             M.widen_mlp(model, b["wider_units"], generator=torch.Generator().manual_seed(seed))
@@ -373,21 +432,30 @@ def training_arguments(s: CompareSettings, out: str, seed: int, **overrides):
     with the arm's `overrides`. No checkpoints: the schedule keeps its best weights in memory. Dataset columns
     are prepared by `data.preprocess`, so none is dropped by the model's forward signature (the LoRA and DSN
     models have other signatures)."""
-    from ..trainer import DendriticTrainingArguments
-
     kw = dict(
-        output_dir=out, seed=seed, data_seed=seed, learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type,
+        seed=seed, data_seed=seed, learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type,
         per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.eval_batch_size, max_steps=s.max_steps,
-        eval_strategy="steps", eval_steps=s.eval_steps, save_strategy="no", logging_strategy="no", report_to=[],
-        disable_tqdm=True, metric_for_best_model=s.metric, greater_is_better=s.metric == "accuracy",
-        dendrite_patience=s.patience, dendrite_improvement_threshold=s.threshold, dendrite_improvement_epsilon=s.epsilon,
-        max_dendrite_cycles=s.max_cycles, max_dendrite_tries=s.max_tries, remove_unused_columns=False,
-        label_names=["labels"], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="error",
+        eval_steps=s.eval_steps, logging_strategy="no", metric_for_best_model=s.metric,
+        greater_is_better=s.metric == "accuracy", dendrite_patience=s.patience, dendrite_improvement_threshold=s.threshold,
+        dendrite_improvement_epsilon=s.epsilon, max_dendrite_cycles=s.max_cycles, max_dendrite_tries=s.max_tries,
+        remove_unused_columns=False, label_names=["labels"], log_level="error",
     )
     if s.lr_search:
         kw["dendrite_lr_search"] = list(s.lr_search)
     if s.cycle_steps is not None:
         kw["dendrite_cycle_steps"] = int(s.cycle_steps)
+    kw.update(overrides)
+    return common_training_arguments(out, **kw)
+
+
+def common_training_arguments(output_dir: str, **overrides):
+    """`DendriticTrainingArguments` with what every comparison run shares (`compare`'s arms, the benchmark suite):
+    evaluations every `eval_steps`, no checkpoints (the schedule keeps its best weights in memory), no external
+    loggers or progress bars, no data-loading workers, the GPU when there is one; `overrides` on top."""
+    from ..trainer import DendriticTrainingArguments
+
+    kw = dict(output_dir=output_dir, eval_strategy="steps", save_strategy="no", report_to=[], disable_tqdm=True,
+              dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
     kw.update(overrides)
     return DendriticTrainingArguments(**kw)
 
@@ -422,10 +490,6 @@ def metric_functions(task: str) -> dict[str, Any]:
 def run_one(ctx: Context, arm: str, seed: int, lr: float | None = None) -> dict[str, Any]:
     """Train one arm with one seed (at `lr` of --lr-grid, else --learning-rate) and return its record (also written
     atomically to `run_path`)."""
-    from transformers.trainer_callback import PrinterCallback
-
-    from ..trainer import DendriticTrainer
-
     s = ctx.settings
     start = time.perf_counter()
     dm, overrides, extra = arm_model(ctx, arm, seed)
@@ -434,21 +498,9 @@ def run_one(ctx: Context, arm: str, seed: int, lr: float | None = None) -> dict[
     if lr is not None:
         overrides["learning_rate"] = lr
     args = training_arguments(s, scratch, seed, **overrides)
-    tracker = _BestTracker(f"eval_{s.metric}", s.metric == "accuracy")
-    trainer = DendriticTrainer(
-        dm, args, train_dataset=ctx.train, eval_dataset=ctx.validation, **metric_functions(s.task),
-        processing_class=ctx.processing_class, data_collator=ctx.collator, callbacks=[tracker.callback],
-    )
-    trainer.remove_callback(PrinterCallback)  # no per-step dict printing; compare reports progress itself
-    tracker.trainer = trainer
-    trainer.train()
-    completed = bool(trainer.dendrite_schedule.done)
-    if not completed and tracker.state is not None:
-        # out of steps before the schedule ended: score the best validation checkpoint
-        dm.set_dendrite_counts(tracker.counts)
-        dm.load_state_dict(tracker.state, strict=True)
-    val = trainer.evaluate()
-    test = trainer.evaluate(ctx.test, metric_key_prefix="test") if ctx.test is not None else {}
+    run = train_and_score(dm, args, ctx.train, ctx.validation, ctx.test, task=s.task,
+                          processing_class=ctx.processing_class, data_collator=ctx.collator)
+    trainer, val, test, completed = run.trainer, run.validation, run.test, run.completed
     summary = dm.dendrite_summary()
     trainable = sum(p.numel() for p in {id(p): p for p in dm.parameters() if p.requires_grad}.values())
     history = trainer.dendrite_history

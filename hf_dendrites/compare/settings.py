@@ -24,7 +24,7 @@ ARMS: dict[str, str] = {
     ),
     "wider": (
         "no dendrites; every MLP widened by as many neurons as give the parameters the dendrites arm can add "
-        "(dendrite parameters of max_cycles growths); the restarts recipe when the trainer supports it"
+        "(dendrite parameters of max_cycles growths); restarts at its own plateaus"
     ),
     "dendrites": "gd dendrites trained jointly with the network",
     "dendrites-only-phase": "gd dendrites, each cycle starting with a dendrites-only phase (neurons frozen)",
