@@ -3,6 +3,7 @@ recipe), the same LoRA with that run's restarts replayed, LoRA of a higher rank 
 dendrites on the base layers, and each arm's LR chosen on validation from one grid."""
 
 import pytest
+import transformers
 from conftest import cue_word_csv, tiny_bert_folder
 
 from hf_dendrites.compare import CompareSettings, compare
@@ -107,5 +108,36 @@ def test_lora_restarts_replays_the_lora_dendrites_run_at_its_chosen_lr(data, tmp
         assert control["steps"] == source["steps"]  # the same total steps
         assert control["dendrites_kept"] == 0
     assert "LR chosen per arm on mean validation loss" in results["table"]
+    assert results["reference"] == "lora-restarts"  # the paired column: against the same restarts without dendrites
     with pytest.raises(ValueError, match="lora-restarts replays the growth and retry steps.*add lora-dendrites"):
         build_context(_settings(data, arms=["lora-restarts"]))
+
+
+def test_lora_arms_of_a_causal_lm_train_only_lora_and_dendrites(tmp_path):
+    from hf_dendrites.example_data import small_lm_folder
+
+    csv = {split: cue_word_csv(tmp_path / f"{split}.csv", n, seed) for split, n, seed in
+           (("train", 120, 0), ("validation", 40, 1), ("test", 40, 2))}
+    texts = [row.split(",")[0] for row in csv["train"].read_text().splitlines()[1:]]
+    model = small_lm_folder(tmp_path / "lm", texts, vocab_size=120, hidden_size=16, intermediate_size=40,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    transformers.set_seed(0)  # the "pretrained" weights: a random init saved beside the config
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model)).save_pretrained(model)
+    s = CompareSettings(model=model, task="causal-lm", train_file=str(csv["train"]), validation_file=str(csv["validation"]),
+                        test_file=str(csv["test"]), output_dir=str(tmp_path / "out"), max_length=16, eval_steps=4,
+                        patience=[1], max_steps=40, batch_size=8, max_cycles=1, max_tries=1, metric="loss", seeds=1,
+                        learning_rate=1e-2, lora_rank=2, targets="mlp", threads=1,
+                        arms=["lora", "lora-dendrites", "lora-restarts", "lora-wider"])
+    ctx = build_context(s)
+    for arm in ("lora", "lora-dendrites", "lora-wider"):
+        dm, _, _ = arm_model(ctx, arm, 0)
+        trainable = [n for n, p in dm.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable), (arm, trainable)  # the LM head stays frozen
+    results = compare(s)
+    by = {r["arm"]: r for r in results["runs"]}
+    assert sorted(by) == ["lora", "lora-dendrites", "lora-restarts", "lora-wider"]
+    assert all(r["test_perplexity"] is not None for r in by.values())
+    assert by["lora-restarts"]["steps"] == by["lora-dendrites"]["steps"]
+    assert by["lora-restarts"]["growth_steps"] == by["lora-dendrites"]["growth_steps"]
+    with pytest.raises(ValueError, match="do not apply.*frozen-dendrites.*causal-lm has none"):
+        build_context(CompareSettings(**{**s.to_dict(), "arms": ["frozen-dendrites"]}))

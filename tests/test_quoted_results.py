@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from hf_dendrites.compare import report
 
@@ -56,10 +55,9 @@ def rel(regime: str, arm: str, ref: str) -> str:
 
 def nats(regime: str, arm: str, ref: str, digits: int) -> str:
     """Paired test-loss difference (nats per token) of `arm` against `ref`, with the paired t-test's p."""
-    a, b = _runs(regime, arm), _runs(regime, ref)
-    seeds = sorted(set(a) & set(b))
-    x, y = np.array([a[k]["test_loss"] for k in seeds]), np.array([b[k]["test_loss"] for k in seeds])
-    return f"{np.mean(x - y):+.{digits}f} nats{'/token' if digits == 4 else ''} ({_p(float(stats.ttest_rel(x, y).pvalue))})"
+    d = report.paired_difference({k: r["test_loss"] for k, r in _runs(regime, arm).items()},
+                                 {k: r["test_loss"] for k, r in _runs(regime, ref).items()})
+    return f"{d['mean_difference']:+.{digits}f} nats{'/token' if digits == 4 else ''} ({_p(d['p_value'])})"
 
 
 # README "When do dendrites help?": the start of each row -> what it quotes, recomputed from the committed runs.
@@ -91,6 +89,31 @@ README_ROWS = {
         nats(r, "dendrites", "baseline-restarts", 4), "vs wider " + nats(r, "dendrites", "wider", 3)])
        for label, regime in (("causal LM (2-layer Llama)", "lm-width-0.25"), ("the same LM at hidden 8", "lm-width-0.125"))},
 }
+
+
+def _lora_rank(regime: str, arm: str) -> int:
+    return next(iter(_runs(regime, arm).values()))["lora_rank"]
+
+
+def _lora_rows(regime: str) -> list[str]:
+    """The LoRA regime's row: Perforated AI's recipe against its three controls."""
+    return [acc(regime, "lora-dendrites"), acc(regime, "lora-restarts") + " (same restarts)",
+            acc(regime, "lora") + " (LoRA at its first plateau", acc(regime, "lora-wider") + f" (LoRA r={_lora_rank(regime, 'lora-wider')}",
+            rel(regime, "lora-dendrites", "lora-restarts"), "vs LoRA " + rel(regime, "lora-dendrites", "lora"),
+            "vs wider " + rel(regime, "lora-dendrites", "lora-wider")]
+
+
+def _lora_base_rows(regime: str) -> list[str]:
+    return [acc(regime, "lora-base-dendrites"), acc(regime, "lora-restarts") + " (same restarts)",
+            rel(regime, "lora-base-dendrites", "lora-restarts"), "vs wider " + rel(regime, "lora-base-dendrites", "lora-wider")]
+
+
+README_ROWS.update({
+    "| MiniLM's first layer frozen with LoRA": lambda: _lora_rows("lora-rotten-tomatoes"),
+    "| the same LoRA setting on the convention-party task": lambda: _lora_rows("lora-convention-party"),
+    "| the same with dendrites on the base layers LoRA adapts (Rotten Tomatoes)": lambda: _lora_base_rows("lora-rotten-tomatoes"),
+    "| the same with dendrites on the base layers LoRA adapts (convention party)": lambda: _lora_base_rows("lora-convention-party"),
+})
 
 
 def _readme_rows() -> list[str]:

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a model with and without dendrites (and with controls: same restarts, a wider MLP, LoRA) over "
             "several seeds on the same data, and print one table: score mean ± std, 95 % t-interval, relative "
-            "error change paired per seed against baseline-restarts (else baseline) with a paired t-test, "
+            "error change paired per seed against baseline-restarts (else baseline, else lora-restarts) with a paired "
+            "t-test, "
             "parameters, steps and dendrites kept."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -105,8 +105,10 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
     if s.freeze_base:
         reasons.setdefault("wider", "with --freeze-base the MLP is frozen, so extra units would never train")
     for arm in ("frozen-dendrites", "lora", *LORA_ARMS):
-        if s.task == "causal-lm":
-            reasons.setdefault(arm, "the frozen-base arms train a classification head; causal-lm has none")
+        # LoRA of --lora-rank needs no task head: with causal-lm only LoRA (and dendrites) train
+        if s.task == "causal-lm" and (arm == "frozen-dendrites" or (arm == "lora" and s.lora_rank is None)):
+            reasons.setdefault(arm, "the frozen-base arms train a classification head; causal-lm has none "
+                                    "(the LoRA arms with --lora-rank apply)")
         elif s.from_scratch:
             reasons.setdefault(arm, "a frozen base needs pretrained weights (drop --from-scratch)")
     for arm in ("lora", *LORA_ARMS):
@@ -361,7 +363,8 @@ def arm_model(ctx: Context, arm: str, seed: int):
     if arm in LORA_ARMS or (arm == "lora" and s.lora_rank is not None):
         # LoRA of --lora-rank (lora-wider: the matched rank) on the target layers; the base frozen, the head trains
         rank = b["lora_wider_rank"] if arm == "lora-wider" else s.family_lora_rank()
-        heads = M.head_module_names(model)
+        # the task head trains; a causal LM's head stays frozen (often tied to the embeddings): only LoRA trains
+        heads = [] if s.task == "causal-lm" else M.head_module_names(model)
         M.add_lora(model, b["lora_targets"], rank)
         M.freeze_base(model, heads + M.lora_module_names(model))
         extra["lora_rank"] = rank
@@ -369,8 +372,8 @@ def arm_model(ctx: Context, arm: str, seed: int):
             config = dataclasses.replace(config, target_modules=list(M.LORA_LAYERS))
         elif arm == "lora-base-dendrites":
             config = dataclasses.replace(config, target_modules=list(b["lora_targets"]))
-        else:  # the dendrite wrapper goes on the head only: no dendrites ever grow in these arms
-            config = dataclasses.replace(config, target_modules=heads)
+        else:  # the dendrite wrapper goes on the head (or LoRA's layers) only: no dendrites ever grow in these arms
+            config = dataclasses.replace(config, target_modules=heads or list(M.LORA_LAYERS))
         if arm == "lora-wider":
             extra.update(matched_dendrite_params=b["lora_dendrite_params"], lora_rank_step=b["lora_rank_step"])
     elif arm in ("frozen-dendrites", "lora"):
