@@ -97,3 +97,16 @@ def test_scales_tiny_runs_end_to_end_resumes_and_gpu_is_the_gpu_sized_study(tmp_
 def test_expected_gpu_hours_are_quoted_in_results_md():
     quoted = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
     assert _study().gpu_hours_table() in quoted
+
+
+def test_committed_runs_are_finished_runs_of_their_settings():
+    """A rerun of a committed regime resumes: every run's fingerprint is that of the settings recorded beside it, as
+    the current `CompareSettings` computes it (every field counts, at its default too)."""
+    from hf_dendrites.compare import CompareSettings
+
+    for path in sorted(RESULTS.glob("*/compare_settings.json")):
+        settings = CompareSettings(**json.loads(path.read_text(encoding="utf-8"))["settings"])
+        assert settings.run_defining() == json.loads(path.read_text(encoding="utf-8"))["settings"], path.parent.name
+        runs = list(path.parent.glob("runs/**/seed-*.json"))
+        assert runs and all(json.loads(r.read_text(encoding="utf-8"))["settings_fingerprint"] == settings.fingerprint()
+                            for r in runs), path.parent.name

@@ -74,7 +74,8 @@ def compare(settings: CompareSettings | None = None, **kwargs) -> dict[str, Any]
     """Train every arm with every seed (skipping runs already in `output_dir`) and write the report.
 
     Pass a `CompareSettings` or its fields as keyword arguments. Returns what `compare.json` holds:
-    `settings`, `arms`, `seeds`, `reference`, `summary` (one row per arm), `table` (markdown) and `runs`.
+    `settings`, `arms`, `seeds`, `reference`, `summary` (one row per arm), `table` (markdown) and `runs`; with
+    `lr_grid`, `runs` holds each arm's runs at its chosen LR, `lr_grid_runs` the others and `lr_choice` the choice.
 
     Example:
         >>> results = compare(model="my-bert", train_file="train.csv", test_file="test.csv",

@@ -55,9 +55,6 @@ DEFAULT_LORA_RANK = 8
 TASKS = ("text-classification", "image-classification", "causal-lm")
 # Fields that do not change what a run computes: they may differ between a run and its resumption.
 NOT_RUN_DEFINING = ("output_dir", "arms", "seeds", "seed_list", "threads", "jobs")
-# Settings added after results were first committed, with their defaults (see `CompareSettings.run_defining`).
-ADDED_LATER = {"freeze_base": False, "lr_search": None, "cycle_steps": None, "pooling": "auto", "lora_rank": None,
-               "lr_grid": None}
 
 
 def _help(text: str, **kw) -> Any:
@@ -257,12 +254,7 @@ class CompareSettings:
 
     def run_defining(self) -> dict[str, Any]:
         """The settings that change what a run computes (a resumed compare must match them exactly)."""
-        defining = {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
-        # Fields added after results were committed count only when set, so those results stay resumable.
-        for name, default in ADDED_LATER.items():
-            if defining.get(name) == default:
-                defining.pop(name, None)
-        return defining
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.run_defining(), sort_keys=True).encode()).hexdigest()[:16]
