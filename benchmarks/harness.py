@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from hf_dendrites.compare.runner import common_training_arguments, quiet_libraries, train_and_score
+from hf_dendrites.compare.runner import common_training_arguments, configure_threads, quiet_libraries, train_and_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -37,11 +37,9 @@ MLP_TARGETS = BERT_MLP_TARGETS
 quiet = quiet_libraries  # silence progress bars and load reports of datasets / transformers
 
 
-def set_threads(threads: Optional[int]) -> None:
-    """Use `threads` CPU threads in torch (None: torch's default). On a machine whose cores are busy with other
-    work, one thread avoids OpenMP threads waiting on each other and is several times faster for small models."""
-    if threads:
-        torch.set_num_threads(threads)
+# `threads` CPU threads in torch (None: torch's default). On a machine whose cores are busy with other work, one
+# thread avoids OpenMP threads waiting on each other and is several times faster for small models.
+set_threads = configure_threads
 
 
 def set_seed(seed: int) -> None:

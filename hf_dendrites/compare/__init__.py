@@ -62,7 +62,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..utils import atomic_write_text, library_version
 from . import report
-from .runner import build_context, check_output_dir, choose_learning_rates, finished_run, run_all
+from .runner import build_context, check_output_dir, choose_learning_rates, configure_threads, finished_run, run_all
 from .settings import ARMS, CompareSettings
 
 logger = logging.getLogger(__name__)
@@ -85,10 +85,7 @@ def compare(settings: CompareSettings | None = None, **kwargs) -> dict[str, Any]
     s = settings if settings is not None else CompareSettings(**kwargs)
     if settings is not None and kwargs:
         s = dataclasses.replace(settings, **kwargs)
-    if s.threads:
-        import torch
-
-        torch.set_num_threads(s.threads)
+    configure_threads(s.threads)
     ctx = build_context(s)  # every bad-input error is raised here, before any training
     for arm, why in ctx.skipped.items():
         logger.info("Arm %s left out: %s", arm, why)

@@ -588,7 +588,7 @@ _WORKER: dict[str, Any] = {}  # per worker process: its Context, built once by _
 
 def _init_worker(settings: dict[str, Any]) -> None:
     s = CompareSettings(**settings)
-    _configure_threads(s.threads)
+    configure_threads(s.threads)
     quiet_libraries()
     _WORKER["ctx"] = build_context(s)
 
@@ -597,7 +597,8 @@ def _work(task: tuple[str, int, float | None]) -> dict[str, Any]:
     return run_one(_WORKER["ctx"], *task)
 
 
-def _configure_threads(threads: int | None) -> None:
+def configure_threads(threads: int | None) -> None:
+    """Use `threads` torch CPU threads (None: torch's default)."""
     if threads:
         torch.set_num_threads(threads)
 
