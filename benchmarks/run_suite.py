@@ -490,30 +490,15 @@ def report_perforatedai(res: dict[str, Any]) -> list[str]:
 
 
 def plot_results(results: dict[str, dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """`results/<experiment>.png` of same_arch and compression: compare's figure (each arm's test scores, a dot per
+    seed and a bar at the mean; the validation curves with their growth events)."""
+    from hf_dendrites.compare.report import plot
 
     for name in ("same_arch", "compression"):
         res = results.get(name)
-        if not res:
-            continue
-        arms = list(res["summary"])
-        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(arms)), 3.6))
-        for i, arm in enumerate(arms):
-            vals = [100 * r["test_score"] for r in res["runs"] if r["name"] == arm]
-            ax.scatter([i] * len(vals), vals, color="C0", alpha=0.6, s=18)
-            e = res["summary"][arm]["test"]
-            err = 0 if e["n"] < 2 else 100 * (e["ci_high"] - e["mean"])
-            ax.errorbar([i + 0.15], [100 * e["mean"]], yerr=[err], fmt="o", color="C3", capsize=4)
-        ax.set_xticks(range(len(arms)), [a.replace("_", "\n") for a in arms], fontsize=8)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{name}: seeds (blue), mean and 95 % interval (red)", fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
-        plt.close(fig)
+        if res:
+            records = [{**r, "arm": r["name"]} for r in res["runs"]]
+            plot(records, list(res["summary"]), str(RESULTS_DIR / f"{name}.png"), "test accuracy", "accuracy")
 
 
 def report_block(results: dict[str, dict[str, Any]]) -> str:
