@@ -224,3 +224,32 @@ def test_suite_report_is_rebuilt_from_the_committed_json():
     assert suite.BEGIN in text and suite.END in text
     quoted = suite.BEGIN + text.split(suite.BEGIN, 1)[1].split(suite.END, 1)[0] + suite.END
     assert quoted == block, "RESULTS.md's suite block differs from `python benchmarks/run_suite.py --report`"
+
+
+def _relp(regime: str, arm: str, ref: str) -> tuple[str, str]:
+    """("+10.1 %", "0.044"): the paired relative test-error change and its p, as the prose quotes them."""
+    change, p = rel(regime, arm, ref).rstrip(")").split(" (")
+    return change, p
+
+
+def test_readme_study_findings_quote_the_committed_runs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("−", "-")
+    findings = text.split("What the study shows:", 1)[1].split("Not measured here", 1)[0]
+    vit = _relp("vit-width-0.25", "baseline", "baseline-restarts")
+    head = _relp("frozen-lora", "frozen-dendrites", "baseline-restarts")
+    lora = _relp("frozen-lora-lr1e-3", "frozen-dendrites", "lora")
+    party_vs_lora = _relp("lora-convention-party", "lora-dendrites", "lora")
+    party_vs_restarts = _relp("lora-convention-party", "lora-dendrites", "lora-restarts")
+    lm = [np.mean([r["test_perplexity"] for r in _runs("lm-width-0.25", a).values()]) for a in ("wider", "dendrites")]
+    expected = [
+        f"(ViT at hidden 16: {vit[0]}, p {vit[1]}",
+        f"head alone with the same restarts, {head[0]} error, p {head[1]})",
+        f"({lora[0]} error for dendrites, p {lora[1]})",
+        f"made {party_vs_lora[0].lstrip('-')} fewer errors on the convention-party\n  task (p {party_vs_lora[1]})",
+        f"scored the same ({party_vs_restarts[0]}, p {party_vs_restarts[1]})",
+        f"LoRA of rank\n  {_lora_rank('lora-convention-party', 'lora-wider')} with the same parameters",
+        f"perplexity {lm[0]:.1f} against {lm[1]:.1f}, p {nats('lm-width-0.25', 'dendrites', 'wider', 3).split('(')[1][:-1]}",
+    ]
+    missing = [e for e in expected if e not in findings]
+    assert not missing, f"README's findings do not quote what the committed runs give: {missing}"
+    assert party_vs_lora[0].startswith("-")  # "fewer errors"
