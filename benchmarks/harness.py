@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: the text task's model, model reduction, one training run, statistics.
+"""What the benchmark scripts share beyond `hf_dendrites.compare`: the text task's model, model reduction, and one
+training run as a `RunResult`.
 
 The examples train one dendritic model each; the benchmarks compare it with controls (the baseline at its
-plateau, the baseline trained on for as many steps, a wider model), over several seeds. Offline models and data
+plateau, the baseline trained on for as many steps, a wider model), over several seeds. Training, the training
+arguments, the best-validation tracking and every statistic come from `hf_dendrites.compare` (`runner`, `report`),
+the engine of `hf-dendrites compare`, so the suite and the command compute them one way. Offline models and data
 come from `hf_dendrites.example_data`; the MiniLM classifier with mean pooling is the one of
 `examples/text_classification.py`, so the benchmark measures the model the main example trains.
 """
@@ -9,18 +12,15 @@ come from `hf_dendrites.example_data`; the MiniLM classifier with mean pooling i
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
-from scipy import stats
 from torch import nn
-from transformers import TrainerCallback
+
+from hf_dendrites.compare.runner import common_training_arguments, configure_threads, quiet_libraries, train_and_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -34,38 +34,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MLP_TARGETS = BERT_MLP_TARGETS
 
 
-def quiet() -> None:
-    """Silence progress bars and load reports of datasets / transformers (the Trainer's logs stay)."""
-    import datasets
-    from transformers import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+quiet = quiet_libraries  # silence progress bars and load reports of datasets / transformers
 
 
-def set_threads(threads: Optional[int]) -> None:
-    """Use `threads` CPU threads in torch (None: torch's default). On a machine whose cores are busy with other
-    work, one thread avoids OpenMP threads waiting on each other and is several times faster for small models."""
-    if threads:
-        torch.set_num_threads(threads)
+# `threads` CPU threads in torch (None: torch's default). On a machine whose cores are busy with other work, one
+# thread avoids OpenMP threads waiting on each other and is several times faster for small models.
+set_threads = configure_threads
 
 
 def set_seed(seed: int) -> None:
     from transformers import set_seed as hf_set_seed
 
     hf_set_seed(seed)
-
-
-def accuracy_metrics() -> Callable:
-    """`compute_metrics` for classification: logits -> {"accuracy": ...}."""
-
-    def compute_metrics(eval_pred):
-        logits, labels = eval_pred
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
-
-    return compute_metrics
 
 
 def tokenize_text_dataset(ds, tokenizer, max_length: int):
@@ -146,27 +126,12 @@ def mlp_dendrite_params_per_dendrite(hidden: int, width: int, num_layers: int) -
 
 # ---------------------------------------------------------------------------------------------- one run
 def training_arguments(output_dir: str, **overrides):
-    """`DendriticTrainingArguments` that every benchmark run shares: evaluations every `eval_steps`, no
-    checkpoints (the schedule keeps its best weights in memory), constant LR, no external loggers, quiet."""
-    from hf_dendrites import DendriticTrainingArguments
-
-    defaults = dict(
-        output_dir=output_dir,
-        eval_strategy="steps",
-        eval_steps=50,
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=50,
-        report_to=[],
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.01,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-    )
+    """`compare`'s common training arguments with the suite's own: constant LR without warmup, weight decay 0.01,
+    a log line every 50 steps."""
+    defaults = dict(eval_steps=50, logging_strategy="steps", logging_steps=50, lr_scheduler_type="constant",
+                    warmup_steps=0, weight_decay=0.01)
     defaults.update(overrides)
-    return DendriticTrainingArguments(**defaults)
+    return common_training_arguments(output_dir, **defaults)
 
 
 @dataclass
@@ -191,94 +156,29 @@ class RunResult:
         return dict(vars(self))
 
 
-class TestAtBestCallback(TrainerCallback):
-    """Scores the test set whenever the validation score reaches a new best of the run (and only then).
-
-    The test score of any model the run may end with (cycle 0's best = the baseline at its plateau, a later
-    cycle's best, the best of a run without dendrites) is thus known without scoring the test set at every
-    evaluation. Validation alone drives every decision. The test set is scored with `trainer.predict`, which
-    (unlike `evaluate`) does not reach the schedule's `on_evaluate`.
-    """
-
-    __test__ = False  # not a pytest test class
-
-    def __init__(self, trainer, test_dataset, metric: str, greater_is_better: bool):
-        self.trainer = trainer
-        self.test_dataset = test_dataset
-        self.val_key, self.test_key = f"eval_{metric}", f"test_{metric}"
-        self.greater_is_better = greater_is_better
-        self.best: Optional[float] = None
-        self.entries: list[dict[str, Any]] = []  # every evaluation: step, val, test (None unless a new best)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics = metrics or {}
-        if self.val_key not in metrics or not self.trainer.is_in_train:
-            return control
-        val = float(metrics[self.val_key])
-        entry = {"step": state.global_step, "val": val, "test": None}
-        if self.best is None or (val > self.best if self.greater_is_better else val < self.best):
-            self.best = val
-            entry["test"] = float(self.trainer.predict(self.test_dataset, metric_key_prefix="test").metrics[self.test_key])
-        self.entries.append(entry)
-        return control
-
-
 def run_trainer(
     name: str,
     model: nn.Module,
     args,
     datasets: dict,
-    metric: str,
-    greater_is_better: bool,
     dendrite_config=None,
-    compute_metrics=None,
     data_collator=None,
     processing_class=None,
-    preprocess_logits_for_metrics=None,
 ) -> tuple[Any, RunResult]:
-    """Train with `DendriticTrainer` on `datasets["train"]`, the validation set driving the schedule.
+    """Train with `compare`'s `train_and_score` on `datasets["train"]`, the validation set driving the schedule
+    (`args.metric_for_best_model`), the test set scored at every new best validation score.
 
-    `args.metric_for_best_model` must be `metric`. Returns the trainer and a `RunResult` whose scores are those
-    of the final model: when the schedule completed, the model it restored (its accepted best), scored on
-    validation and test after training; when training ran out of steps first, the evaluation with the best
-    validation score (what `load_best_model_at_end` would load). `plateau` is cycle 0's best: the model without
-    dendrites at its first plateau. The test set never influences any decision.
+    Returns the trainer and a `RunResult` whose scores are those of the final model: the schedule's accepted best,
+    or, when training ran out of steps first, the evaluation with the best validation score. `plateau` is cycle 0's
+    best: the model without dendrites at its first plateau. The test set never influences any decision.
     """
-    from hf_dendrites import DendriticTrainer
-
-    trainer = DendriticTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
-        compute_metrics=compute_metrics,
-        data_collator=data_collator,
-        processing_class=processing_class,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        dendrite_config=dendrite_config,
-    )
-    tester = TestAtBestCallback(trainer, datasets["test"], metric, greater_is_better)
-    trainer.add_callback(tester)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-
-    def best_of(entries):
-        best = None
-        for e in entries:
-            if best is None or (e["val"] > best["val"] if greater_is_better else e["val"] < best["val"]):
-                best = e
-        return best
-
+    metric = args.metric_for_best_model
+    run = train_and_score(model, args, datasets["train"], datasets["validation"], datasets["test"],
+                          processing_class=processing_class, data_collator=data_collator,
+                          dendrite_config=dendrite_config, test_at_best=True, quiet=False)
+    trainer = run.trainer
     history = trainer.dendrite_history
-    cycle0_steps = {r["step"] for r in history if r["cycle"] == 0}
-    plateau = best_of([e for e in tester.entries if e["step"] in cycle0_steps])
-    if trainer.dendrite_schedule.done:
-        val = trainer.evaluate()[f"eval_{metric}"]  # the restored (accepted best) model
-        test = trainer.predict(datasets["test"], metric_key_prefix="test").metrics[f"test_{metric}"]
-    else:
-        best = best_of(tester.entries)
-        val, test = best["val"], best["test"]
+    plateau = run.tracker.best_entry({r["step"] for r in history if r["cycle"] == 0})
     summary = trainer.dendritic_model.dendrite_summary()
     result = RunResult(
         name=name,
@@ -286,33 +186,12 @@ def run_trainer(
         params=summary.total_params,
         dendrite_params=summary.dendrite_params,
         num_dendrites=summary.num_dendrites,
-        val_score=float(val),
-        test_score=float(test),
+        val_score=float(run.validation[f"eval_{metric}"]),
+        test_score=float(run.test[f"test_{metric}"]),
         steps=int(trainer.state.global_step),
-        train_seconds=round(seconds, 2),
+        train_seconds=round(run.seconds, 2),
         plateau=plateau,
         cycles=trainer.dendrite_callback.cycle_rows(),
         curve=[{k: r.get(k) for k in ("step", "score", "cycle", "try", "phase", "num_dendrites", "decision")} for r in history],
     )
     return trainer, result
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def error_of(score: float, greater_is_better: bool, bounded: bool = True) -> float:
-    """Error for a score: 1 - accuracy for bounded scores (accuracy), the score itself for losses/perplexity."""
-    return 1.0 - score if greater_is_better and bounded else score
-
-
-def relative_error_change(base_score: float, new_score: float, greater_is_better: bool = True, bounded: bool = True) -> float:
-    """(error_new - error_base) / error_base: negative means the new model makes fewer errors."""
-    base, new = error_of(base_score, greater_is_better, bounded), error_of(new_score, greater_is_better, bounded)
-    return (new - base) / base if base else float("nan")
-
-
-def mean_std_ci(values: list[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean, sample standard deviation and a two-sided Student-t interval for the mean (`scipy.stats.t`)."""
-    n = len(values)
-    mean = statistics.fmean(values) if n else float("nan")
-    std = statistics.stdev(values) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / n**0.5 if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}

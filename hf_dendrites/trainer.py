@@ -793,12 +793,10 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         checkpoint carries (docs/checkpoints.md)."""
         if not self.is_world_process_zero():
             return
-        from .hub import write_model_card
-
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in (getattr(self.model, "model_tags", None) or []) if t not in tags]
         self.model.training_summary = self.dendrite_callback.training_summary()
-        write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, tags=tags or None)
+        self.model.save_model_card(self.args.output_dir, repo_id=self.hub_model_id, tags=tags or None)
 
 
 class PhaseReduceLROnPlateau(ReduceLROnPlateau):

@@ -20,7 +20,6 @@ from hf_dendrites.compare import models as M
 from hf_dendrites.compare.runner import (
     arm_model,
     build_context,
-    supports_restarts_only,
     training_arguments,
 )
 
@@ -149,10 +148,10 @@ def test_dataset_folder_with_a_stratified_validation_split_and_the_default_arms(
     assert sorted(ctx.splits.validation["labels"]) == [0] * 6 + [1] * 12  # the 2:1 class balance is kept
     assert len(ctx.splits.train) == 72 and len(ctx.test) == 12
     assert not set(ctx.splits.validation["text"]) & set(ctx.splits.train["text"]) or len(set(ctx.splits.train["text"])) < 72
-    expected = ["baseline", "wider", "dendrites", "dendrites-only-phase", "correlation", "frozen-dendrites", "lora"]
-    if supports_restarts_only():
-        expected.insert(1, "baseline-restarts")
-    assert ctx.arms == expected
+    # the lora-* arms only when asked for (--lora-rank or --arms): each adds a run per seed
+    assert ctx.arms == ["baseline", "baseline-restarts", "wider", "dendrites", "dendrites-only-phase", "correlation",
+                        "frozen-dendrites", "lora"]
+    assert "pass --lora-rank" in ctx.skipped["lora-dendrites"]
 
 
 def test_the_frozen_base_and_other_dendritic_arms_train(data, tmp_path):
@@ -400,8 +399,8 @@ def test_freeze_base_trains_only_the_head_and_what_the_arm_adds(data):
     assert dendrite_params > 0 and _trainable(dendritic) == _params(dendritic.model.classifier) + dendrite_params
     with pytest.raises(ValueError, match="--freeze-base.*pretrained"):
         dataclasses.replace(s, from_scratch=True)
-    # Results written before the setting existed keep their fingerprint while it is off.
-    assert "freeze_base" not in dataclasses.replace(s, freeze_base=False).run_defining()
+    # every field that changes what a run computes counts, at its default too
+    assert dataclasses.replace(s, freeze_base=False).run_defining()["freeze_base"] is False
 
 
 def test_recipe_options_reach_every_arm_and_the_control_searches_the_same_restart_lrs(data):
@@ -417,10 +416,9 @@ def test_recipe_options_reach_every_arm_and_the_control_searches_the_same_restar
     assert args["baseline-restarts"].dendrite_restarts_only and args["baseline-restarts"].dendrite_restart_steps is None
     assert args["baseline-restarts"].max_steps == s.max_steps and "same restart-LR search" in extras["baseline-restarts"]["recipe"]
     assert args["wider"].dendrite_restarts_only and args["baseline"].max_dendrite_cycles == 0
-    # without the options nothing changes, and results written before they existed keep their fingerprint
+    # without the options nothing changes
     plain = _settings(data, layers=1)
     assert training_arguments(plain, str(data["root"] / "args"), 0).dendrite_lr_search is None
-    assert not {"lr_search", "cycle_steps"} & set(plain.run_defining())
     for kw, message in [(dict(lr_search="1,0"), "--lr-search must be"), (dict(cycle_steps=0), "--cycle-steps must be")]:
         with pytest.raises(ValueError, match=message):
             _settings(data, **kw)
@@ -444,7 +442,6 @@ def test_mean_pooling_with_layers_keeps_the_default_targets_and_matches_lora(dat
     modules = dict(M.build_model(s, 2).named_modules())
     per_rank = sum(modules[n].in_features + modules[n].out_features for n in ctx.budgets["lora_targets"])
     assert abs(_trainable(lora) - _trainable(frozen)) <= per_rank / 2
-    assert "pooling" not in _settings(data).run_defining()  # results written before the option keep their fingerprint
     with pytest.raises(ValueError, match="--pooling must be"):
         _settings(data, pooling="cls")
 

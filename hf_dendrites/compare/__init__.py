@@ -25,12 +25,19 @@ validation evaluation. The arms (`settings.ARMS`):
 - `wider`: every MLP gets as many extra units as give the parameters that `max_cycles` growths of the dendrites
   arm add (computed exactly on a weightless copy of the converted model; the kept count may end lower). From
   scratch the config's intermediate size is raised; pretrained, the new units get random input weights and zero
-  output weights, so the model computes the same function at the start. Same recipe as `baseline-restarts`
-  (or `baseline` where the trainer lacks the restarts mode; the run records which).
+  output weights, so the model computes the same function at the start. Restarts at its own plateaus (best
+  weights restored, fresh optimizer, LR restart), without dendrites.
 - `dendrites`, `dendrites-only-phase`, `correlation`: the dendritic schedule with the gd rule (joint, or with a
   dendrites-only phase first) or the correlation rule.
 - `frozen-dendrites` / `lora`: the base frozen except the task head; low-rank dendrites of `--frozen-rank`
   against PEFT LoRA on the same layers with the rank whose trainable parameters match those dendrites'.
+- The adapter arms (base frozen, task head trains, LoRA of `--lora-rank`, default 8, on the target layers):
+  `lora` (with `--lora-rank`: stopped at its first plateau), `lora-dendrites` (Perforated AI's PEFT recipe:
+  dendrites on LoRA's own `lora_A` / `lora_B` layers only, the schedule deciding growth), `lora-restarts` (that
+  run's restarts replayed at the same steps, the same total steps, no dendrites), `lora-wider` (LoRA at the rank whose
+  trainable parameters come closest to lora-dendrites' largest count) and `lora-base-dendrites` (dendrites on the
+  base layers LoRA adapts). `--lr-grid 1e-4,1e-3` trains every arm at each LR and reports each arm at the LR with
+  its best mean validation score (`lr_choice` in compare.json).
 
 Outputs in `--output-dir`: `compare.md` (the table), `compare.json` (settings, summary, every run),
 `compare.png`, and `runs/<arm>/seed-<k>.json`, written atomically when a run ends (beside it, the trainer's
@@ -55,7 +62,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..utils import atomic_write_text, library_version
 from . import report
-from .runner import build_context, check_output_dir, finished_run, run_all
+from .runner import build_context, check_output_dir, choose_learning_rates, configure_threads, finished_run, run_all
 from .settings import ARMS, CompareSettings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +74,8 @@ def compare(settings: CompareSettings | None = None, **kwargs) -> dict[str, Any]
     """Train every arm with every seed (skipping runs already in `output_dir`) and write the report.
 
     Pass a `CompareSettings` or its fields as keyword arguments. Returns what `compare.json` holds:
-    `settings`, `arms`, `seeds`, `reference`, `summary` (one row per arm), `table` (markdown) and `runs`.
+    `settings`, `arms`, `seeds`, `reference`, `summary` (one row per arm), `table` (markdown) and `runs`; with
+    `lr_grid`, `runs` holds each arm's runs at its chosen LR, `lr_grid_runs` the others and `lr_choice` the choice.
 
     Example:
         >>> results = compare(model="my-bert", train_file="train.csv", test_file="test.csv",
@@ -77,33 +85,39 @@ def compare(settings: CompareSettings | None = None, **kwargs) -> dict[str, Any]
     s = settings if settings is not None else CompareSettings(**kwargs)
     if settings is not None and kwargs:
         s = dataclasses.replace(settings, **kwargs)
-    if s.threads:
-        import torch
-
-        torch.set_num_threads(s.threads)
+    configure_threads(s.threads)
     ctx = build_context(s)  # every bad-input error is raised here, before any training
     for arm, why in ctx.skipped.items():
         logger.info("Arm %s left out: %s", arm, why)
     check_output_dir(s)
-    seeds = s.seed_values()
-    tasks = [(arm, seed) for seed in seeds for arm in ctx.arms]
+    seeds, lrs = s.seed_values(), s.learning_rates()
+    tasks = [(arm, seed, lr) for lr in lrs for seed in seeds for arm in ctx.arms]
     records = {}
-    for arm, seed in tasks:
-        found = finished_run(s, arm, seed)
+    for task in tasks:
+        found = finished_run(s, *task)
         if found is not None:
-            records[(arm, seed)] = found
+            records[task] = found
     todo = [t for t in tasks if t not in records]
-    logger.info("%d runs (%d arms x %d seeds): %d already finished in %s, %d to train",
-                len(tasks), len(ctx.arms), len(seeds), len(records), s.output_dir, len(todo))
+    logger.info("%d runs (%d arms x %d seeds x %d learning rates): %d already finished in %s, %d to train",
+                len(tasks), len(ctx.arms), len(seeds), len(lrs), len(records), s.output_dir, len(todo))
     start = time.perf_counter()
     for record in run_all(ctx, todo, len(records), len(tasks)):
-        records[(record["arm"], record["seed"])] = record
-    runs = [records[t] for t in sorted(records, key=lambda t: (ctx.arms.index(t[0]), t[1]))]
+        records[(record["arm"], record["seed"], record["learning_rate"] if s.lr_grid else None)] = record
+    ordered = [records[t] for t in sorted(records, key=lambda t: (ctx.arms.index(t[0]), t[1], t[2] or 0.0))]
+    lr_choice: dict[str, Any] = {}
+    if s.lr_grid:  # each arm at the LR with its best mean validation score; the other LRs' runs kept aside
+        lr_choice = choose_learning_rates(ordered, ctx.arms, s.metric)
+        runs = [r for r in ordered if r["learning_rate"] == lr_choice[r["arm"]]["chosen"]]
+        others = [r for r in ordered if r["learning_rate"] != lr_choice[r["arm"]]["chosen"]]
+    else:
+        runs, others = ordered, []
 
     accuracy = "next-token accuracy" if s.task == "causal-lm" else "accuracy"
     score_name = f"test {accuracy}" if ctx.test is not None else f"validation {accuracy} (no test data)"
     rows, reference = report.summarise(runs, ctx.arms)
     table = report.markdown_table(rows, reference, score_name)
+    if lr_choice:
+        table += "\n\n" + report.lr_choice_line(lr_choice, s.metric)
     results = {
         "library_version": library_version(),
         "settings": s.to_dict(),
@@ -119,6 +133,7 @@ def compare(settings: CompareSettings | None = None, **kwargs) -> dict[str, Any]
         "summary": rows,
         "table": table,
         "runs": runs,
+        **({"lr_choice": lr_choice, "lr_grid_runs": others} if s.lr_grid else {}),
     }
     atomic_write_text(os.path.join(s.output_dir, "compare.md"), table + "\n")
     atomic_write_text(os.path.join(s.output_dir, "compare.json"), json.dumps(results, indent=1, default=_json_safe) + "\n")
@@ -157,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a model with and without dendrites (and with controls: same restarts, a wider MLP, LoRA) over "
             "several seeds on the same data, and print one table: score mean ± std, 95 % t-interval, relative "
-            "error change paired per seed against baseline-restarts (else baseline) with a paired t-test, "
+            "error change paired per seed against baseline-restarts (else baseline, else lora-restarts) with a paired "
+            "t-test, "
             "parameters, steps and dendrites kept."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -317,8 +317,13 @@ def freeze_base(model: nn.Module, keep: list[str]) -> None:
         p.requires_grad_(id(p) in keep_ids)
 
 
-def lora_rank_for(model: nn.Module, target_names: list[str], target_params: int) -> int:
-    """LoRA rank whose trainable parameters (r * (in + out) per target Linear) are closest to `target_params`."""
+# LoRA's own Linear layers (down and up projection), the targets of Perforated AI's PEFT recipe (docs/peft.md).
+LORA_LAYERS = ("lora_A", "lora_B")
+
+
+def lora_rank_for(model: nn.Module, target_names: list[str], target_params: int, per_rank_only: bool = False) -> int:
+    """LoRA rank whose trainable parameters (r * (in + out) per target Linear) are closest to `target_params`
+    (`per_rank_only`: the parameters of one rank, r = 1)."""
     modules = dict(model.named_modules())
     per_rank = 0
     for name in target_names:
@@ -326,7 +331,14 @@ def lora_rank_for(model: nn.Module, target_names: list[str], target_params: int)
         if not isinstance(m, nn.Linear):
             raise ValueError(f"lora: target {name!r} is a {type(m).__name__}; this command matches LoRA on Linear layers only.")
         per_rank += m.in_features + m.out_features
+    if per_rank_only:
+        return per_rank
     return max(1, int(round(target_params / per_rank)))
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    """The names of LoRA's own layers in `model` (the `lora_A` / `lora_B` containers of every LoRA layer)."""
+    return [n for n, _ in model.named_modules() if n.split(".")[-1] in LORA_LAYERS]
 
 
 def add_lora(model: nn.Module, target_names: list[str], rank: int) -> nn.Module:

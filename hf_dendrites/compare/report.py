@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+# The arm every other is compared with, paired by seed: the first of these that a compare trained.
+REFERENCE_ARMS = ("baseline-restarts", "baseline", "lora-restarts")
+
 
 def score_of(record: dict[str, Any]) -> float | None:
     """The reported score of a run: test accuracy, or validation accuracy when there is no test data."""
@@ -56,13 +59,29 @@ def paired_comparison(scores: dict[int, float], reference: dict[int, float]) -> 
             "per_seed": dict(zip(seeds, changes)), "p_value": p}
 
 
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+    """Mean of `values - reference` over the seeds both have (e.g. test loss in nats per token), with the paired
+    t-test's two-sided p (NaN with fewer than two pairs or no spread)."""
+    from scipy import stats
+
+    seeds = sorted(set(values) & set(reference))
+    a, b = np.array([values[k] for k in seeds], dtype=float), np.array([reference[k] for k in seeds], dtype=float)
+    p = math.nan
+    if len(seeds) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = float(stats.ttest_rel(a, b).pvalue)
+    return {"pairs": len(seeds), "mean_difference": float(np.mean(a - b)) if seeds else math.nan, "p_value": p}
+
+
 def summarise(records: list[dict[str, Any]], arms: list[str]) -> tuple[list[dict[str, Any]], str | None]:
-    """Per-arm rows (in `arms` order) and the reference arm (baseline-restarts if present, else baseline)."""
+    """Per-arm rows (in `arms` order) and the reference arm (baseline-restarts if present, else baseline, else
+    lora-restarts: the control with the same restarts and no dendrites)."""
     by_arm: dict[str, dict[int, dict]] = {a: {} for a in arms}
     for r in records:
         if r["arm"] in by_arm:
             by_arm[r["arm"]][r["seed"]] = r
-    reference = next((a for a in ("baseline-restarts", "baseline") if by_arm.get(a)), None)
+    reference = next((a for a in REFERENCE_ARMS if by_arm.get(a)), None)
     ref_scores = {k: score_of(r) for k, r in by_arm[reference].items()} if reference else {}
     rows = []
     for arm in arms:
@@ -99,6 +118,16 @@ def markdown_table(rows: list[dict[str, Any]], reference: str | None, score_name
             f"{_num(r['dendrites_kept'], '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def lr_choice_line(choice: dict[str, dict[str, Any]], metric: str) -> str:
+    """One line per arm: the LR chosen on validation and each grid LR's mean validation `metric`."""
+    parts = []
+    for arm, c in choice.items():
+        # (the LRs are strings once read back from compare.json)
+        means = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted((float(k), v) for k, v in c["validation"].items()))
+        parts.append(f"{arm} {c['chosen']:g} ({means})")
+    return f"LR chosen per arm on mean validation {metric} over the seeds: " + "; ".join(parts)
 
 
 def plot(records: list[dict[str, Any]], arms: list[str], path: str, score_name: str, metric: str) -> str:

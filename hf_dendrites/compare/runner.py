@@ -20,23 +20,16 @@ import torch
 from ..utils import atomic_write_text, library_version, read_json_file
 from . import models as M
 from .data import Splits, load_splits, preprocess
-from .settings import ARMS, CompareSettings
+from .settings import ARMS, LORA_ARMS, CompareSettings
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "compare_settings.json"
 RUNS_DIR = "runs"
 RESTARTS_FIELD = "dendrite_restarts_only"
-# baseline-restarts replays the growth / retry steps of the run with the same seed of the first of these arms
-# that the compare trains (frozen-dendrites: the head alone with the low-rank dendritic run's restarts)
-REPLAYED_ARMS = ("dendrites", "frozen-dendrites")
-
-
-def supports_restarts_only() -> bool:
-    """Whether the installed `DendriticTrainingArguments` has the restarts-only mode."""
-    from ..trainer import DendriticTrainingArguments
-
-    return RESTARTS_FIELD in {f.name for f in dataclasses.fields(DendriticTrainingArguments)}
+# A replaying arm replays the growth / retry steps of the run with the same seed of the first of its arms that the
+# compare trains (baseline-restarts of frozen-dendrites: the head alone with the low-rank dendritic run's restarts).
+REPLAYS = {"baseline-restarts": ("dendrites", "frozen-dendrites"), "lora-restarts": ("lora-dendrites",)}
 
 
 def replays_dendritic_run(s: CompareSettings) -> bool:
@@ -46,13 +39,16 @@ def replays_dendritic_run(s: CompareSettings) -> bool:
     return not s.lr_search
 
 
-def replayed_arm(arms: list[str]) -> str | None:
-    """The arm whose runs baseline-restarts replays: `dendrites` if trained, else `frozen-dendrites`, else None."""
-    return next((a for a in REPLAYED_ARMS if a in arms), None)
+def replayed_arm(arms: list[str], replaying: str = "baseline-restarts") -> str | None:
+    """The arm whose runs `replaying` replays (baseline-restarts: `dendrites` if trained, else `frozen-dendrites`;
+    lora-restarts: `lora-dendrites`), or None."""
+    return next((a for a in REPLAYS[replaying] if a in arms), None)
 
 
-def run_path(output_dir: str, arm: str, seed: int) -> str:
-    return os.path.join(output_dir, RUNS_DIR, arm, f"seed-{seed}.json")
+def run_path(output_dir: str, arm: str, seed: int, lr: float | None = None) -> str:
+    """runs/<arm>/seed-<k>.json, or runs/<arm>/lr-<lr>/seed-<k>.json for a run of --lr-grid."""
+    parts = [output_dir, RUNS_DIR, arm] + ([f"lr-{lr:g}"] if lr is not None else [])
+    return os.path.join(*parts, f"seed-{seed}.json")
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -93,11 +89,6 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
         targets = resolve_target_modules(meta, config)
     except (ValueError, TypeError) as err:
         raise ValueError(f"--targets {s.targets!r}: {err}") from err
-    if not supports_restarts_only():
-        reasons["baseline-restarts"] = (
-            f"needs hf_dendrites with {RESTARTS_FIELD} (DendriticTrainingArguments.{RESTARTS_FIELD}); this "
-            f"hf_dendrites {library_version()} lacks it"
-        )
     if s.rank is not None:
         reasons["correlation"] = "the correlation rule needs full-shape dendrites; drop --rank"
     if s.max_cycles == 0:
@@ -113,17 +104,32 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
         reasons.setdefault("wider", f"arm does not apply to this model: {err}")
     if s.freeze_base:
         reasons.setdefault("wider", "with --freeze-base the MLP is frozen, so extra units would never train")
-    for arm in ("frozen-dendrites", "lora"):
-        if s.task == "causal-lm":
-            reasons.setdefault(arm, "the frozen-base arms train a classification head; causal-lm has none")
+    for arm in ("frozen-dendrites", "lora", *LORA_ARMS):
+        # LoRA of --lora-rank needs no task head: with causal-lm only LoRA (and dendrites) train
+        if s.task == "causal-lm" and (arm == "frozen-dendrites" or (arm == "lora" and s.lora_rank is None)):
+            reasons.setdefault(arm, "the frozen-base arms train a classification head; causal-lm has none "
+                                    "(the LoRA arms with --lora-rank apply)")
         elif s.from_scratch:
             reasons.setdefault(arm, "a frozen base needs pretrained weights (drop --from-scratch)")
-    if "lora" not in reasons:
+    for arm in ("lora", *LORA_ARMS):
+        if arm not in reasons:
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                reasons[arm] = "needs PEFT: pip install peft"
+    if s.max_cycles == 0:
+        for arm in LORA_ARMS:
+            reasons.setdefault(arm, "--max-cycles 0 adds no dendrites")
+    if any(a not in reasons for a in LORA_ARMS):
         try:
-            import peft  # noqa: F401
-        except ImportError:
-            reasons["lora"] = "needs PEFT: pip install peft"
-    if "lora" not in reasons or "frozen-dendrites" not in reasons:
+            budgets.update(lora_family_budgets(s, num_labels, config, targets))
+        except ValueError as err:
+            for arm in LORA_ARMS:
+                reasons.setdefault(arm, f"arm does not apply to this model: {err}")
+    if s.lora_rank is not None:
+        budgets["lora_rank"] = s.family_lora_rank()
+        budgets["lora_targets"] = targets
+    elif "lora" not in reasons or "frozen-dendrites" not in reasons:
         frozen_cfg = dataclasses.replace(config, rank=s.frozen_rank)
         frozen_added = M.dendrite_params_added(M.build_model_on_meta(s, num_labels), frozen_cfg, s.max_cycles)
         budgets["frozen_dendrite_params"] = frozen_added
@@ -135,6 +141,22 @@ def arm_applicability(s: CompareSettings, num_labels: int) -> tuple[dict[str, st
     return reasons, budgets
 
 
+def lora_family_budgets(s: CompareSettings, num_labels: int, config, targets: list[str]) -> dict[str, Any]:
+    """The lora-* arms' sizes, counted on weightless (meta) copies: `family_lora_rank`, `lora_dendrite_params` (what
+    --max-cycles growths of dendrites on LoRA's layers add), `lora_rank_step` (trainable parameters of one more
+    LoRA rank) and `lora_wider_rank`, the rank whose trainable parameters come closest to LoRA of
+    `family_lora_rank` plus those dendrites (lora-dendrites' largest count)."""
+    rank = s.family_lora_rank()
+    meta = M.build_model_on_meta(s, num_labels)
+    step = M.lora_rank_for(meta, targets, 0, per_rank_only=True)
+    with torch.device("meta"):
+        M.add_lora(meta, targets, rank)
+    on_lora = dataclasses.replace(config, target_modules=list(M.LORA_LAYERS))
+    added = M.dendrite_params_added(meta, on_lora, s.max_cycles)
+    return {"family_lora_rank": rank, "lora_dendrite_params": added, "lora_rank_step": step,
+            "lora_wider_rank": rank + max(1, int(round(added / step))), "lora_targets": targets}
+
+
 def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The arms to run: --arms (each must apply), or every arm that applies."""
     if s.arms is not None:
@@ -144,12 +166,16 @@ def choose_arms(s: CompareSettings, reasons: dict[str, str]) -> tuple[list[str],
                 "Arm(s) that do not apply: " + "; ".join(f"{a}: {reasons[a]}" for a in bad) + ". Leave them out of --arms."
             )
         arms = list(dict.fromkeys(s.arms))
-        if "baseline-restarts" in arms and replayed_arm(arms) is None and replays_dendritic_run(s):
-            raise ValueError(
-                "baseline-restarts replays the growth and retry steps of the dendritic run with the same seed: add "
-                f"{' or '.join(REPLAYED_ARMS)} to --arms."
-            )
+        for replaying, sources in REPLAYS.items():
+            if replaying in arms and replayed_arm(arms, replaying) is None and replays_dendritic_run(s):
+                raise ValueError(
+                    f"{replaying} replays the growth and retry steps of the dendritic run with the same seed: add "
+                    f"{' or '.join(sources)} to --arms."
+                )
         return arms, {}
+    # by default the lora-* arms only when --lora-rank asks for them (each adds a run per seed)
+    if s.lora_rank is None:
+        reasons.update({a: "not asked for (pass --lora-rank or name it in --arms)" for a in LORA_ARMS if a not in reasons})
     arms = [a for a in ARMS if a not in reasons]
     return arms, {a: r for a, r in reasons.items()}
 
@@ -174,39 +200,115 @@ def build_context(s: CompareSettings) -> Context:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-class _BestTracker:
-    """Keeps a CPU copy of the weights at the best validation score of a run, for runs that hit --max-steps
-    before the schedule completed (then those weights are scored, as `load_best_model_at_end` would)."""
+class BestTracker:
+    """Follows the validation score of a run: keeps a CPU copy of the weights (and dendrite counts) at its best
+    evaluation, for runs that hit --max-steps before the schedule completed (then those weights are scored, as
+    `load_best_model_at_end` would), and with `test_dataset` scores the test data at every new best.
 
-    def __init__(self, key: str, greater_is_better: bool):
+    `entries` lists every evaluation during training: `step`, `val` and `test` (None unless a new best), so the test
+    score of any model the run may end with (cycle 0's best = the baseline at its plateau, a later cycle's best) is
+    known without scoring the test data at every evaluation; validation alone drives every decision. The test data
+    is scored with `trainer.predict`, which (unlike `evaluate`) does not reach the schedule's `on_evaluate`.
+    """
+
+    def __init__(self, metric: str, greater_is_better: bool, test_dataset=None, keep_weights: bool = True):
         from transformers import TrainerCallback
 
-        self.key, self.greater = key, greater_is_better
+        self.key, self.test_key, self.greater = f"eval_{metric}", f"test_{metric}", greater_is_better
+        self.test_dataset, self.keep_weights = test_dataset, keep_weights
         self.best: float | None = None
         self.state: dict | None = None
         self.counts: dict | None = None
+        self.entries: list[dict[str, Any]] = []
         self.trainer = None
         outer = self
 
         class Callback(TrainerCallback):
             def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-                outer._seen(metrics or {})
+                outer._seen(metrics or {}, state.global_step)
 
         self.callback = Callback()
 
-    def _seen(self, metrics: dict) -> None:
+    def _seen(self, metrics: dict, step: int) -> None:
         if self.trainer is None or not self.trainer.is_in_train or self.key not in metrics:
             return
         score = float(metrics[self.key])
+        entry = {"step": step, "val": score, "test": None}
         if self.best is None or (score > self.best if self.greater else score < self.best):
-            dm = self.trainer.model
             self.best = score
-            self.counts = dm.dendrite_counts()
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
+            if self.keep_weights:
+                dm = self.trainer.model
+                self.counts = dm.dendrite_counts()
+                self.state = {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()}
+            if self.test_dataset is not None:
+                entry["test"] = float(self.trainer.predict(self.test_dataset, metric_key_prefix="test").metrics[self.test_key])
+        self.entries.append(entry)
+
+    def best_entry(self, steps: set[int] | None = None) -> dict[str, Any] | None:
+        """The evaluation with the best validation score (among `steps`, if given)."""
+        best = None
+        for e in self.entries:
+            if (steps is None or e["step"] in steps) and (
+                    best is None or (e["val"] > best["val"] if self.greater else e["val"] < best["val"])):
+                best = e
+        return best
+
+
+@dataclass
+class TrainedRun:
+    """What `train_and_score` returns: the trainer, its `BestTracker`, the final model's validation and test
+    metrics, whether the schedule completed, and the training time."""
+
+    trainer: Any
+    tracker: BestTracker
+    validation: dict[str, float]
+    test: dict[str, float]
+    completed: bool
+    seconds: float
+
+
+def train_and_score(model, args, train, validation, test=None, *, task: str = "text-classification",
+                    processing_class=None, data_collator=None, dendrite_config=None, test_at_best: bool = False,
+                    quiet: bool = True) -> TrainedRun:
+    """Train `model` (a `DendriticModel`, or a model with `dendrite_config`) with `DendriticTrainer` on `train`, the
+    `validation` data driving the schedule (`args.metric_for_best_model`), then score the final model.
+
+    The final model is the one the schedule restored (its accepted best) when it completed; when training ran out of
+    steps first, the weights of the best validation evaluation. Both splits are scored after training
+    (`trainer.evaluate`); the test data never influences a decision. `test_at_best` also scores the test data at
+    every new best validation score (`tracker.entries`). What `compare` and the benchmark suite train with.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..trainer import DendriticTrainer
+
+    start = time.perf_counter()
+    metric = args.metric_for_best_model
+    tracker = BestTracker(metric, bool(args.greater_is_better), test if test_at_best else None)
+    trainer = DendriticTrainer(
+        model, args, train_dataset=train, eval_dataset=validation, **metric_functions(task),
+        processing_class=processing_class, data_collator=data_collator, callbacks=[tracker.callback],
+        dendrite_config=dendrite_config,
+    )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)  # no per-step dict printing
+    tracker.trainer = trainer
+    trainer.train()
+    seconds = time.perf_counter() - start
+    dm = trainer.dendritic_model
+    completed = bool(trainer.dendrite_schedule.done)
+    if not completed and tracker.state is not None:
+        # out of steps before the schedule ended: score the best validation checkpoint
+        dm.set_dendrite_counts(tracker.counts)
+        dm.load_state_dict(tracker.state, strict=True)
+    val = trainer.evaluate()
+    scored = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
+    return TrainedRun(trainer, tracker, val, scored, completed, seconds)
 
 
 def arm_model(ctx: Context, arm: str, seed: int):
-    """(DendriticModel, training-argument overrides, extra record fields) for one arm and seed.
+    """(DendriticModel, training-argument overrides, extra record fields) for one arm and seed (at any LR of
+    --lr-grid: a replaying arm replays its source's run at the LR chosen for that source).
 
     The model is built after seeding with `seed`, so every arm starts from the same weights for a seed (the wider
     arm's extra units aside); the overrides go to `training_arguments`.
@@ -218,7 +320,6 @@ def arm_model(ctx: Context, arm: str, seed: int):
     s, b = ctx.settings, ctx.budgets
     set_seed(seed)
     extra: dict[str, Any] = {}
-    restarts = supports_restarts_only()
     overrides: dict[str, Any] = {}
     if arm == "wider" and s.from_scratch:
         model = M.build_model(s, ctx.num_labels, extra_mlp=b["wider_units"])
@@ -227,28 +328,30 @@ def arm_model(ctx: Context, arm: str, seed: int):
     config = M.dendrite_config(s, model, seed)
     if arm == "baseline":
         overrides["max_dendrite_cycles"] = 0
-    elif arm == "baseline-restarts" and not replays_dendritic_run(s):
+    elif arm in ("baseline-restarts", "lora-restarts") and not replays_dendritic_run(s):
         overrides[RESTARTS_FIELD] = True
         extra["recipe"] = "restarts at its own plateaus, with the same restart-LR search"
-    elif arm == "baseline-restarts":
+    elif arm in REPLAYS:
         # The control for the dendritic run of this seed: its restarts at its growth / retry steps, its step count.
-        source = replayed_arm(ctx.arms)
-        replayed = finished_run(s, source, seed) if source else None
+        source = replayed_arm(ctx.arms, arm)
+        replayed, source_lr = replayed_run(ctx, source, seed) if source else (None, None)
         if replayed is None:
+            source = source or REPLAYS[arm][0]
             raise ValueError(
-                f"baseline-restarts (seed {seed}) replays the {source or REPLAYED_ARMS[0]} arm's run with the same seed, "
-                f"which is not finished in {os.path.join(s.output_dir, RUNS_DIR, source or REPLAYED_ARMS[0])}: train that "
-                "arm first."
+                f"{arm} (seed {seed}) replays the {source} arm's run with the same seed, which is not finished in "
+                f"{os.path.join(s.output_dir, RUNS_DIR, source)}: train that arm first."
             )
         overrides.update({RESTARTS_FIELD: True, "dendrite_restart_steps": list(replayed["growth_steps"]),
                           "max_steps": int(replayed["steps"])})
         extra.update(recipe=f"restarts of the {source} run replayed", replayed_arm=source)
-    elif arm in ("wider", "lora"):
-        if restarts:
-            overrides[RESTARTS_FIELD] = True
-        else:
-            overrides["max_dendrite_cycles"] = 0
-        extra["recipe"] = "restarts" if restarts else "stop at first plateau"
+        if source_lr is not None:
+            extra["replayed_learning_rate"] = source_lr
+    elif arm == "lora" and s.lora_rank is not None:
+        overrides["max_dendrite_cycles"] = 0
+        extra["recipe"] = "stop at first plateau"
+    elif arm in ("wider", "lora", "lora-wider"):
+        overrides[RESTARTS_FIELD] = True
+        extra["recipe"] = "restarts"
     if arm == "wider":
         if not s.from_scratch:
             M.widen_mlp(model, b["wider_units"], generator=torch.Generator().manual_seed(seed))
@@ -257,12 +360,28 @@ def arm_model(ctx: Context, arm: str, seed: int):
         overrides["dendrites_only_phase"] = True
     elif arm == "correlation":
         config = dataclasses.replace(config, learning_rule="correlation")
+    if arm in LORA_ARMS or (arm == "lora" and s.lora_rank is not None):
+        # LoRA of --lora-rank (lora-wider: the matched rank) on the target layers; the base frozen, the head trains
+        rank = b["lora_wider_rank"] if arm == "lora-wider" else s.family_lora_rank()
+        # the task head trains; a causal LM's head stays frozen (often tied to the embeddings): only LoRA trains
+        heads = [] if s.task == "causal-lm" else M.head_module_names(model)
+        M.add_lora(model, b["lora_targets"], rank)
+        M.freeze_base(model, heads + M.lora_module_names(model))
+        extra["lora_rank"] = rank
+        if arm == "lora-dendrites":
+            config = dataclasses.replace(config, target_modules=list(M.LORA_LAYERS))
+        elif arm == "lora-base-dendrites":
+            config = dataclasses.replace(config, target_modules=list(b["lora_targets"]))
+        else:  # the dendrite wrapper goes on the head (or LoRA's layers) only: no dendrites ever grow in these arms
+            config = dataclasses.replace(config, target_modules=heads or list(M.LORA_LAYERS))
+        if arm == "lora-wider":
+            extra.update(matched_dendrite_params=b["lora_dendrite_params"], lora_rank_step=b["lora_rank_step"])
     elif arm in ("frozen-dendrites", "lora"):
         heads = M.head_module_names(model)
         config = dataclasses.replace(config, rank=s.frozen_rank)
         if arm == "lora":
             M.add_lora(model, b["lora_targets"], b["lora_rank"])
-            heads = heads + [n for n, _ in model.named_modules() if n.split(".")[-1] in ("lora_A", "lora_B")]
+            heads = heads + M.lora_module_names(model)
             extra.update(lora_rank=b["lora_rank"], matched_dendrite_params=b["frozen_dendrite_params"])
             # the dendrite wrapper goes on the head only: no dendrites ever grow in this arm
             config = dataclasses.replace(config, target_modules=M.head_module_names(model))
@@ -275,26 +394,71 @@ def arm_model(ctx: Context, arm: str, seed: int):
     return dm, overrides, extra
 
 
+def replayed_run(ctx: Context, source: str, seed: int) -> tuple[dict[str, Any] | None, float | None]:
+    """(the finished run of arm `source` with this seed that a replaying arm replays, its LR): with --lr-grid the run
+    at the LR chosen for `source` on validation (every seed of it must be finished)."""
+    s = ctx.settings
+    if not s.lr_grid:
+        return finished_run(s, source, seed), None
+    runs = {(source, k, lr): finished_run(s, source, k, lr) for k in s.seed_values() for lr in s.lr_grid}
+    if any(r is None for r in runs.values()):
+        return None, None
+    lr = choose_learning_rates(list(runs.values()), [source], s.metric)[source]["chosen"]
+    return runs[(source, seed, lr)], lr
+
+
+def validation_value(record: dict[str, Any], metric: str) -> float:
+    """The validation number a decision reads: the loss (lower is better) or the accuracy (higher is better)."""
+    return float(record["validation_loss"] if metric == "loss" else record["validation_score"])
+
+
+def choose_learning_rates(records: list[dict[str, Any]], arms: list[str], metric: str) -> dict[str, dict[str, Any]]:
+    """Per arm: the LR whose runs have the best mean validation `metric` over their seeds (the first LR of the grid
+    on a tie). Only validation numbers are read. Returns {arm: {"chosen": lr, "validation": {lr: mean}, "seeds": n}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        by_lr: dict[float, list[float]] = {}
+        for r in records:
+            if r["arm"] == arm:
+                by_lr.setdefault(float(r["learning_rate"]), []).append(validation_value(r, metric))
+        if not by_lr:
+            continue
+        means = {lr: float(np.mean(v)) for lr, v in by_lr.items()}
+        sign = -1.0 if metric == "accuracy" else 1.0
+        chosen = min(means, key=lambda lr: sign * means[lr])  # min() keeps the first of equal values
+        out[arm] = {"chosen": chosen, "validation": means, "seeds": min(len(v) for v in by_lr.values())}
+    return out
+
+
 def training_arguments(s: CompareSettings, out: str, seed: int, **overrides):
     """The `DendriticTrainingArguments` every arm shares (same seed, data order, evaluation points and budget),
     with the arm's `overrides`. No checkpoints: the schedule keeps its best weights in memory. Dataset columns
     are prepared by `data.preprocess`, so none is dropped by the model's forward signature (the LoRA and DSN
     models have other signatures)."""
-    from ..trainer import DendriticTrainingArguments
-
     kw = dict(
-        output_dir=out, seed=seed, data_seed=seed, learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type,
+        seed=seed, data_seed=seed, learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type,
         per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.eval_batch_size, max_steps=s.max_steps,
-        eval_strategy="steps", eval_steps=s.eval_steps, save_strategy="no", logging_strategy="no", report_to=[],
-        disable_tqdm=True, metric_for_best_model=s.metric, greater_is_better=s.metric == "accuracy",
-        dendrite_patience=s.patience, dendrite_improvement_threshold=s.threshold, dendrite_improvement_epsilon=s.epsilon,
-        max_dendrite_cycles=s.max_cycles, max_dendrite_tries=s.max_tries, remove_unused_columns=False,
-        label_names=["labels"], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="error",
+        eval_steps=s.eval_steps, logging_strategy="no", metric_for_best_model=s.metric,
+        greater_is_better=s.metric == "accuracy", dendrite_patience=s.patience, dendrite_improvement_threshold=s.threshold,
+        dendrite_improvement_epsilon=s.epsilon, max_dendrite_cycles=s.max_cycles, max_dendrite_tries=s.max_tries,
+        remove_unused_columns=False, label_names=["labels"], log_level="error",
     )
     if s.lr_search:
         kw["dendrite_lr_search"] = list(s.lr_search)
     if s.cycle_steps is not None:
         kw["dendrite_cycle_steps"] = int(s.cycle_steps)
+    kw.update(overrides)
+    return common_training_arguments(out, **kw)
+
+
+def common_training_arguments(output_dir: str, **overrides):
+    """`DendriticTrainingArguments` with what every comparison run shares (`compare`'s arms, the benchmark suite):
+    evaluations every `eval_steps`, no checkpoints (the schedule keeps its best weights in memory), no external
+    loggers or progress bars, no data-loading workers, the GPU when there is one; `overrides` on top."""
+    from ..trainer import DendriticTrainingArguments
+
+    kw = dict(output_dir=output_dir, eval_strategy="steps", save_strategy="no", report_to=[], disable_tqdm=True,
+              dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
     kw.update(overrides)
     return DendriticTrainingArguments(**kw)
 
@@ -326,38 +490,27 @@ def metric_functions(task: str) -> dict[str, Any]:
     return {"compute_metrics": _accuracy}
 
 
-def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
-    """Train one arm with one seed and return its record (also written atomically to runs/<arm>/seed-<k>.json)."""
-    from transformers.trainer_callback import PrinterCallback
-
-    from ..trainer import DendriticTrainer
-
+def run_one(ctx: Context, arm: str, seed: int, lr: float | None = None) -> dict[str, Any]:
+    """Train one arm with one seed (at `lr` of --lr-grid, else --learning-rate) and return its record (also written
+    atomically to `run_path`)."""
     s = ctx.settings
     start = time.perf_counter()
     dm, overrides, extra = arm_model(ctx, arm, seed)
-    scratch = os.path.join(s.output_dir, RUNS_DIR, arm, f"seed-{seed}-trainer")
+    path = run_path(s.output_dir, arm, seed, lr)
+    scratch = path[: -len(".json")] + "-trainer"
+    if lr is not None:
+        overrides["learning_rate"] = lr
     args = training_arguments(s, scratch, seed, **overrides)
-    tracker = _BestTracker(f"eval_{s.metric}", s.metric == "accuracy")
-    trainer = DendriticTrainer(
-        dm, args, train_dataset=ctx.train, eval_dataset=ctx.validation, **metric_functions(s.task),
-        processing_class=ctx.processing_class, data_collator=ctx.collator, callbacks=[tracker.callback],
-    )
-    trainer.remove_callback(PrinterCallback)  # no per-step dict printing; compare reports progress itself
-    tracker.trainer = trainer
-    trainer.train()
-    completed = bool(trainer.dendrite_schedule.done)
-    if not completed and tracker.state is not None:
-        # out of steps before the schedule ended: score the best validation checkpoint
-        dm.set_dendrite_counts(tracker.counts)
-        dm.load_state_dict(tracker.state, strict=True)
-    val = trainer.evaluate()
-    test = trainer.evaluate(ctx.test, metric_key_prefix="test") if ctx.test is not None else {}
+    run = train_and_score(dm, args, ctx.train, ctx.validation, ctx.test, task=s.task,
+                          processing_class=ctx.processing_class, data_collator=ctx.collator)
+    trainer, val, test, completed = run.trainer, run.validation, run.test, run.completed
     summary = dm.dendrite_summary()
     trainable = sum(p.numel() for p in {id(p): p for p in dm.parameters() if p.requires_grad}.values())
     history = trainer.dendrite_history
     record = {
         "arm": arm,
         "seed": seed,
+        "learning_rate": float(args.learning_rate),
         "test_score": test.get("test_accuracy"),
         "test_loss": test.get("test_loss"),
         "validation_score": val.get("eval_accuracy"),
@@ -381,7 +534,6 @@ def run_one(ctx: Context, arm: str, seed: int) -> dict[str, Any]:
         "settings_fingerprint": s.fingerprint(),
         **extra,
     }
-    path = run_path(s.output_dir, arm, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1, default=_json_default) + "\n")
     return record
@@ -418,9 +570,9 @@ def check_output_dir(s: CompareSettings) -> None:
     atomic_write_text(path, json.dumps({"library_version": library_version(), "settings": mine}, indent=1) + "\n")
 
 
-def finished_run(s: CompareSettings, arm: str, seed: int) -> dict[str, Any] | None:
+def finished_run(s: CompareSettings, arm: str, seed: int, lr: float | None = None) -> dict[str, Any] | None:
     """The record of a finished run with these settings, or None (missing, partial or other settings)."""
-    path = run_path(s.output_dir, arm, seed)
+    path = run_path(s.output_dir, arm, seed, lr)
     if not os.path.isfile(path):
         return None
     try:
@@ -436,16 +588,17 @@ _WORKER: dict[str, Any] = {}  # per worker process: its Context, built once by _
 
 def _init_worker(settings: dict[str, Any]) -> None:
     s = CompareSettings(**settings)
-    _configure_threads(s.threads)
+    configure_threads(s.threads)
     quiet_libraries()
     _WORKER["ctx"] = build_context(s)
 
 
-def _work(task: tuple[str, int]) -> dict[str, Any]:
+def _work(task: tuple[str, int, float | None]) -> dict[str, Any]:
     return run_one(_WORKER["ctx"], *task)
 
 
-def _configure_threads(threads: int | None) -> None:
+def configure_threads(threads: int | None) -> None:
+    """Use `threads` torch CPU threads (None: torch's default)."""
     if threads:
         torch.set_num_threads(threads)
 
@@ -478,31 +631,33 @@ def _exit_on_sigterm(output_dir: str):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_all(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
-    """Train `tasks` (arm, seed), in --jobs worker processes when > 1; logs progress as runs finish.
+def run_all(ctx: Context, tasks: list[tuple[str, int, float | None]], done: int, total: int) -> list[dict[str, Any]]:
+    """Train `tasks` (arm, seed, LR of --lr-grid or None), in --jobs worker processes when > 1; logs progress as
+    runs finish.
 
-    baseline-restarts runs replay the finished dendritic run of their seed, so they train after every other run.
+    The replaying arms (baseline-restarts, lora-restarts) replay the finished dendritic run of their seed, so they
+    train after every other run.
     """
     records: list[dict[str, Any]] = []
-    for wave in ([t for t in tasks if t[0] != "baseline-restarts"], [t for t in tasks if t[0] == "baseline-restarts"]):
+    for wave in ([t for t in tasks if t[0] not in REPLAYS], [t for t in tasks if t[0] in REPLAYS]):
         if wave:
             records += _run_wave(ctx, wave, done + len(records), total)
     return records
 
 
-def _run_wave(ctx: Context, tasks: list[tuple[str, int]], done: int, total: int) -> list[dict[str, Any]]:
+def _run_wave(ctx: Context, tasks: list[tuple[str, int, float | None]], done: int, total: int) -> list[dict[str, Any]]:
     s = ctx.settings
     records = []
 
     def report(i: int, r: dict[str, Any]) -> None:
         score = r["test_score"] if r["test_score"] is not None else r["validation_score"]
-        logger.info("[%d/%d] %s seed %d done: score %.4f, %d steps, %d dendrites (%.0f s)",
-                    i, total, r["arm"], r["seed"], score, r["steps"], r["dendrites_kept"], r["seconds"])
+        logger.info("[%d/%d] %s seed %d (lr %g) done: score %.4f, %d steps, %d dendrites (%.0f s)",
+                    i, total, r["arm"], r["seed"], r["learning_rate"], score, r["steps"], r["dendrites_kept"], r["seconds"])
 
     if s.jobs <= 1 or len(tasks) <= 1:
-        for arm, seed in tasks:
-            logger.info("[%d/%d] training %s, seed %d", done, total, arm, seed)
-            records.append(run_one(ctx, arm, seed))
+        for arm, seed, lr in tasks:
+            logger.info("[%d/%d] training %s, seed %d%s", done, total, arm, seed, f", lr {lr:g}" if lr is not None else "")
+            records.append(run_one(ctx, arm, seed, lr))
             done += 1
             report(done, records[-1])
         return records

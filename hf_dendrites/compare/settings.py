@@ -24,7 +24,7 @@ ARMS: dict[str, str] = {
     ),
     "wider": (
         "no dendrites; every MLP widened by as many neurons as give the parameters the dendrites arm can add "
-        "(dendrite parameters of max_cycles growths); the restarts recipe when the trainer supports it"
+        "(dendrite parameters of max_cycles growths); restarts at its own plateaus"
     ),
     "dendrites": "gd dendrites trained jointly with the network",
     "dendrites-only-phase": "gd dendrites, each cycle starting with a dendrites-only phase (neurons frozen)",
@@ -32,14 +32,29 @@ ARMS: dict[str, str] = {
     "frozen-dendrites": "frozen base (the task head trains) with low-rank dendrites of rank --frozen-rank",
     "lora": (
         "frozen base (the task head trains) with PEFT LoRA on the same target layers, its rank chosen so its "
-        "trainable parameters match frozen-dendrites (needs `pip install peft`)"
+        "trainable parameters match frozen-dendrites (needs `pip install peft`); with --lora-rank: LoRA of that "
+        "rank stopped at its first plateau (the control of Perforated AI's PEFT case study)"
     ),
+    "lora-restarts": (
+        "LoRA of --lora-rank (frozen base, the task head trains) with the lora-dendrites run's restarts replayed at "
+        "the same steps, the same total steps; needs the lora-dendrites arm"
+    ),
+    "lora-dendrites": (
+        "Perforated AI's PEFT recipe: LoRA of --lora-rank, dendrites on LoRA's own Linear layers only (lora_A, "
+        "lora_B), the schedule deciding growth"
+    ),
+    "lora-wider": (
+        "LoRA at the rank whose trainable parameters match lora-dendrites' largest count (LoRA of --lora-rank plus "
+        "--max-cycles growths); restarts at its own plateaus"
+    ),
+    "lora-base-dendrites": "LoRA of --lora-rank plus dendrites on the base layers LoRA adapts, the schedule deciding growth",
 }
+# The arms with LoRA of --lora-rank (and lora-wider's rank derived from it).
+LORA_ARMS = ("lora-restarts", "lora-dendrites", "lora-wider", "lora-base-dendrites")
+DEFAULT_LORA_RANK = 8
 TASKS = ("text-classification", "image-classification", "causal-lm")
 # Fields that do not change what a run computes: they may differ between a run and its resumption.
 NOT_RUN_DEFINING = ("output_dir", "arms", "seeds", "seed_list", "threads", "jobs")
-# Settings added after results were first committed, with their defaults (see `CompareSettings.run_defining`).
-ADDED_LATER = {"freeze_base": False, "lr_search": None, "cycle_steps": None, "pooling": "auto"}
 
 
 def _help(text: str, **kw) -> Any:
@@ -98,6 +113,12 @@ class CompareSettings:
     seeds: int = _help("Train every arm with seeds 0 .. K-1.", default=3)
     seed_list: list[int] | None = _help("Comma-separated training seeds (instead of --seeds).", default=None)
     learning_rate: float = _help("Learning rate (AdamW) of every arm.", default=1e-4)
+    lr_grid: list[float] | None = _help(
+        "Comma-separated learning rates (instead of --learning-rate): every arm trains every seed at each of them, "
+        "and each arm is reported at the LR with its best mean validation --metric over the seeds (the test data "
+        "plays no part); the replaying arms (baseline-restarts, lora-restarts) replay the runs at the LR chosen for "
+        "the arm they replay. compare.json lists every LR's runs under `lr_grid_runs` and the choice under "
+        "`lr_choice`.", default=None)
     lr_scheduler_type: str = _help(
         "transformers LR schedule (e.g. constant, linear, cosine); dendritic runs restart it at every growth.",
         default="constant")
@@ -129,6 +150,10 @@ class CompareSettings:
     dendrites_per_cycle: int = _help("Dendrites every target layer gets at each growth.", default=1)
     rank: int | None = _help("Rank of low-rank dendrites for the dendritic arms (default: full-shape dendrites).", default=None)
     frozen_rank: int = _help("Rank of the dendrites of the frozen-dendrites arm (lora matches its trainable parameters).", default=4)
+    lora_rank: int | None = _help(
+        "Rank of the LoRA of the lora-restarts, lora-dendrites and lora-base-dendrites arms (default "
+        f"{DEFAULT_LORA_RANK}, Perforated AI's r); given, the lora arm uses it too and stops at its first plateau.",
+        default=None)
     freeze_base: bool = _help(
         "Freeze the pretrained model in every arm: only the task head trains, plus what the arm adds (dendrites, "
         "LoRA); with --layers 0 the model is a linear probe of the frozen embeddings. Needs pretrained weights.",
@@ -142,7 +167,7 @@ class CompareSettings:
     jobs: int = _help("Runs in parallel worker processes (each with --threads threads).", default=1)
 
     def __post_init__(self) -> None:
-        for name in ("arms", "seed_list", "patience", "threshold", "epsilon", "lr_search"):
+        for name in ("arms", "seed_list", "patience", "threshold", "epsilon", "lr_search", "lr_grid"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -158,6 +183,14 @@ class CompareSettings:
             self.lr_search = [float(v) for v in self.lr_search]
             if not self.lr_search or not all(math.isfinite(v) and v > 0 for v in self.lr_search):
                 raise ValueError(f"--lr-search must be comma-separated learning-rate multiples > 0 (e.g. 1,0.3,0.1), got {self.lr_search}.")
+        if self.lr_grid is not None:
+            self.lr_grid = [float(v) for v in self.lr_grid]
+            if not self.lr_grid or not all(math.isfinite(v) and v > 0 for v in self.lr_grid):
+                raise ValueError(f"--lr-grid must be comma-separated learning rates > 0 (e.g. 1e-4,1e-3), got {self.lr_grid}.")
+            if len(set(self.lr_grid)) != len(self.lr_grid):
+                raise ValueError(f"--lr-grid repeats a learning rate: {self.lr_grid}.")
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
+            raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}.")
         if self.cycle_steps is not None and (isinstance(self.cycle_steps, bool) or int(self.cycle_steps) < 1):
             raise ValueError(f"--cycle-steps must be >= 1, got {self.cycle_steps}.")
         if not self.model:
@@ -208,17 +241,20 @@ class CompareSettings:
         """The training seeds: --seed-list, else 0 .. seeds-1."""
         return list(self.seed_list) if self.seed_list is not None else list(range(self.seeds))
 
+    def learning_rates(self) -> list[float | None]:
+        """The learning rates every arm trains at: --lr-grid, else [None] (--learning-rate)."""
+        return list(self.lr_grid) if self.lr_grid else [None]
+
+    def family_lora_rank(self) -> int:
+        """The LoRA rank of the lora-* arms: --lora-rank, else DEFAULT_LORA_RANK."""
+        return int(self.lora_rank) if self.lora_rank is not None else DEFAULT_LORA_RANK
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def run_defining(self) -> dict[str, Any]:
         """The settings that change what a run computes (a resumed compare must match them exactly)."""
-        defining = {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
-        # Fields added after results were committed count only when set, so those results stay resumable.
-        for name, default in ADDED_LATER.items():
-            if defining.get(name) == default:
-                defining.pop(name, None)
-        return defining
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_RUN_DEFINING}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.run_defining(), sort_keys=True).encode()).hexdigest()[:16]
