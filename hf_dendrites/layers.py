@@ -105,6 +105,11 @@ _LAYER_ATTRS = (
 )
 
 
+def cascade_rows(k: int) -> int:
+    """Rows of `dendrite_cascade` for `k` dendrites: one per pair (j < i), the input of dendrite j to dendrite i."""
+    return k * (k - 1) // 2
+
+
 class DendriticLayerMixin:
     """Logic shared by every dendritic layer kind (see "Adding a layer kind" in docs/dendritic_layer.md).
 
@@ -286,17 +291,21 @@ class DendriticLayerMixin:
         self.dendrite_out = self._new_param(self.dendrite_out, self._zeros((n, N)), 0)
         if self.dendrite_cascade_enabled:
             k_new = k_old + n
-            rows = k_new * (k_new - 1) // 2 - k_old * (k_old - 1) // 2
+            rows = cascade_rows(k_new) - cascade_rows(k_old)
             if rows:
                 self.dendrite_cascade = self._new_param(self.dendrite_cascade, self._zeros((rows, N)), 0)
         self.num_dendrites = k_old + n
 
+    def _truncation_needed(self, k: int) -> bool:
+        """Check `k` for `truncate_dendrites`: False when the layer already has `k` dendrites."""
+        if not 0 <= k <= self.num_dendrites:
+            raise ValueError(f"Cannot keep {k} dendrites of a layer that has {self.num_dendrites}.")
+        return k != self.num_dendrites
+
     @torch.no_grad()
     def truncate_dendrites(self, k: int) -> None:
         """Keep only the first `k` dendrites (used to discard a cycle that did not help)."""
-        if not 0 <= k <= self.num_dendrites:
-            raise ValueError(f"Cannot keep {k} dendrites of a layer that has {self.num_dendrites}.")
-        if k == self.num_dendrites:
+        if not self._truncation_needed(k):
             return
         self.unfuse()
         N = self.num_neurons
@@ -319,7 +328,7 @@ class DendriticLayerMixin:
         cut("dendrite_bias", k * N, 0)
         cut("dendrite_out", k, 0)
         if self.dendrite_cascade_enabled:
-            rows = k * (k - 1) // 2
+            rows = cascade_rows(k)
             if rows:
                 cut("dendrite_cascade", rows, 0)
             else:
@@ -340,7 +349,7 @@ class DendriticLayerMixin:
         shapes["dendrite_bias"] = (k * N,)
         shapes["dendrite_out"] = (k, N)
         if self.dendrite_cascade_enabled and k > 1:
-            shapes["dendrite_cascade"] = (k * (k - 1) // 2, N)
+            shapes["dendrite_cascade"] = (cascade_rows(k), N)
         return shapes
 
     def dendrite_parameters(self) -> list[nn.Parameter]:

@@ -52,7 +52,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .layers import ACTIVATION_FUNCTIONS, DendriticLayerMixin
+from .layers import ACTIVATION_FUNCTIONS, DendriticLayerMixin, cascade_rows
 from .trainer_internals import grouped_linear
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class DendriticExperts(DendriticLayerMixin):
             put("dendrite_out", self._zeros((E, n, N)), 1)
             if self.dendrite_cascade_enabled:
                 k_new = k_old + n
-                rows = k_new * (k_new - 1) // 2 - k_old * (k_old - 1) // 2
+                rows = cascade_rows(k_new) - cascade_rows(k_old)
                 if rows:
                     put("dendrite_cascade", self._zeros((E, rows, N)), 1)
         self.num_dendrites = k_old + n
@@ -180,9 +180,7 @@ class DendriticExperts(DendriticLayerMixin):
     @torch.no_grad()
     def truncate_dendrites(self, k: int) -> None:
         """Keep only the first `k` dendrites of every expert."""
-        if not 0 <= k <= self.num_dendrites:
-            raise ValueError(f"Cannot keep {k} dendrites of a layer that has {self.num_dendrites}.")
-        if k == self.num_dendrites:
+        if not self._truncation_needed(k):
             return
         if k == 0:
             for name in self.dendrite_param_names:
@@ -208,7 +206,7 @@ class DendriticExperts(DendriticLayerMixin):
             cut("dendrite_bias", k * N, 1)
             cut("dendrite_out", k, 1)
             if self.dendrite_cascade_enabled:
-                rows = k * (k - 1) // 2
+                rows = cascade_rows(k)
                 if rows:
                     cut("dendrite_cascade", rows, 1)
                 else:
@@ -230,7 +228,7 @@ class DendriticExperts(DendriticLayerMixin):
             shapes[f"{proj}_dendrite_bias"] = (E, k * N)
             shapes[f"{proj}_dendrite_out"] = (E, k, N)
             if self.dendrite_cascade_enabled and k > 1:
-                shapes[f"{proj}_dendrite_cascade"] = (E, k * (k - 1) // 2, N)
+                shapes[f"{proj}_dendrite_cascade"] = (E, cascade_rows(k), N)
         return shapes
 
     def dendrite_parameters(self) -> list[nn.Parameter]:

@@ -183,3 +183,14 @@ def cue_word_csv(path: Path, n: int, seed: int, labels=("pos", "neg")) -> Path:
             words.insert(rng.randrange(6), cue)
             writer.writerow([" ".join(words), label])
     return path
+
+
+def compare_data(root: Path) -> dict[str, Path]:
+    """A tiny BERT folder and cue-word train / validation / test CSVs under `root`: the inputs of a compare run."""
+    return {
+        "root": root,
+        "model": tiny_bert_folder(root / "tiny-bert"),
+        "train": cue_word_csv(root / "train.csv", 96, 0),
+        "validation": cue_word_csv(root / "validation.csv", 48, 1),
+        "test": cue_word_csv(root / "test.csv", 48, 2),
+    }

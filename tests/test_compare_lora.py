@@ -4,7 +4,7 @@ dendrites on the base layers, and each arm's LR chosen on validation from one gr
 
 import pytest
 import transformers
-from conftest import cue_word_csv, tiny_bert_folder
+from conftest import compare_data, cue_word_csv
 
 from hf_dendrites.compare import CompareSettings, compare
 from hf_dendrites.compare import models as M
@@ -19,13 +19,7 @@ FAST = dict(eval_steps=4, patience=[1], max_steps=60, batch_size=16, max_cycles=
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare_lora")
-    return {
-        "root": root,
-        "model": tiny_bert_folder(root / "tiny-bert"),
-        "train": cue_word_csv(root / "train.csv", 96, 0),
-        "validation": cue_word_csv(root / "validation.csv", 48, 1),
-        "test": cue_word_csv(root / "test.csv", 48, 2),
-    }
+    return compare_data(root)
 
 
 def _settings(data, **kw) -> CompareSettings:
