@@ -325,17 +325,24 @@ def test_dendritic_arguments_and_the_trl_configs_share_one_set_of_fields():
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
-def test_two_processes_with_the_sft_trainer_stay_identical(llama_folder, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_with_the_sft_trainer_stay_identical(llama_folder, tmp_path, engine):
+    """DendriticSFTTrainer under DDP and under FSDP version 2 (the mixin's engines, docs/distributed.md)."""
     from conftest import run_two_processes
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "ddp_sft.py")
-    results = run_two_processes(script, tmp_path, llama_folder, "--use_cpu")
+    results = run_two_processes(script, tmp_path, llama_folder, "--use_cpu", *(["--fsdp2"] if engine == "fsdp2" else []))
     for res in results:
-        assert res["world_size"] == 2 and res["distributed_type"].endswith("MULTI_CPU") and res["done"]
+        assert res["world_size"] == 2 and res["done"]
+        assert res["distributed_type"].endswith("MULTI_CPU" if engine == "ddp" else "FSDP")  # FSDP2 really ran
         assert [e["event"] for e in res["events"]] == [1, 2, 4]  # grow, retry, complete
         assert all(e["params_identical"] for e in res["events"]) and res["final_params_identical"]
-        assert all(e["wrapper"] == "DistributedDataParallel" and e["wraps_model"] and e["new_wrapper"] for e in res["events"])
-        assert all(e["optimizer_matches"] and e["prepared_optimizers"] == 1 for e in res["events"])
+        if engine == "ddp":
+            assert all(e["wrapper"] == "DistributedDataParallel" and e["wraps_model"] and e["new_wrapper"] for e in res["events"])
+            assert all(e["prepared_optimizers"] == 1 for e in res["events"])
+        else:  # every parameter, the new dendrites included, sharded after every event
+            assert all(e["fsdp_module"] and e["all_dtensor"] and e["dendrites_dtensor"] for e in res["events"])
+        assert all(e["optimizer_matches"] for e in res["events"])
         assert res["history_identical"] and res["schedule_identical"] and res["dendrite_counts"] == [1]
     assert results[0]["history"] == results[1]["history"]
     assert [(r["step"], r["decision"]) for r in results[0]["history"]] == DECISIONS
