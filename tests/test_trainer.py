@@ -120,8 +120,12 @@ def test_unsupported_setups_fail_with_a_clear_error(tmp_path):
         DendriticTrainer(model, make_args(str(tmp_path)), optimizers=(opt, None), **data)
     with pytest.raises(ValueError, match="model_init"):
         DendriticTrainer(None, make_args(str(tmp_path)), **data)
+    # FSDP2 (named: transformers before 5.25 defaults `fsdp=True` to version 1) in one process: no sharding would happen
+    fsdp2 = {"fsdp": True, "fsdp_config": {"version": 2}}
     with pytest.raises(RuntimeError, match="FSDP is requested, but accelerate runs this process with distributed type NO"):
-        DendriticTrainer(tiny_bert(), make_args(str(tmp_path), fsdp=True), dendrite_config=all_linear(), **data)
+        DendriticTrainer(tiny_bert(), make_args(str(tmp_path), **fsdp2), dendrite_config=all_linear(), **data)
+    with pytest.raises(NotImplementedError, match="FSDP version 2 only, and this run asks for FSDP version 1"):
+        DendriticTrainer(tiny_bert(), make_args(str(tmp_path), fsdp=True, fsdp_config={"version": 1}), **data)
     ds_zero3 = types.SimpleNamespace(config={"zero_optimization": {"stage": 3}})  # ZeRO-3: tests/test_deepspeed.py
     with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO stages 0, 1 and 2, not stage 3"):
         _check_args_supported(types.SimpleNamespace(deepspeed="ds_config.json", hf_deepspeed_config=ds_zero3, fsdp=None))
