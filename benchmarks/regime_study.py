@@ -49,6 +49,10 @@ Regimes (the ones issue 12 asks for; a regime not run yet has no folder under re
   restarts replayed), `lora-wider` (LoRA at the rank with lora-dendrites' largest parameter count) and
   `lora-base-dendrites`, each at the LR of the grid 2e-3 / 1e-2 with its best mean validation loss; on a Rotten
   Tomatoes subset and on which party's 2012 convention a sentence comes from (`write_party_data`, split by speech).
+- `lora-smollm2-speeches` (issue 21): supervised fine-tuning of the pretrained SmolLM2-135M-Instruct
+  (`example_data.smollm2_path`) with LoRA of rank 8 on q_proj / v_proj, next-token prediction on the convention
+  speeches (`write_speeches`: cut to their first 600 / 400 / 400 characters), only LoRA (and dendrites) training;
+  the same adapter arms but `lora-base-dendrites`, 2 seeds and one LR (sized for 2 CPU cores; see `SFT_CHARS`).
 
 `--scale gpu` is the same study at GPU size (10 seeds, the full 6-layer MiniLM, all the data, a larger LM; see
 `scaled_regimes`, results in `benchmarks/results/regimes-gpu/`), `--scale tiny` a CPU smoke run for the tests.
@@ -135,6 +139,7 @@ PAIRS = {
     # parameters spent on LoRA's rank
     **{regime: [("lora-dendrites", "lora"), ("lora-dendrites", "lora-wider"), ("lora-base-dendrites", "lora-wider")]
        for regime in ("lora-rotten-tomatoes", "lora-convention-party")},
+    "lora-smollm2-speeches": [("lora-dendrites", "lora"), ("lora-dendrites", "lora-wider")],
 }
 # The LoRA regime (issue 21): MiniLM's first layer frozen, mean-pooled head, LoRA of rank 8 on the attention's query
 # and value (PEFT's default for BERT), the adapter arms of `compare`, each at its LR chosen on validation loss from
@@ -148,6 +153,19 @@ REGIMES.update({
     "lora-rotten-tomatoes": dict(**LORA, data="rotten-tomatoes-subset"),
     "lora-convention-party": dict(**LORA, data="convention-party"),
 })
+# Supervised fine-tuning of the real SmolLM2-135M-Instruct with LoRA (issue 21): next-token prediction on the
+# convention speeches, LoRA of rank 8 on q_proj / v_proj (as examples/sft.py), only LoRA (and dendrites) train; all 30
+# layers. Sized for 2 CPU cores shared with other work (a step takes 2-4 s there at 8 x 32 tokens, a run 3-8 minutes):
+# the 149 training speeches cut to their first 300 characters (10,486 tokens, 327 blocks of 32, 41 steps per epoch:
+# LoRA plateaus within the budget; at 600 characters and lr 2e-3 it still improved at step 96), the 20 validation and
+# 20 test speeches to 400 (1,869 and 1,931 tokens), batch 8, at most 80 steps, an evaluation every 8 steps, patience
+# 2, one dendrite cycle with one try, 2 seeds, one LR (5e-3) for every arm; lora-base-dendrites left out.
+SFT_CHARS = dict(train=300, validation=400, test=400)
+REGIMES["lora-smollm2-speeches"] = dict(
+    data="smollm2-speeches", task="causal-lm", text_column="text", metric="loss", targets="q_proj,v_proj", lora_rank=8,
+    max_length=32, batch_size=8, eval_batch_size=32, eval_steps=8, patience=[2], max_steps=80, max_cycles=1,
+    max_tries=1, seeds=2, learning_rate=5e-3, arms="lora,lora-dendrites,lora-restarts,lora-wider",
+)
 PARTY_SIZES = dict(train=2000, validation=300, test=600)
 # ---------------------------------------------------------------------------------------------- scales
 # --scale cpu: the regimes above (what benchmarks/results/regimes/ holds). --scale gpu: what the README says a GPU run
@@ -172,13 +190,15 @@ GPU_LM_CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=
                      num_key_value_heads=8)
 # Assumed seconds per training step on one H100 (small models are bound by kernel-launch and data-loading overhead,
 # not FLOPs) and seconds per evaluation; an estimate, not a measurement (no GPU has run this study yet).
-GPU_STEP_SECONDS = {"text": 0.03, "text-6layer": 0.05, "image": 0.02, "lm": 0.03}
-GPU_EVAL_SECONDS = {"text": 1.0, "text-6layer": 2.0, "image": 2.0, "lm": 1.0}
+GPU_STEP_SECONDS = {"text": 0.03, "text-6layer": 0.05, "image": 0.02, "lm": 0.03, "smollm2": 0.1}
+GPU_EVAL_SECONDS = {"text": 1.0, "text-6layer": 2.0, "image": 2.0, "lm": 1.0, "smollm2": 3.0}
 
 
 def _kind(settings: dict) -> str:
     if settings.get("task") == "image-classification":
         return "image"
+    if settings.get("data") == "smollm2-speeches":
+        return "smollm2"
     if settings.get("task") == "causal-lm":
         return "lm"
     return "text-6layer" if settings.get("layers", 0) is None else "text"
@@ -202,6 +222,9 @@ def scaled_regimes(scale: str) -> dict[str, dict]:
                 s["max_steps"] = 20000
             if s.get("task") == "causal-lm":
                 s["max_steps"] = 8000
+            if s["data"] == "smollm2-speeches":  # whole speeches, 128-token blocks, the adapter regimes' LR grid
+                s.update(max_steps=3000, eval_steps=50, batch_size=16, max_length=128, eval_batch_size=32,
+                         lr_grid=[5e-4, 2e-3, 1e-2], max_cycles=2, max_tries=2)
             name = name.replace("1layer", "6layer")
         elif scale == "tiny":
             s.update(seeds=2, max_steps=12, eval_steps=4, patience=[1], batch_size=8, eval_batch_size=64)
@@ -361,17 +384,25 @@ def vit_folder(root: str = DATA) -> str:
 
 
 def write_lm_data(root: str = DATA, config: dict | None = None, max_chars: int | None = None) -> tuple[dict[str, str], str]:
-    """The convention speeches as train / validation / test CSV files (a `text` column, one speech per row, each cut
-    to `max_chars` if given) and a small Llama config folder (`config`, default LM_CONFIG) with a 1,024-token BPE
-    fitted to the training speeches; written once."""
+    """The convention speeches as train / validation / test CSV files (`write_speeches`) and a small Llama config
+    folder (`config`, default LM_CONFIG) with a 1,024-token BPE fitted to the training speeches; written once."""
+    from hf_dendrites.example_data import small_lm_folder
+
+    paths, texts = write_speeches(os.path.join(root, "speeches"), max_chars)
+    return paths, small_lm_folder(os.path.join(root, "lm-speeches"), texts["train"], **(config or LM_CONFIG))
+
+
+def write_speeches(root: str, max_chars: int | dict[str, int] | None = None) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The convention speeches (`example_data.load_speeches`) as train / validation / test CSV files under `root`
+    (a `text` column, one speech per row, each cut to `max_chars` if given, or to `max_chars[split]`; written once);
+    (paths, texts)."""
     import csv
 
-    from hf_dendrites.example_data import load_speeches, small_lm_folder
+    from hf_dendrites.example_data import load_speeches
 
-    lm_root = root
-    root = os.path.join(root, "speeches")
     paths = {split: os.path.join(root, f"{split}.csv") for split in ("train", "validation", "test")}
-    texts = {split: [t[:max_chars] for t in values] for split, values in load_speeches().items()}
+    cut = max_chars if isinstance(max_chars, dict) else dict.fromkeys(paths, max_chars)
+    texts = {split: [t[: cut[split]] for t in values] for split, values in load_speeches().items()}
     if not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(root, exist_ok=True)
         for split, path in paths.items():
@@ -379,7 +410,7 @@ def write_lm_data(root: str = DATA, config: dict | None = None, max_chars: int |
                 writer = csv.writer(handle)
                 writer.writerow(["text"])
                 writer.writerows([t] for t in texts[split])
-    return paths, small_lm_folder(os.path.join(lm_root, "lm-speeches"), texts["train"], **(config or LM_CONFIG))
+    return paths, texts
 
 
 def data_and_model(data: str, scale: str = "cpu") -> tuple[dict[str, str], str]:
@@ -392,6 +423,12 @@ def data_and_model(data: str, scale: str = "cpu") -> tuple[dict[str, str], str]:
     if data == "speeches":
         config = {"cpu": LM_CONFIG, "gpu": GPU_LM_CONFIG, "tiny": LM_CONFIG}[scale]
         return write_lm_data(root, config, max_chars=2000 if scale == "tiny" else None)
+    if data == "smollm2-speeches":
+        from hf_dendrites.example_data import smollm2_path
+
+        chars = {"cpu": SFT_CHARS, "gpu": None, "tiny": 300}[scale]  # the GPU study reads whole speeches
+        name = "-".join(str(v) for v in chars.values()) if isinstance(chars, dict) else chars or "all"
+        return write_speeches(os.path.join(root, f"speeches-{name}"), chars)[0], smollm2_path()
     if data == "rotten-tomatoes-subset":
         return write_subset_text_data(root, *sizes), minilm_path()
     if data == "convention-party":

@@ -57,7 +57,8 @@ def nats(regime: str, arm: str, ref: str, digits: int) -> str:
     """Paired test-loss difference (nats per token) of `arm` against `ref`, with the paired t-test's p."""
     d = report.paired_difference({k: r["test_loss"] for k, r in _runs(regime, arm).items()},
                                  {k: r["test_loss"] for k, r in _runs(regime, ref).items()})
-    return f"{d['mean_difference']:+.{digits}f} nats{'/token' if digits == 4 else ''} ({_p(d['p_value'])})"
+    p = "identical in every seed" if math.isnan(d["p_value"]) else _p(d["p_value"])
+    return f"{d['mean_difference']:+.{digits}f} nats{'/token' if digits == 4 else ''} ({p})"
 
 
 # README "When do dendrites help?": the start of each row -> what it quotes, recomputed from the committed runs.
@@ -108,7 +109,17 @@ def _lora_base_rows(regime: str) -> list[str]:
             rel(regime, "lora-base-dendrites", "lora-restarts"), "vs wider " + rel(regime, "lora-base-dendrites", "lora-wider")]
 
 
+def _sft_rows(regime: str) -> list[str]:
+    """The SmolLM2 LoRA regime's row: test perplexity of Perforated AI's recipe and its three controls, and the
+    paired test-loss differences."""
+    return [ppl(regime, "lora-dendrites"), ppl(regime, "lora-restarts") + " (same restarts)",
+            ppl(regime, "lora") + " (LoRA at its first plateau", ppl(regime, "lora-wider") + f" (LoRA r={_lora_rank(regime, 'lora-wider')}",
+            nats(regime, "lora-dendrites", "lora-restarts", 4), "vs LoRA " + nats(regime, "lora-dendrites", "lora", 4),
+            "vs wider " + nats(regime, "lora-dendrites", "lora-wider", 4)]
+
+
 README_ROWS.update({
+    "| SmolLM2-135M with LoRA": lambda: _sft_rows("lora-smollm2-speeches"),
     "| MiniLM's first layer frozen with LoRA": lambda: _lora_rows("lora-rotten-tomatoes"),
     "| the same LoRA setting on the convention-party task": lambda: _lora_rows("lora-convention-party"),
     "| the same with dendrites on the base layers LoRA adapts (Rotten Tomatoes)": lambda: _lora_base_rows("lora-rotten-tomatoes"),
@@ -241,6 +252,8 @@ def test_readme_study_findings_quote_the_committed_runs():
     party_vs_lora = _relp("lora-convention-party", "lora-dendrites", "lora")
     party_vs_restarts = _relp("lora-convention-party", "lora-dendrites", "lora-restarts")
     lm = [np.mean([r["test_perplexity"] for r in _runs("lm-width-0.25", a).values()]) for a in ("wider", "dendrites")]
+    sft = [np.mean([r["test_perplexity"] for r in _runs("lora-smollm2-speeches", a).values()]) for a in ("lora-wider", "lora")]
+    sft_p = nats("lora-smollm2-speeches", "lora-wider", "lora", 4).split("(")[1][:-1]
     expected = [
         f"(ViT at hidden 16: {vit[0]}, p {vit[1]}",
         f"head alone with the same restarts, {head[0]} error, p {head[1]})",
@@ -249,7 +262,9 @@ def test_readme_study_findings_quote_the_committed_runs():
         f"scored the same ({party_vs_restarts[0]}, p {party_vs_restarts[1]})",
         f"LoRA of rank\n  {_lora_rank('lora-convention-party', 'lora-wider')} with the same parameters",
         f"perplexity {lm[0]:.1f} against {lm[1]:.1f}, p {nats('lm-width-0.25', 'dendrites', 'wider', 3).split('(')[1][:-1]}",
+        f"parameters slightly worse ({sft[0]:.2f} against {sft[1]:.2f}, p {sft_p})",
     ]
     missing = [e for e in expected if e not in findings]
     assert not missing, f"README's findings do not quote what the committed runs give: {missing}"
     assert party_vs_lora[0].startswith("-")  # "fewer errors"
+    assert sft[0] > sft[1]  # "slightly worse"
