@@ -63,7 +63,8 @@ def fsdp_requested(args: Any) -> bool:
 
 
 def requested_version(args: Any) -> int:
-    """The FSDP version the run asks for: `fsdp_config["version"]` (transformers' default: 2), or accelerate's
+    """The FSDP version the run asks for: the version transformers passes to accelerate (`fsdp_plugin_args`; without
+    `fsdp_config["version"]` transformers 5.25 passes 2, 5.4 passes 1), else `fsdp_config["version"]`, or accelerate's
     `FSDP_VERSION` environment variable for `accelerate launch --use_fsdp` (accelerate's default: 1)."""
     if getattr(args, "fsdp", None):
         plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
@@ -154,9 +155,11 @@ def enable_fsdp2(trainer: Any) -> None:
 
 def check_sharded(trainer: Any) -> None:
     """Stop training when the run asks for FSDP but the model is not sharded (never a silent DDP run)."""
+    if not fsdp_requested(trainer.args):
+        return
     from torch.distributed.fsdp import FSDPModule
 
-    if fsdp_requested(trainer.args) and not isinstance(trainer.model_wrapped, FSDPModule):
+    if not isinstance(trainer.model_wrapped, FSDPModule):
         raise RuntimeError(
             f"{trainer._dendritic_class_name()}: FSDP is requested, but the model being trained is a "
             f"{type(trainer.model_wrapped).__name__}, not sharded by FSDP2 (accelerate's distributed type is "

@@ -557,8 +557,7 @@ class DendriticTrainerMixin(DendriteHPSearchMixin):
         suspended gradient synchronisation on the old one (gradient accumulation). During a candidate phase
         (correlation rule) the errors this backward pass captured are folded into the rule's statistics.
         """
-        if fsdp.fsdp_requested(self.args):
-            fsdp.check_sharded(self)  # never a silent DDP run
+        fsdp.check_sharded(self)  # with FSDP requested: never a silent DDP run
         current = self.model_wrapped
         if model is current or current is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
